@@ -1,0 +1,215 @@
+"""The application object: a task registry plus a lazily started client.
+
+::
+
+    app = zq.App("tasks", broker="tcp://10.0.0.5:5555")
+
+    @app.task(queue="scoring", key=lambda order: order["customer_id"])
+    def score(order): ...
+
+    res = score.delay(order)
+    res.get(timeout=60)
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+from zq import protocol as p
+from zq.client import AsyncResult, Client
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Where peers find the broker when neither the code nor a flag says.
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+#: The queue tasks go to unless the task or the call names another.
+DEFAULT_QUEUE = "default"
+
+
+def default_broker() -> str:
+    """``$ZQ_BROKER`` if set, else ``tcp://127.0.0.1:5555``."""
+    return os.environ.get("ZQ_BROKER") or DEFAULT_BROKER
+
+
+class Task:
+    """A registered task. Call it to run it here; ``delay()`` to run it on a worker."""
+
+    def __init__(
+        self,
+        app: App,
+        fn: Callable[..., Any],
+        *,
+        name: str,
+        queue: str,
+        key: Callable[..., Any] | None,
+        ignore_result: bool,
+    ) -> None:
+        self.app = app
+        self.fn = fn
+        self.name = name
+        self.queue = queue
+        self.key = key
+        self.ignore_result = ignore_result
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<zq task {self.name}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        """Send the task to a worker with these arguments; returns at once."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        key: Any = None,
+        task_id: str | None = None,
+    ) -> AsyncResult:
+        """Send the task with options: ``queue`` and ``key`` override the task's own.
+
+        Raises :class:`TypeError` here, in the caller, if an argument cannot be encoded.
+        """
+        kwargs = kwargs or {}
+        if key is None and self.key is not None:
+            key = self.key(*args, **kwargs)
+        return self.app.send_task(
+            self.name,
+            args,
+            kwargs,
+            queue=queue or self.queue,
+            key=key,
+            task_id=task_id,
+            ignore_result=self.ignore_result,
+        )
+
+
+class App:
+    """A zq application: the tasks it registers and the broker it talks to."""
+
+    def __init__(self, name: str = "zq", *, broker: str | None = None) -> None:
+        self.name = name
+        self.broker = broker or default_broker()
+        self.tasks: dict[str, Task] = {}
+        self._client: Client | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<zq.App {self.name} broker={self.broker}>"
+
+    @overload
+    def task(self, fn: F) -> Task: ...
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = ...,
+        queue: str = ...,
+        key: Callable[..., Any] | None = ...,
+        ignore_result: bool = ...,
+    ) -> Callable[[F], Task]: ...
+
+    def task(
+        self,
+        fn: Callable[..., Any] | None = None,
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        key: Callable[..., Any] | None = None,
+        ignore_result: bool = False,
+    ) -> Any:
+        """Register a function as a task: ``@app.task`` or ``@app.task(queue=..., key=...)``.
+
+        ``key`` is a function of the task's arguments that returns the key (e.g. the
+        customer id): tasks with the same key never run at the same time and start
+        in the order they were sent. ``name`` defaults to ``module.function``.
+        """
+
+        def register(fn: Callable[..., Any]) -> Task:
+            task_name = name or f"{fn.__module__}.{fn.__qualname__}"
+            if task_name in self.tasks:
+                raise ValueError(f"task {task_name!r} is already registered in {self!r}")
+            task = Task(self, fn, name=task_name, queue=queue, key=key, ignore_result=ignore_result)
+            self.tasks[task_name] = task
+            return task
+
+        return register(fn) if fn is not None else register
+
+    @property
+    def client(self) -> Client:
+        """This process's connection to the broker, started on first use."""
+        with self._lock:
+            if self._client is None:
+                self._client = Client(self.broker)
+            return self._client
+
+    def send_task(
+        self,
+        name: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        queue: str = DEFAULT_QUEUE,
+        key: Any = None,
+        task_id: str | None = None,
+        ignore_result: bool = False,
+    ) -> AsyncResult:
+        """Send a task by name, registered here or not (e.g. from ``zq call``)."""
+        payload = p.encode([list(args), kwargs or {}])  # TypeError here, in the caller
+        header: dict[str, Any] = {"id": task_id or uuid.uuid4().hex, "name": name, "queue": queue}
+        if key is not None:
+            header["key"] = str(key)
+        if ignore_result:
+            header["ignore_result"] = True
+        client = self.client
+        slot = client.submit(header, payload)
+        return AsyncResult(header["id"], client, _slot=slot, ignore_result=ignore_result)
+
+    def AsyncResult(self, task_id: str) -> AsyncResult:
+        """A handle on a task sent by any process, by its id."""
+        return AsyncResult(task_id, self.client)
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The broker's view: workers, queue depths, keys in flight."""
+        return self.client.status(timeout)
+
+    def close(self) -> None:
+        """Flush unaccepted submits and stop this process's client thread."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+def load_app(spec: str) -> App:
+    """Import ``module:attr`` (or ``module``, finding its App) and return the App.
+
+    Only called with a spec from the command line, never from a message.
+    """
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    module = importlib.import_module(module_name)
+    if attr:
+        app = getattr(module, attr, None)
+        if not isinstance(app, App):
+            raise ValueError(f"{spec!r}: {attr!r} is not a zq.App in {module_name}")
+        return app
+    apps = [v for v in vars(module).values() if isinstance(v, App)]
+    if len(apps) != 1:
+        found = "none" if not apps else f"{len(apps)}"
+        raise ValueError(
+            f"{spec!r}: expected one zq.App in {module_name}, found {found}; "
+            "name it as MODULE:ATTRIBUTE"
+        )
+    return apps[0]

@@ -1,0 +1,457 @@
+"""The broker: one single-threaded poll loop over a ROUTER and an XPUB.
+
+Clients and workers both connect to the ROUTER; the tag frame says which is which.
+Results and events go out on the XPUB. Every scheduling decision is made by the pure
+state in :mod:`zq.dispatch` and :mod:`zq.results`; this module only moves frames.
+
+Thread ownership: both sockets belong to the thread running :meth:`Broker.run`.
+:meth:`Broker.stop` may be called from any thread (it writes to a wake-up pipe).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from zq import protocol as p
+from zq.dispatch import Assignment, Dispatcher, Task
+from zq.errors import ProtocolError
+from zq.results import ResultStore, Waiters
+
+log = logging.getLogger("zq.broker")
+
+#: Most messages read from the ROUTER in one loop turn, so timers still run under load.
+MAX_BATCH = 2000
+#: Longest a FETCH may ask the broker to hold a wait for a result.
+MAX_WAIT = 3600.0
+#: How many keys ``STATUS`` lists at most.
+STATUS_KEYS = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerSettings:
+    """How a broker binds and times out. See ``zq broker --help`` for each field."""
+
+    bind: str = "tcp://0.0.0.0:5555"
+    pub_bind: str | None = None  # default: the bind address with port + 1
+    heartbeat: float = 1.0
+    liveness: int = 3
+    result_ttl: float = 24 * 3600.0
+    prefetch: int = 0
+
+
+def default_pub_bind(bind: str) -> str:
+    """``tcp://host:5555`` -> ``tcp://host:5556``; a random port stays random."""
+    if not bind.startswith("tcp://"):
+        return bind + ".pub"
+    host, _, port = bind[len("tcp://") :].rpartition(":")
+    if port in ("*", "0", ""):
+        return f"tcp://{host}:*"
+    return f"tcp://{host}:{int(port) + 1}"
+
+
+class _Peer:
+    """A connected worker's identity and liveness, as the socket loop sees it."""
+
+    __slots__ = ("ident", "info", "last_seen", "last_sent", "wid")
+
+    def __init__(self, ident: bytes, wid: bytes, info: dict[str, Any], now: float) -> None:
+        self.ident = ident
+        self.wid = wid
+        self.info = info
+        self.last_seen = now
+        self.last_sent = now
+
+
+class Broker:
+    """A zq broker. ``bind()`` then ``run()``; or ``start()`` to run it on a thread."""
+
+    def __init__(self, settings: BrokerSettings | None = None) -> None:
+        self.settings = settings or BrokerSettings()
+        self.instance = uuid.uuid4().hex[:16]
+        self.dispatch = Dispatcher()
+        self.results = ResultStore(self.settings.result_ttl)
+        self.waiters = Waiters()
+        self.counters: Counter[str] = Counter()
+        self.peers: dict[bytes, _Peer] = {}  # routing identity -> worker
+        self.by_wid: dict[bytes, _Peer] = {}  # stable worker id -> worker
+        self.endpoint = ""
+        self.pub_endpoint = ""
+        self._ctx = zmq.Context()
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._pub = self._ctx.socket(zmq.XPUB)
+        self._wake_r, self._wake_w = os.pipe()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._bound = threading.Event()
+
+    # -------------------------------------------------------------- lifecycle
+
+    def bind(self) -> tuple[str, str]:
+        """Bind both sockets; returns the actual (router, pub) endpoints."""
+        for sock in (self._router, self._pub):
+            sock.linger = 0
+            sock.sndhwm = sock.rcvhwm = 0 if sock is self._router else 100_000
+        self._router.router_mandatory = False
+        self._router.bind(self.settings.bind)
+        self.endpoint = self._router.last_endpoint.decode()
+        self._pub.bind(self.settings.pub_bind or default_pub_bind(self.endpoint))
+        self.pub_endpoint = self._pub.last_endpoint.decode()
+        self._bound.set()
+        return self.endpoint, self.pub_endpoint
+
+    def start(self) -> Broker:
+        """Bind and run the loop on a daemon thread (embedded mode)."""
+        self.bind()
+        self._thread = threading.Thread(target=self.run, name="zq-broker", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the loop to end (from any thread) and wait for it when it runs on a thread."""
+        self._running = False
+        os.write(self._wake_w, b"x")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def run(self) -> None:
+        """The loop: poll, route each message by command, then run the timers."""
+        if not self._bound.is_set():
+            self.bind()
+        self._running = True
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._pub, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        tick = self.settings.heartbeat / 4
+        next_tick = time.monotonic()
+        try:
+            while self._running:
+                events = dict(poller.poll(max(0.0, next_tick - time.monotonic()) * 1000))
+                if self._router in events:
+                    self._drain_router()
+                if self._pub in events:
+                    self._drain_pub()
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._on_tick(now)
+                    next_tick = now + tick
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        self._router.close(linger=0)
+        self._pub.close(linger=0)
+        self._ctx.term()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # ---------------------------------------------------------------- routing
+
+    def _drain_router(self) -> None:
+        recv = self._router.recv_multipart
+        for _ in range(MAX_BATCH):
+            try:
+                frames = recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._handle(frames)
+
+    def _drain_pub(self) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                self._pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.counters["subscriptions"] += 1
+
+    def _handle(self, frames: list[Any]) -> None:
+        ident = frames[0].bytes
+        try:
+            tag, command, header, payload = p.parse(frames[1:])
+        except ProtocolError as exc:
+            self._reject_malformed(ident, exc)
+            return
+        handler = self._HANDLERS.get((tag, command))
+        if handler is None:
+            self._reject_malformed(
+                ident, ProtocolError(f"{p.COMMAND_NAMES[command]} not valid from {tag.decode()}")
+            )
+            return
+        try:
+            handler(self, ident, header, payload)
+        except ProtocolError as exc:
+            self._reject_malformed(ident, exc)
+        except _Ignore:
+            pass
+        except Exception:  # a bug must cost one message, never the broker
+            self.counters["handler_errors"] += 1
+            log.exception("error handling %s from %s", p.COMMAND_NAMES[command], ident.hex())
+
+    def _reject_malformed(self, ident: bytes, exc: ProtocolError) -> None:
+        self.counters["malformed"] += 1
+        log.warning("malformed message from %s: %s", ident.hex(), exc.reason)
+        self._send(ident, p.ERROR, {"reason": exc.reason})
+
+    def _send(self, ident: bytes, command: bytes, header: dict[str, Any], *payload: Any) -> None:
+        self._router.send_multipart(
+            [ident, p.BROKER, command, p.pack_header(header), *payload], copy=False
+        )
+
+    def _publish(self, topic: bytes, command: bytes, header: Any, *payload: Any) -> None:
+        self._pub.send_multipart([topic, command, header, *payload], copy=False)
+
+    # ---------------------------------------------------------------- clients
+
+    def _on_hello(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
+        self._send(ident, p.WELCOME, self._welcome())
+
+    def _welcome(self) -> dict[str, Any]:
+        return {
+            "broker": self.instance,
+            "pub": self.pub_endpoint,
+            "heartbeat": self.settings.heartbeat,
+            "liveness": self.settings.liveness,
+        }
+
+    def _on_submit(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
+        client = header.get("client")
+        tasks = header.get("tasks")
+        if not isinstance(client, str) or not isinstance(tasks, list):
+            raise ProtocolError("SUBMIT needs 'client' (string) and 'tasks' (list)")
+        if len(tasks) != len(payload):
+            raise ProtocolError(f"SUBMIT has {len(tasks)} tasks but {len(payload)} payloads")
+        accepted: list[str] = []
+        rejected: dict[str, str] = {}
+        out: list[Assignment] = []
+        for task_header, body in zip(tasks, payload, strict=False):
+            reason = p.check_task_header(task_header)
+            if reason is not None:
+                task_id = task_header.get("id") if isinstance(task_header, dict) else None
+                rejected[str(task_id)[: p.MAX_ID_LEN]] = reason
+                continue
+            task_id = task_header["id"]
+            accepted.append(task_id)
+            if task_id in self.dispatch.tasks or task_id in self.results:
+                self.counters["duplicates"] += 1  # a resend: accepted once already
+                continue
+            task_header["client"] = client
+            task = Task(task_id, task_header["queue"], task_header.get("key"), (task_header, body))
+            out += self.dispatch.submit(task)
+        self.counters["accepted"] += len(accepted)
+        if accepted:
+            self._send(ident, p.ACCEPTED, {"ids": accepted})
+        if rejected:
+            self.counters["rejected"] += len(rejected)
+            self._send(ident, p.REJECTED, {"rejected": rejected})
+        self._send_tasks(out)
+
+    def _on_fetch(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
+        ids = header.get("ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ProtocolError("FETCH needs 'ids' (list of strings)")
+        wait = header.get("wait", 0)
+        if not isinstance(wait, (int, float)) or wait < 0:
+            raise ProtocolError("FETCH 'wait' must be a number of seconds >= 0")
+        deadline = time.monotonic() + min(float(wait), MAX_WAIT)
+        for task_id in ids:
+            result = self.results.get(task_id)
+            if result is not None:
+                self._router.send_multipart(
+                    [ident, p.BROKER, p.RESULT, result.header, result.payload], copy=False
+                )
+                continue
+            if wait:
+                self.waiters.add(task_id, ident, deadline)
+            else:
+                self._send(ident, p.RESULT, {"id": task_id, "state": self._state_of(task_id)})
+
+    def _state_of(self, task_id: str) -> str:
+        task = self.dispatch.tasks.get(task_id)
+        if task is None:
+            result = self.results.get(task_id)
+            return result.state if result is not None else p.PENDING
+        return p.STARTED_STATE if task.started else p.QUEUED
+
+    def _on_status(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
+        self._send(ident, p.STATUS, {**self.status(), "req": header.get("req")})
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot for ``zq status``: workers, queue depths, keys in flight, counters."""
+        now = time.monotonic()
+        workers = []
+        for peer in self.peers.values():
+            state = self.dispatch.workers.get(peer.wid)
+            workers.append(
+                {
+                    **peer.info,
+                    "in_flight": len(state.running) if state else 0,
+                    "seen_ago": round(now - peer.last_seen, 3),
+                }
+            )
+        keys = list(self.dispatch.keys_in_flight())
+        return {
+            "broker": self.instance,
+            "workers": workers,
+            "queues": {q: n for q, n in self.dispatch.queued.items() if n},
+            "keys_in_flight": len(keys),
+            "keys": keys[:STATUS_KEYS],
+            "results": len(self.results),
+            "counters": dict(self.counters),
+        }
+
+    def _on_client_heartbeat(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
+        self._send(ident, p.HEARTBEAT, {"broker": self.instance})
+
+    def _on_client_disconnect(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
+        pass  # clients hold no broker state; their pending waits expire on their own
+
+    # ---------------------------------------------------------------- workers
+
+    def _on_ready(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
+        wid, concurrency = header.get("worker"), header.get("concurrency")
+        queues, running = header.get("queues"), header.get("running", [])
+        if not isinstance(wid, str) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ProtocolError("READY needs 'worker' (string) and 'concurrency' (int >= 1)")
+        if not isinstance(queues, list) or not all(isinstance(q, str) for q in queues):
+            raise ProtocolError("READY needs 'queues' (list of strings)")
+        if not isinstance(running, list):
+            raise ProtocolError("READY 'running' must be a list of task ids")
+        now = time.monotonic()
+        wkey = wid.encode()
+        old = self.by_wid.get(wkey)
+        if old is not None and old.ident != ident:
+            del self.peers[old.ident]  # the same worker on a new connection
+        info = {k: header.get(k) for k in ("worker", "host", "pid", "concurrency", "queues")}
+        info["tasks"] = len(header.get("tasks") or ())
+        peer = self.peers[ident] = self.by_wid[wkey] = _Peer(ident, wkey, info, now)
+        self._send(ident, p.WELCOME, self._welcome())
+        peer.last_sent = now
+        log.info(
+            "worker %s online (%s pid %s, %d slots, queues %s)",
+            wid,
+            info["host"],
+            info["pid"],
+            concurrency,
+            ",".join(queues),
+        )
+        self._event(b"worker.online", info)
+        capacity = concurrency + self.settings.prefetch
+        self._send_tasks(self.dispatch.add_worker(wkey, queues, capacity, running))
+
+    def _worker(self, ident: bytes) -> _Peer:
+        peer = self.peers.get(ident)
+        if peer is None:
+            # Declared dead, or the broker restarted: the worker must say READY again.
+            self.counters["unknown_worker"] += 1
+            self._send(ident, p.ERROR, {"reason": "unknown worker", "code": "unknown-worker"})
+            raise _Ignore
+        peer.last_seen = time.monotonic()
+        return peer
+
+    def _on_started(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
+        peer = self._worker(ident)
+        task_id = header.get("id")
+        if not isinstance(task_id, str) or not self.dispatch.started(peer.wid, task_id):
+            self.counters["stale_started"] += 1
+            return
+        task_header = self.dispatch.tasks[task_id].data[0]
+        topic = (task_header["client"] + task_id).encode()
+        self._publish(topic, p.STARTED, p.pack_header({"id": task_id, "state": p.STARTED_STATE}))
+
+    def _on_done(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
+        peer = self._worker(ident)
+        task_id, state = header.get("id"), header.get("state")
+        if not isinstance(task_id, str) or state not in (p.SUCCESS, p.FAILURE):
+            raise ProtocolError("DONE needs 'id' and 'state' SUCCESS or FAILURE")
+        task, out = self.dispatch.done(peer.wid, task_id)
+        if task is None:
+            # Not this worker's task (any more): it was handed to another worker.
+            self.counters["stale_done"] += 1
+            log.warning("ignored DONE for %s from %s, which does not hold it", task_id, peer.wid)
+            self._send_tasks(out)
+            return
+        self.counters["done"] += 1
+        task_header = task.data[0]
+        if not task_header.get("ignore_result"):
+            body = payload[0] if payload else b""
+            head = p.pack_header(header)
+            self.results.put(task_id, state, head, body, time.monotonic())
+            topic = (task_header["client"] + task_id).encode()
+            self._publish(topic, p.RESULT, head, body)
+            for waiter in self.waiters.pop(task_id):
+                self._router.send_multipart([waiter, p.BROKER, p.RESULT, head, body], copy=False)
+        self._send_tasks(out)
+
+    def _on_worker_heartbeat(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
+        self._worker(ident)
+
+    def _on_worker_disconnect(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
+        peer = self.peers.get(ident)
+        if peer is not None:
+            self._drop_worker(peer, "disconnected")
+
+    def _drop_worker(self, peer: _Peer, why: str) -> None:
+        del self.peers[peer.ident]
+        if self.by_wid.get(peer.wid) is peer:
+            del self.by_wid[peer.wid]
+        lost, out = self.dispatch.remove_worker(peer.wid)
+        self.counters["redelivered"] += len(lost)
+        level = logging.WARNING if lost or why != "disconnected" else logging.INFO
+        log.log(level, "worker %s %s; %d task(s) handed back", peer.wid.decode(), why, len(lost))
+        self._event(b"worker.offline", {**peer.info, "why": why, "requeued": len(lost)})
+        self._send_tasks(out)
+
+    def _send_tasks(self, assignments: list[Assignment]) -> None:
+        now = time.monotonic()
+        for wid, task in assignments:
+            peer = self.by_wid[wid]
+            task_header, body = task.data
+            if task.redeliveries:
+                task_header["redeliveries"] = task.redeliveries
+            self._send(peer.ident, p.TASK, task_header, body)
+            peer.last_sent = now
+        self.counters["dispatched"] += len(assignments)
+
+    def _event(self, name: bytes, body: dict[str, Any]) -> None:
+        self._publish(p.EVENT_PREFIX + name, p.HEARTBEAT, p.pack_header(body))
+
+    # ----------------------------------------------------------------- timers
+
+    def _on_tick(self, now: float) -> None:
+        """Heartbeat the workers, bury the silent ones, expire results and waits."""
+        dead_after = self.settings.heartbeat * self.settings.liveness
+        for peer in list(self.peers.values()):
+            if now - peer.last_seen > dead_after:
+                self._drop_worker(peer, f"silent for {now - peer.last_seen:.1f}s")
+            elif now - peer.last_sent >= self.settings.heartbeat:
+                self._send(peer.ident, p.HEARTBEAT, {"broker": self.instance})
+                peer.last_sent = now
+        self.results.purge(now)
+        self.waiters.purge(now)
+
+    _HANDLERS = {
+        (p.CLIENT, p.HELLO): _on_hello,
+        (p.CLIENT, p.SUBMIT): _on_submit,
+        (p.CLIENT, p.FETCH): _on_fetch,
+        (p.CLIENT, p.STATUS): _on_status,
+        (p.CLIENT, p.HEARTBEAT): _on_client_heartbeat,
+        (p.CLIENT, p.DISCONNECT): _on_client_disconnect,
+        (p.WORKER, p.READY): _on_ready,
+        (p.WORKER, p.STARTED): _on_started,
+        (p.WORKER, p.DONE): _on_done,
+        (p.WORKER, p.HEARTBEAT): _on_worker_heartbeat,
+        (p.WORKER, p.DISCONNECT): _on_worker_disconnect,
+    }
+
+
+class _Ignore(Exception):
+    """Raised inside a handler once it has answered; the message is dropped."""

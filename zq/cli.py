@@ -1,0 +1,419 @@
+"""The ``zq`` command. Configuration: flags, then ``ZQ_*`` environment variables, then defaults."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+
+from zq.app import DEFAULT_QUEUE, App, default_broker
+
+BROKER_HELP = "Broker address. [env ZQ_BROKER; default tcp://127.0.0.1:5555]"
+
+
+def _broker_option(fn: Any) -> Any:
+    return click.option(
+        "--broker", envvar="ZQ_BROKER", default=default_broker, show_default=False, help=BROKER_HELP
+    )(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    envvar="ZQ_LOG_LEVEL",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="How much to log to stderr. [env ZQ_LOG_LEVEL]",
+)
+@click.version_option(package_name="zq")
+def main(log_level: str) -> None:
+    """zq: a distributed task queue on ZeroMQ, with its own small broker.
+
+    Start a broker, start workers anywhere that can reach it, send tasks:
+
+    \b
+      zq broker --bind tcp://0.0.0.0:5555
+      zq worker myapp.tasks --broker tcp://HOST:5555
+      zq call myapp.tasks.add 1 4 --broker tcp://HOST:5555
+
+    Or see it all at once on this machine: zq demo
+    """
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _stop_on_signals(stop: Any) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop())
+
+
+@main.command()
+@click.option(
+    "--bind",
+    envvar="ZQ_BIND",
+    default="tcp://0.0.0.0:5555",
+    show_default=True,
+    help="Address the broker's ROUTER binds; clients and workers connect here. "
+    "Use tcp://127.0.0.1:* for a random loopback port. [env ZQ_BIND]",
+)
+@click.option(
+    "--pub",
+    "pub_bind",
+    envvar="ZQ_PUB",
+    default=None,
+    help="Address the results/events XPUB binds. [default: the --bind port + 1; "
+    "peers learn it from the broker]",
+)
+@click.option(
+    "--heartbeat",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    help="Seconds between heartbeats to workers and clients.",
+)
+@click.option(
+    "--liveness",
+    type=click.IntRange(min=2),
+    default=3,
+    show_default=True,
+    help="Missed heartbeats after which a worker is dead and its tasks requeued.",
+)
+@click.option(
+    "--result-ttl",
+    type=click.FloatRange(min=1),
+    default=86400.0,
+    show_default=True,
+    help="Seconds the broker keeps each result for FETCH.",
+)
+@click.option(
+    "--prefetch",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Tasks sent to a worker beyond its free slots (0: none wait in a "
+    "worker while another could run them).",
+)
+def broker(
+    bind: str,
+    pub_bind: str | None,
+    heartbeat: float,
+    liveness: int,
+    result_ttl: float,
+    prefetch: int,
+) -> None:
+    """Run the broker: queues, customer-sticky routing, results. Stop with Ctrl-C/SIGTERM."""
+    from zq.broker import Broker, BrokerSettings
+
+    settings = BrokerSettings(
+        bind=bind,
+        pub_bind=pub_bind,
+        heartbeat=heartbeat,
+        liveness=liveness,
+        result_ttl=result_ttl,
+        prefetch=prefetch,
+    )
+    b = Broker(settings)
+    try:
+        endpoint, pub = b.bind()
+    except Exception as exc:  # zmq.ZMQError: address in use, bad address
+        raise click.ClickException(f"cannot bind {bind}: {exc}") from None
+    _stop_on_signals(b.stop)
+    click.echo(f"zq broker listening on {endpoint} (results and events on {pub})")
+    click.echo(
+        "traffic is plain and open: anyone who reaches these ports can submit and "
+        "read tasks; bind to a trusted network"
+    )
+    b.run()
+    click.echo("zq broker stopped")
+
+
+@main.command()
+@click.argument("app_spec", metavar="MODULE[:APP]", default="zq.scoring")
+@_broker_option
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tasks run at once. [default: CPU count]",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(["process", "thread"]),
+    default="process",
+    show_default=True,
+    help="Run tasks in child processes (CPU-bound work) or threads (I/O-bound).",
+)
+@click.option(
+    "-Q",
+    "--queues",
+    default=DEFAULT_QUEUE,
+    show_default=True,
+    help="Comma-separated queues to take tasks from, in order of preference.",
+)
+def worker(app_spec: str, broker: str, concurrency: int | None, pool: str, queues: str) -> None:
+    """Run a worker for the tasks of MODULE[:APP] (default: the demo's zq.scoring)."""
+    from zq.worker import Worker, WorkerSettings
+
+    sys.path.insert(0, os.getcwd())  # like `python -m`, so ./myapp.py is importable
+    queue_list = tuple(q.strip() for q in queues.split(",") if q.strip())
+    try:
+        settings = WorkerSettings(
+            broker=broker,
+            concurrency=concurrency or os.cpu_count() or 1,
+            pool=pool,
+            queues=queue_list,
+        )
+        w = Worker(app_spec, settings)
+    except (ImportError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _stop_on_signals(w.stop)
+    click.echo(f"zq worker {w.id} for {app_spec} ({len(w.app.tasks)} tasks) -> {broker}")
+    w.run()
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@main.command()
+@click.argument("task_name", metavar="TASK")
+@click.argument("args", nargs=-1)
+@_broker_option
+@click.option(
+    "--kwargs",
+    "kwargs_json",
+    default="{}",
+    show_default=True,
+    help="Keyword arguments as a JSON object.",
+)
+@click.option("--queue", default=DEFAULT_QUEUE, show_default=True, help="Queue to send to.")
+@click.option("--key", default=None, help="Key: tasks with one key never run at once.")
+@click.option(
+    "--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for the result."
+)
+@click.option("--no-wait", is_flag=True, help="Print the task id and return at once.")
+def call(
+    task_name: str,
+    args: tuple[str, ...],
+    broker: str,
+    kwargs_json: str,
+    queue: str,
+    key: str | None,
+    timeout: float,
+    no_wait: bool,
+) -> None:
+    """Send TASK with ARGS (each parsed as JSON, else a string) and print its result."""
+    from zq.errors import TaskError, ZQError
+
+    try:
+        kwargs = json.loads(kwargs_json)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--kwargs") from None
+    app = App("zq.call", broker=broker)
+    res = app.send_task(task_name, [_parse_value(a) for a in args], kwargs, queue=queue, key=key)
+    if no_wait:
+        if not app.client.flush(timeout):
+            raise click.ClickException(f"broker {broker} did not accept the task in {timeout}s")
+        click.echo(res.id)
+        return
+    try:
+        click.echo(json.dumps(res.get(timeout=timeout), default=str))
+    except TaskError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    except ZQError as exc:
+        raise click.ClickException(f"{exc} (is a broker running at {broker}?)") from None
+    finally:
+        app.close()
+
+
+@main.command()
+@_broker_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+@click.option(
+    "--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the broker."
+)
+def status(broker: str, as_json: bool, timeout: float) -> None:
+    """Show workers (host, pid, slots, in flight), queue depths and keys in flight."""
+    from zq.errors import ZQError
+
+    app = App("zq.status", broker=broker)
+    try:
+        info = app.status(timeout)
+    except ZQError as exc:
+        raise click.ClickException(f"{exc} (is a broker running at {broker}?)") from None
+    finally:
+        app.close()
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"broker {info['broker']} at {broker}")
+    click.echo(f"workers: {len(info['workers'])}")
+    for w in info["workers"]:
+        click.echo(
+            f"  {w['worker']:<36} host={w['host']} pid={w['pid']} "
+            f"slots={w['concurrency']} in_flight={w['in_flight']} "
+            f"queues={','.join(w['queues'])}"
+        )
+    queues = info["queues"] or {}
+    click.echo("queued: " + (", ".join(f"{q}={n}" for q, n in queues.items()) or "none"))
+    keys = info["keys"]
+    more = info["keys_in_flight"] - len(keys)
+    click.echo(
+        f"keys in flight: {info['keys_in_flight']}"
+        + (f" ({', '.join(keys)}{f', +{more} more' if more else ''})" if keys else "")
+    )
+    counters = info.get("counters") or {}
+    click.echo(
+        "counters: " + (", ".join(f"{k}={v}" for k, v in sorted(counters.items())) or "none")
+    )
+
+
+@main.command()
+@click.option(
+    "--orders", type=click.IntRange(min=1), default=300, show_default=True, help="Orders to score."
+)
+@click.option(
+    "--customers",
+    type=click.IntRange(min=1),
+    default=30,
+    show_default=True,
+    help="Distinct customers the orders come from.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Local worker processes to start.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Child processes per worker. [default: CPU count]",
+)
+@click.option(
+    "--min-work",
+    type=click.FloatRange(min=0),
+    default=0.005,
+    show_default=True,
+    help="Least CPU seconds one scoring takes.",
+)
+@click.option(
+    "--max-work",
+    type=click.FloatRange(min=0),
+    default=0.06,
+    show_default=True,
+    help="Most CPU seconds one scoring takes.",
+)
+@click.option("--seed", type=int, default=None, help="Random seed for the orders.")
+def demo(
+    orders: int,
+    customers: int,
+    workers: int,
+    concurrency: int | None,
+    min_work: float,
+    max_work: float,
+    seed: int | None,
+) -> None:
+    """Score orders end to end on an embedded broker and local workers, then check that
+    no customer was ever scored twice at once and that orders started in order."""
+    from zq.demo import demo_cluster, make_orders, run_orders
+
+    logging.getLogger("zq").setLevel(logging.WARNING)
+    concurrency = concurrency or os.cpu_count() or 1
+    batch = make_orders(
+        orders, customers, min_work=min_work, max_work=max(min_work, max_work), seed=seed
+    )
+    with demo_cluster(workers=workers, concurrency=concurrency, echo=click.echo) as app:
+        click.echo(f"scoring {orders} orders from {customers} customers")
+        with click.progressbar(length=orders, label="scoring", show_pos=True) as bar:
+            summary = run_orders(app, batch, on_result=lambda order, outcome: bar.update(1))
+    for line in summary.lines():
+        click.echo(line)
+    if summary.violations or summary.failed:
+        sys.exit(1)
+
+
+@main.command()
+@_broker_option
+@click.option(
+    "--orders", type=click.IntRange(min=1), default=200, show_default=True, help="Orders to submit."
+)
+@click.option(
+    "--customers",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Distinct customers the orders come from.",
+)
+@click.option(
+    "--min-work",
+    type=click.FloatRange(min=0),
+    default=0.005,
+    show_default=True,
+    help="Least CPU seconds one scoring takes.",
+)
+@click.option(
+    "--max-work",
+    type=click.FloatRange(min=0),
+    default=0.06,
+    show_default=True,
+    help="Most CPU seconds one scoring takes.",
+)
+@click.option("--seed", type=int, default=None, help="Random seed for the orders.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for all results.",
+)
+def client(
+    broker: str,
+    orders: int,
+    customers: int,
+    min_work: float,
+    max_work: float,
+    seed: int | None,
+    timeout: float,
+) -> None:
+    """Submit scoring orders to a running broker and print results as they arrive."""
+    from zq.demo import make_orders, run_orders
+    from zq.errors import ZQError
+
+    def show(order: dict[str, Any], outcome: Any) -> None:
+        if isinstance(outcome, ZQError):
+            click.echo(f"order {order['id']:>5} {order['customer']} FAILED {outcome}")
+        else:
+            click.echo(
+                f"order {order['id']:>5} {order['customer']} #{order['seq']:<3} "
+                f"score {outcome['score']:.3f} (pid {outcome['pid']})"
+            )
+
+    app = App("zq.client", broker=broker)
+    batch = make_orders(
+        orders, customers, min_work=min_work, max_work=max(min_work, max_work), seed=seed
+    )
+    try:
+        summary = run_orders(app, batch, timeout=timeout, on_result=show)
+    except TimeoutError as exc:
+        raise click.ClickException(f"{exc} (are workers connected to {broker}?)") from None
+    finally:
+        app.close()
+    for line in summary.lines():
+        click.echo(line)
+    if summary.violations or summary.failed:
+        sys.exit(1)

@@ -1,0 +1,486 @@
+"""The client side: one background I/O thread per :class:`Client`, and :class:`AsyncResult`.
+
+Thread ownership: the DEALER (commands) and the SUB (results) belong to the I/O
+thread alone. Application threads hand it work through a queue and a wake-up pipe,
+and wait on per-task events, so ``delay()`` and ``get()`` are safe from any thread.
+
+Reliability: submits stay in ``_unacked`` until the broker ACCEPTs them and are sent
+again whenever the client (re)connects, the broker deduplicating by task id. A
+``get()`` that has not seen its result on the SUB after ``fetch_after`` seconds asks
+the broker with FETCH, so a lost PUB message costs latency, never a result.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+import weakref
+from typing import Any
+from urllib.parse import urlsplit
+
+import zmq
+
+from zq import protocol as p
+from zq.errors import BrokerUnavailable, ResultUnavailable, TaskFailed, TaskRejected
+from zq.errors import TimeoutError as ZQTimeoutError
+
+log = logging.getLogger("zq.client")
+
+#: Seconds a get() waits for the result on the SUB before asking the broker directly.
+FETCH_AFTER = 0.5
+#: How long the broker is asked to hold one FETCH wait before the client asks again.
+FETCH_WAIT = 3600.0
+#: Most tasks per SUBMIT message.
+SUBMIT_BATCH = 1000
+
+
+class _Slot:
+    """What this process knows of one task; written by the I/O thread only."""
+
+    __slots__ = (
+        "__weakref__",
+        "done",
+        "done_at",
+        "header",
+        "id",
+        "mine",
+        "payload",
+        "seq",
+        "state",
+    )
+
+    def __init__(self, task_id: str, mine: bool) -> None:
+        self.id = task_id
+        self.mine = mine  # submitted by this client, so its result comes on our SUB
+        self.state = p.PENDING
+        self.header: dict[str, Any] = {}
+        self.payload: Any = None
+        self.seq = 0  # bumped on every update, for waiters of a state query
+        self.done = threading.Event()
+        self.done_at = 0.0  # wall-clock time this process learnt the final state
+
+
+class Client:
+    """A connection to one broker, shared by all threads of the process."""
+
+    def __init__(
+        self,
+        broker: str,
+        *,
+        heartbeat: float = 1.0,
+        liveness: int = 3,
+        fetch_after: float = FETCH_AFTER,
+    ) -> None:
+        self.broker = broker
+        self.id = uuid.uuid4().hex[:16]
+        self.fetch_after = fetch_after
+        self._heartbeat = heartbeat
+        self._liveness = liveness
+        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._slots: weakref.WeakValueDictionary[str, _Slot] = weakref.WeakValueDictionary()
+        self._unacked: dict[str, tuple[dict[str, Any], bytes]] = {}  # I/O thread only
+        self._watched: dict[str, float] = {}  # task id -> when its FETCH wait lapses
+        self._requests: dict[int, concurrent.futures.Future[dict[str, Any]]] = {}
+        self._next_req = 0
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="zq-client", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    # ------------------------------------------------------- caller threads
+
+    def submit(self, header: dict[str, Any], payload: bytes) -> _Slot:
+        """Queue one task for the broker; returns the slot its result lands in."""
+        slot = self.slot(header["id"], mine=True)
+        self._call("submit", header, payload)
+        return slot
+
+    def slot(self, task_id: str, *, mine: bool = False) -> _Slot:
+        """The slot for ``task_id``, shared by every AsyncResult of it in this process."""
+        with self._lock:
+            slot = self._slots.get(task_id)
+            if slot is None:
+                slot = self._slots[task_id] = _Slot(task_id, mine)
+            return slot
+
+    def watch(self, task_id: str) -> None:
+        """Ask the broker to send this task's result when it ends (FETCH with a wait)."""
+        self._call("watch", task_id)
+
+    def query_state(self, slot: _Slot, timeout: float) -> str:
+        """Ask the broker for a task's state now; returns it (PENDING if not known)."""
+        with self._lock:
+            seq = slot.seq
+        self._call("query", slot.id)
+        with self._changed:
+            if not self._changed.wait_for(lambda: slot.seq != seq, timeout):
+                raise BrokerUnavailable(f"no answer from {self.broker} within {timeout}s")
+            return slot.state
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The broker's STATUS snapshot (workers, queues, keys in flight, counters)."""
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+        self._call("status", future)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise BrokerUnavailable(f"no answer from {self.broker} within {timeout}s") from None
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the broker has accepted everything submitted; False on timeout."""
+        future: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        self._call("flush", future)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            return False
+
+    def close(self, flush_timeout: float = 5.0) -> None:
+        """Give unaccepted submits up to ``flush_timeout`` seconds, then stop the thread."""
+        if self._closing or not self._thread.is_alive():
+            return
+        if not self.flush(flush_timeout):
+            log.warning("closing with tasks the broker has not accepted")
+        self._closing = True
+        self._wake()
+        self._thread.join(2.0)
+        atexit.unregister(self.close)
+
+    def _call(self, *command: Any) -> None:
+        self._commands.put(command)
+        self._wake()
+
+    def _wake(self) -> None:
+        # A full pipe means the I/O thread is already awake.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    # ----------------------------------------------------------- I/O thread
+
+    def _run(self) -> None:
+        self._ctx = zmq.Context()
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.linger = 0
+        self._sub.setsockopt(zmq.SUBSCRIBE, self.id.encode())
+        self._pub_endpoint = ""
+        self._broker_instance = ""
+        self._flushes: list[concurrent.futures.Future[bool]] = []
+        self._connect()
+        poller = zmq.Poller()
+        poller.register(self._sub, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        dealer = self._dealer
+        poller.register(dealer, zmq.POLLIN)
+        try:
+            while not self._closing:
+                if dealer is not self._dealer:  # reconnected: poll the new socket
+                    poller.unregister(dealer)
+                    dealer = self._dealer
+                    poller.register(dealer, zmq.POLLIN)
+                events = dict(poller.poll(self._heartbeat * 250))
+                if self._wake_r in events:
+                    os.read(self._wake_r, 4096)
+                    self._drain_commands()
+                if self._dealer in events:
+                    self._drain(self._dealer, self._on_reply)
+                if self._sub in events:
+                    self._drain(self._sub, self._on_published)
+                self._on_tick(time.monotonic())
+        finally:
+            self._send(p.DISCONNECT, {})
+            self._dealer.close(linger=0)
+            self._sub.close(linger=0)
+            self._ctx.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _connect(self) -> None:
+        """(Re)create the DEALER and say HELLO; submits wait for the WELCOME."""
+        old = getattr(self, "_dealer", None)
+        if old is not None:
+            old.close(linger=0)
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._dealer.linger = 0
+        self._dealer.connect(self.broker)
+        self._welcomed = False
+        now = time.monotonic()
+        self._last_recv = now
+        self._send(p.HELLO, {"client": self.id})
+
+    def _send(self, command: bytes, header: dict[str, Any], *payload: Any) -> None:
+        self._dealer.send_multipart(p.message(p.CLIENT, command, header, *payload), copy=False)
+        self._last_sent = time.monotonic()
+
+    def _drain(self, sock: zmq.Socket, handle: Any) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                handle(frames)
+            except Exception:  # a bad message must not kill the I/O thread
+                log.exception("client could not handle a message from the broker")
+
+    def _drain_commands(self) -> None:
+        batch: list[tuple[dict[str, Any], bytes]] = []
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            kind = command[0]
+            if kind == "submit":
+                header, payload = command[1], command[2]
+                self._unacked[header["id"]] = (header, payload)
+                batch.append((header, payload))
+            elif kind == "watch":
+                self._watched.setdefault(command[1], 0.0)  # due now, unless already asked
+            elif kind == "query":
+                self._send(p.FETCH, {"ids": [command[1]], "wait": 0})
+            elif kind == "status":
+                self._next_req += 1
+                self._requests[self._next_req] = command[1]
+                self._send(p.STATUS, {"req": self._next_req})
+            elif kind == "flush":
+                self._flushes.append(command[1])
+        if batch and self._welcomed:
+            self._send_submits(batch)
+        self._settle_flushes()
+
+    def _send_submits(self, items: list[tuple[dict[str, Any], bytes]]) -> None:
+        for start in range(0, len(items), SUBMIT_BATCH):
+            chunk = items[start : start + SUBMIT_BATCH]
+            header = {"client": self.id, "tasks": [h for h, _ in chunk]}
+            self._send(p.SUBMIT, header, *[body for _, body in chunk])
+
+    def _settle_flushes(self) -> None:
+        if not self._unacked:
+            for future in self._flushes:
+                future.set_result(True)
+            self._flushes.clear()
+
+    def _on_reply(self, frames: list[bytes]) -> None:
+        self._last_recv = time.monotonic()
+        _tag, command, header, payload = p.parse(frames)
+        if command == p.WELCOME:
+            self._on_welcome(header)
+        elif command == p.ACCEPTED:
+            for task_id in header.get("ids", ()):
+                self._unacked.pop(task_id, None)
+                self._update(task_id, p.QUEUED, header, None, only_if=p.PENDING)
+            self._settle_flushes()
+        elif command == p.REJECTED:
+            for task_id, reason in header.get("rejected", {}).items():
+                self._unacked.pop(task_id, None)
+                self._update(task_id, p.REJECTED_STATE, {"reason": reason}, None)
+            self._settle_flushes()
+        elif command == p.RESULT:
+            self._on_result(header, payload)
+        elif command == p.STATUS:
+            future = self._requests.pop(header.get("req"), None)
+            if future is not None:
+                future.set_result(header)
+        elif command == p.HEARTBEAT:
+            if header.get("broker") != self._broker_instance:
+                self._send(p.HELLO, {"client": self.id})  # it restarted: start over
+        elif command == p.ERROR:
+            log.error("broker reported an error: %s", header.get("reason"))
+
+    def _on_welcome(self, header: dict[str, Any]) -> None:
+        pub = _reachable(header.get("pub", ""), self.broker)
+        if pub != self._pub_endpoint:
+            if self._pub_endpoint:
+                self._sub.disconnect(self._pub_endpoint)
+            self._sub.connect(pub)
+            self._pub_endpoint = pub
+        self._heartbeat = float(header.get("heartbeat", self._heartbeat))
+        self._liveness = int(header.get("liveness", self._liveness))
+        if self._broker_instance and header.get("broker") != self._broker_instance:
+            log.warning("broker %s restarted; sending unacknowledged work again", self.broker)
+        self._broker_instance = header.get("broker", "")
+        self._welcomed = True
+        if self._unacked:
+            self._send_submits(list(self._unacked.values()))
+        for task_id in self._watched:
+            self._watched[task_id] = 0.0
+
+    def _on_published(self, frames: list[bytes]) -> None:
+        if len(frames) < 3:
+            return
+        _, header, payload = frames[1], p.unpack_header(frames[2]), frames[3:]
+        if frames[1] == p.RESULT:
+            self._on_result(header, payload)
+        elif frames[1] == p.STARTED:
+            self._update(header.get("id", ""), p.STARTED_STATE, header, None, only_if=p.QUEUED)
+
+    def _on_result(self, header: dict[str, Any], payload: list[bytes]) -> None:
+        task_id = header.get("id", "")
+        state = header.get("state", p.PENDING)
+        if state in p.FINAL_STATES:
+            self._watched.pop(task_id, None)
+        self._update(task_id, state, header, payload[0] if payload else None)
+
+    def _update(
+        self,
+        task_id: str,
+        state: str,
+        header: dict[str, Any],
+        payload: Any,
+        only_if: str | None = None,
+    ) -> None:
+        with self._changed:
+            slot = self._slots.get(task_id)
+            if slot is None:
+                return
+            slot.seq += 1
+            self._changed.notify_all()
+            if slot.done.is_set() or (only_if is not None and slot.state != only_if):
+                return
+            if state == p.PENDING and slot.state != p.PENDING:
+                return  # the broker forgot it (restart); what we saw stays
+            slot.state, slot.header, slot.payload = state, header, payload
+            if state in p.FINAL_STATES:
+                slot.done_at = time.time()
+                slot.done.set()
+
+    def _on_tick(self, now: float) -> None:
+        if now - self._last_recv > self._heartbeat * self._liveness:
+            log.warning("no word from broker %s; reconnecting", self.broker)
+            self._connect()
+            return
+        if now - self._last_sent >= self._heartbeat:
+            self._send(p.HEARTBEAT, {})
+        if self._welcomed:
+            due = [task_id for task_id, at in self._watched.items() if at <= now]
+            if due:
+                self._send(p.FETCH, {"ids": due, "wait": FETCH_WAIT})
+                for task_id in due:
+                    self._watched[task_id] = now + FETCH_WAIT
+
+
+def _reachable(endpoint: str, broker: str) -> str:
+    """The broker reports its XPUB as bound (maybe ``tcp://0.0.0.0:5556``); reach it
+    through the host we already use for the broker."""
+    if not endpoint.startswith("tcp://") or not broker.startswith("tcp://"):
+        return endpoint
+    port = endpoint.rpartition(":")[2]
+    host = urlsplit(broker).hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"tcp://{host}:{port}"
+
+
+class AsyncResult:
+    """A handle on one task's outcome, usable from any thread of any process.
+
+    ``status`` asks the broker unless the outcome is already known here; ``get()``
+    waits for the result, raising :class:`zq.TaskFailed` if the task raised.
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        client: Client,
+        *,
+        _slot: _Slot | None = None,
+        ignore_result: bool = False,
+    ) -> None:
+        self.id = task_id
+        self._client = client
+        self._slot = _slot or client.slot(task_id)
+        self._ignore_result = ignore_result
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult {self.id} {self._slot.state}>"
+
+    @property
+    def status(self) -> str:
+        """PENDING, QUEUED, STARTED, SUCCESS, FAILURE or REJECTED."""
+        if self._slot.done.is_set():
+            return self._slot.state
+        return self._client.query_state(self._slot, timeout=5.0)
+
+    state = status
+
+    def ready_here(self) -> bool:
+        """True if this process already knows the final state (no broker round trip)."""
+        return self._slot.done.is_set()
+
+    def ready(self) -> bool:
+        """True once the task reached a final state."""
+        return self.status in p.FINAL_STATES
+
+    def successful(self) -> bool:
+        return self.status == p.SUCCESS
+
+    def failed(self) -> bool:
+        return self.status == p.FAILURE
+
+    def get(self, timeout: float | None = None, *, propagate: bool = True) -> Any:
+        """Wait for the task and return its value.
+
+        Raises :class:`zq.TimeoutError` if it has not finished within ``timeout`` seconds,
+        :class:`zq.TaskFailed` if it raised (unless ``propagate`` is False, which
+        returns the failure instead), :class:`zq.TaskRejected` if the broker refused it.
+        """
+        if self._ignore_result:
+            raise ResultUnavailable(self.id, f"task {self.id} was sent with ignore_result")
+        slot = self._slot
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not slot.done.is_set():
+            first = self._client.fetch_after if slot.mine else 0.0
+            if timeout is not None:
+                first = min(first, timeout)
+            if not slot.done.wait(first):
+                self._client.watch(self.id)
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not slot.done.wait(remaining):
+                    raise ZQTimeoutError(f"task {self.id} not finished after {timeout}s")
+        return self._outcome(propagate)
+
+    def _outcome(self, propagate: bool) -> Any:
+        slot = self._slot
+        if slot.state == p.SUCCESS:
+            return p.decode(slot.payload) if slot.payload else None
+        if slot.state == p.REJECTED_STATE:
+            raise TaskRejected(self.id, slot.header.get("reason", "rejected"))
+        info = p.decode(slot.payload) if slot.payload else {}
+        error = TaskFailed(
+            self.id,
+            info.get("type", "Exception"),
+            info.get("message", ""),
+            info.get("traceback", ""),
+        )
+        if propagate:
+            raise error
+        return error
+
+    @property
+    def date_done(self) -> float | None:
+        """Wall-clock time (``time.time()``) this process learnt the outcome, else None."""
+        return self._slot.done_at or None
+
+    @property
+    def result(self) -> Any:
+        """The value (or failure) if the task finished, else None; does not wait."""
+        if not self._slot.done.is_set():
+            return None
+        return self._outcome(propagate=False)
+
+    @property
+    def traceback(self) -> str | None:
+        """The remote traceback of a failed task, else None."""
+        outcome = self.result
+        return outcome.remote_traceback if isinstance(outcome, TaskFailed) else None

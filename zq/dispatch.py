@@ -1,0 +1,302 @@
+"""Pure scheduling state: queues, key lanes, worker credits, affinity, in-flight tasks.
+
+No sockets here. The broker calls these methods and sends the assignments they
+return. The rules (DESIGN.md section 3):
+
+1. **Exclusive**: a key has at most one task assigned to a worker at any moment.
+2. **Ordered**: a key's tasks are assigned in the order they were submitted; a task
+   handed back by a dead worker goes to the head of its lane.
+3. **Sticky**: when a key's next task becomes ready and nothing else is waiting in
+   its queue, it goes to the worker that ran the key last if that worker has a free
+   slot, else to the worker with the most free slots.
+4. **No head-of-line blocking**: a task whose key is busy waits in its key's lane,
+   not in the queue; only lanes whose head may run sit in a queue's ready deque.
+
+Credit: a worker has ``capacity`` slots (concurrency + prefetch) and is sent at most
+that many tasks at once. Invariant: a queue's ready deque is non-empty only while
+no worker serving that queue has a free slot, so every operation is O(1) amortised
+in queued tasks and keys (worker selection is linear in the workers of one queue).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+#: How many key -> last-worker affinities to remember after their lanes empty.
+AFFINITY_MEMORY = 100_000
+
+
+class Task:
+    """One accepted task as the scheduler sees it; ``data`` is the broker's, opaque here."""
+
+    __slots__ = ("data", "id", "key", "queue", "redeliveries", "started", "worker")
+
+    def __init__(self, id: str, queue: str, key: str | None = None, data: Any = None) -> None:
+        self.id = id
+        self.queue = queue
+        self.key = key
+        self.data = data
+        self.worker: bytes | None = None  # the worker holding it, None while queued
+        self.started = False
+        self.redeliveries = 0
+
+    def __repr__(self) -> str:
+        return f"Task({self.id!r}, queue={self.queue!r}, key={self.key!r}, worker={self.worker!r})"
+
+
+class Lane:
+    """The tasks of one key: at most one running, the rest waiting in order."""
+
+    __slots__ = ("in_ready", "key", "running", "waiting")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.waiting: deque[Task] = deque()
+        self.running: Task | None = None
+        self.in_ready = False  # the lane sits in its head's queue's ready deque
+
+
+class WorkerState:
+    """What the scheduler knows of one connected worker."""
+
+    __slots__ = ("capacity", "id", "queues", "running")
+
+    def __init__(self, id: bytes, queues: Iterable[str], capacity: int) -> None:
+        self.id = id
+        self.queues = tuple(queues)
+        self.capacity = capacity
+        self.running: dict[str, Task] = {}
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.running)
+
+
+Assignment = tuple[bytes, Task]
+_Entry = Task | Lane  # what a ready deque holds: an unkeyed task, or a lane whose head may run
+
+
+class Dispatcher:
+    """The broker's scheduling state. Every mutator returns the assignments to send."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, Task] = {}  # every queued or assigned task, by id
+        self.workers: dict[bytes, WorkerState] = {}
+        self.lanes: dict[str, Lane] = {}  # keys with a waiting or running task
+        self.ready: dict[str, deque[_Entry]] = {}
+        self.queued: dict[str, int] = {}  # tasks waiting (in deques or lanes) per queue
+        self._by_queue: dict[str, dict[bytes, WorkerState]] = {}
+        self._affinity: OrderedDict[str, bytes] = OrderedDict()
+
+    # ------------------------------------------------------------------ tasks
+
+    def submit(self, task: Task) -> list[Assignment]:
+        """Accept a new task. Its id must not be known (the broker deduplicates)."""
+        self.tasks[task.id] = task
+        self.queued[task.queue] = self.queued.get(task.queue, 0) + 1
+        out: list[Assignment] = []
+        if task.key is None:
+            self._make_ready(task, None, out)
+            return out
+        lane = self.lanes.get(task.key)
+        if lane is None:
+            lane = self.lanes[task.key] = Lane(task.key)
+        lane.waiting.append(task)
+        if lane.running is None and not lane.in_ready:
+            self._make_ready(lane, self._affinity.get(task.key), out)
+        return out
+
+    def started(self, worker_id: bytes, task_id: str) -> bool:
+        """Mark a task started; False if ``worker_id`` does not hold it."""
+        task = self._held(worker_id, task_id)
+        if task is None:
+            return False
+        task.started = True
+        return True
+
+    def done(self, worker_id: bytes, task_id: str) -> tuple[Task | None, list[Assignment]]:
+        """A worker finished a task. Returns the task (None if the worker did not hold it,
+        e.g. it was handed to another worker meanwhile) and the assignments that follow."""
+        task = self._held(worker_id, task_id)
+        if task is None:
+            return None, []
+        worker = self.workers[worker_id]
+        del worker.running[task_id]
+        del self.tasks[task_id]
+        out: list[Assignment] = []
+        if task.key is not None:
+            lane = self.lanes[task.key]
+            lane.running = None
+            if lane.waiting:
+                self._make_ready(lane, worker_id, out)
+            else:
+                del self.lanes[task.key]
+        self._pump(worker, out)
+        return task, out
+
+    def _held(self, worker_id: bytes, task_id: str) -> Task | None:
+        task = self.tasks.get(task_id)
+        if task is None or task.worker != worker_id:
+            return None
+        return task
+
+    # ---------------------------------------------------------------- workers
+
+    def add_worker(
+        self, worker_id: bytes, queues: Iterable[str], capacity: int, running: Iterable[str] = ()
+    ) -> list[Assignment]:
+        """A worker said READY. ``running`` lists the task ids it still runs; those that
+        this scheduler still assigns to ``worker_id`` stay attached, the rest it held
+        are handed back. Returns the assignments that fill its free slots."""
+        old = self.workers.get(worker_id)
+        out: list[Assignment] = []
+        if old is not None:
+            keep = set(running)
+            lost = [t for t in old.running.values() if t.id not in keep]
+            self._forget_worker(old)
+            worker = WorkerState(worker_id, queues, capacity)
+            worker.running = {k: t for k, t in old.running.items() if k in keep}
+            self._register(worker)
+            self._requeue(lost, out)
+        else:
+            worker = WorkerState(worker_id, queues, capacity)
+            self._register(worker)
+        self._pump(worker, out)
+        return out
+
+    def remove_worker(self, worker_id: bytes) -> tuple[list[Task], list[Assignment]]:
+        """A worker died or left: its tasks go back to the head of their lanes."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return [], []
+        self._forget_worker(worker)
+        lost = list(worker.running.values())
+        out: list[Assignment] = []
+        self._requeue(lost, out)
+        return lost, out
+
+    def _register(self, worker: WorkerState) -> None:
+        self.workers[worker.id] = worker
+        for q in worker.queues:
+            self._by_queue.setdefault(q, {})[worker.id] = worker
+
+    def _forget_worker(self, worker: WorkerState) -> None:
+        del self.workers[worker.id]
+        for q in worker.queues:
+            members = self._by_queue.get(q)
+            if members is not None:
+                members.pop(worker.id, None)
+                if not members:
+                    del self._by_queue[q]
+
+    def _requeue(self, lost: list[Task], out: list[Assignment]) -> None:
+        # Reversed so that appendleft keeps the tasks' relative order.
+        for task in reversed(lost):
+            task.worker = None
+            task.started = False
+            task.redeliveries += 1
+            self.queued[task.queue] = self.queued.get(task.queue, 0) + 1
+            if task.key is None:
+                self._make_ready(task, None, out, front=True)
+                continue
+            lane = self.lanes[task.key]
+            lane.running = None
+            lane.waiting.appendleft(task)
+            self._make_ready(lane, None, out, front=True)
+
+    # ---------------------------------------------------------------- routing
+
+    def _make_ready(
+        self, entry: _Entry, preferred: bytes | None, out: list[Assignment], front: bool = False
+    ) -> None:
+        queue = entry.waiting[0].queue if isinstance(entry, Lane) else entry.queue
+        ready = self.ready.get(queue)
+        if not ready:  # by the invariant, a backlog means no worker of this queue is free
+            worker = self._pick_worker(queue, preferred)
+            if worker is not None:
+                out.append(self._assign(worker, entry))
+                return
+            if ready is None:
+                ready = self.ready[queue] = deque()
+        if isinstance(entry, Lane):
+            entry.in_ready = True
+        if front:
+            ready.appendleft(entry)
+        else:
+            ready.append(entry)
+
+    def _pick_worker(self, queue: str, preferred: bytes | None) -> WorkerState | None:
+        members = self._by_queue.get(queue)
+        if not members:
+            return None
+        if preferred is not None:
+            worker = members.get(preferred)
+            if worker is not None and worker.free > 0:
+                return worker
+        best = None
+        for worker in members.values():
+            if worker.free > 0 and (best is None or worker.free > best.free):
+                best = worker
+        return best
+
+    def _pump(self, worker: WorkerState, out: list[Assignment]) -> None:
+        """Fill a worker's free slots from the ready deques of its queues."""
+        while worker.free > 0:
+            entry = self._next_entry(worker.queues)
+            if entry is None:
+                return
+            out.append(self._assign(worker, entry))
+
+    def _next_entry(self, queues: tuple[str, ...]) -> _Entry | None:
+        for queue in queues:
+            ready = self.ready.get(queue)
+            if ready:
+                entry = ready.popleft()
+                if not ready:
+                    del self.ready[queue]
+                return entry
+        return None
+
+    def _assign(self, worker: WorkerState, entry: _Entry) -> Assignment:
+        if isinstance(entry, Lane):
+            task = entry.waiting.popleft()
+            entry.running = task
+            entry.in_ready = False
+            self._remember(entry.key, worker.id)
+        else:
+            task = entry
+        task.worker = worker.id
+        worker.running[task.id] = task
+        self.queued[task.queue] -= 1
+        return worker.id, task
+
+    def _remember(self, key: str, worker_id: bytes) -> None:
+        self._affinity[key] = worker_id
+        self._affinity.move_to_end(key)
+        if len(self._affinity) > AFFINITY_MEMORY:
+            self._affinity.popitem(last=False)
+
+    # ------------------------------------------------------------ inspection
+
+    def keys_in_flight(self) -> Iterator[str]:
+        """Keys that have a task assigned to a worker right now."""
+        return (key for key, lane in self.lanes.items() if lane.running is not None)
+
+    def check(self) -> None:
+        """Verify the internal invariants; raises AssertionError. For tests."""
+        for key, lane in self.lanes.items():
+            assert lane.waiting or lane.running, f"empty lane {key!r} kept"
+            if lane.running is not None:
+                assert not lane.in_ready, f"running lane {key!r} is in a ready deque"
+                assert lane.running.worker is not None
+        for queue, ready in self.ready.items():
+            assert ready, f"empty ready deque {queue!r} kept"
+            for worker in self._by_queue.get(queue, {}).values():
+                assert worker.free <= 0, f"worker free while {queue!r} has a backlog"
+        held = {t.id for w in self.workers.values() for t in w.running.values()}
+        assigned = {t.id for t in self.tasks.values() if t.worker is not None}
+        assert held == assigned, "assignment and worker views disagree"
+        for worker in self.workers.values():
+            assert worker.free >= 0 or worker.running, "negative credit"

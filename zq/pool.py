@@ -1,0 +1,268 @@
+"""Where tasks run: a pool of child processes (default) or of threads.
+
+The worker's supervisor thread owns the pool. A pool exposes file descriptors for the
+supervisor to poll and turns what becomes readable into events::
+
+    ("started", task_id)
+    ("done", task_id, state, payload_bytes, runtime_seconds)
+
+Child processes are started with the ``spawn`` method, so no ZeroMQ context or socket
+ever crosses a ``fork()``; they talk to the supervisor over a pipe in msgpack (never
+pickle). Each child watches its supervisor: if the supervisor dies or stops ticking
+(SIGKILL, SIGSTOP), the child exits before the broker can declare the worker dead
+and hand its keys to another worker (fencing; see docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Any
+
+from zq import protocol as p
+from zq.app import App, load_app
+
+Event = tuple[Any, ...]
+
+#: Exit code of a child that fenced itself off because its supervisor went silent.
+FENCED_EXIT = 70
+
+
+def execute(app: App, header: dict[str, Any], payload: bytes) -> tuple[str, bytes]:
+    """Run one task of ``app``; returns (state, encoded value or failure info)."""
+    name = header.get("name", "")
+    task = app.tasks.get(name)
+    if task is None:
+        return p.FAILURE, _failure(
+            "zq.UnknownTask",
+            f"task {name!r} is not registered in app {app.name!r} on this worker "
+            f"(it registers {len(app.tasks)} task(s); is the worker running the right app?)",
+        )
+    try:
+        args, kwargs = p.decode(payload)
+        value = task.fn(*args, **kwargs)
+    except Exception as exc:
+        return p.FAILURE, _failure(_type_name(exc), str(exc), traceback.format_exc())
+    try:
+        return p.SUCCESS, p.encode(value)
+    except TypeError as exc:
+        return p.FAILURE, _failure("TypeError", f"the task's return value: {exc}")
+
+
+def _failure(type_name: str, message: str, tb: str = "") -> bytes:
+    return p.encode({"type": type_name, "message": message, "traceback": tb})
+
+
+def _type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+
+
+# ------------------------------------------------------------- process pool
+
+
+def _child_main(spec: str, conn: Any, tick: Any, fence_after: float, parent: int) -> None:
+    """Entry point of a pool child: run the tasks the supervisor sends, one at a time."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    threading.Thread(target=_fence, args=(tick, fence_after, parent), daemon=True).start()
+    app = load_app(spec)
+    while True:
+        try:
+            header, payload = p.decode(conn.recv_bytes())
+        except EOFError:
+            return
+        conn.send_bytes(p.encode(["started", header["id"]]))
+        start = time.monotonic()
+        state, body = execute(app, header, payload)
+        conn.send_bytes(p.encode(["done", header["id"], state, body, time.monotonic() - start]))
+
+
+def _fence(tick: Any, fence_after: float, parent: int) -> None:
+    """Exit the child when its supervisor is gone or frozen, so its task stops."""
+    while True:
+        time.sleep(0.1)
+        if os.getppid() != parent or time.monotonic() - tick.value > fence_after:
+            os._exit(FENCED_EXIT)
+
+
+class _Child:
+    __slots__ = ("conn", "proc", "task")
+
+    def __init__(self, proc: Any, conn: Any) -> None:
+        self.proc = proc
+        self.conn = conn
+        self.task: str | None = None
+
+
+class ProcessPool:
+    """``size`` child processes running tasks of the app named by ``spec``."""
+
+    def __init__(self, spec: str, size: int, *, fence_after: float) -> None:
+        self.spec = spec
+        self.size = size
+        self.fence_after = fence_after
+        self._mp = multiprocessing.get_context("spawn")
+        self._tick = self._mp.RawValue("d", time.monotonic())
+        self._children: dict[int, _Child] = {}  # by pipe fd
+        self._backlog: deque[tuple[dict[str, Any], bytes]] = deque()
+        self.changed = True  # the set of fds to poll changed
+
+    def start(self) -> None:
+        for _ in range(self.size):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        mine, theirs = self._mp.Pipe()
+        proc = self._mp.Process(
+            target=_child_main,
+            name="zq-child",
+            daemon=True,
+            args=(self.spec, theirs, self._tick, self.fence_after, os.getpid()),
+        )
+        proc.start()
+        theirs.close()
+        self._children[mine.fileno()] = _Child(proc, mine)
+        self.changed = True
+
+    def fds(self) -> list[int]:
+        self.changed = False
+        return list(self._children)
+
+    def running(self) -> list[str]:
+        held = [c.task for c in self._children.values() if c.task is not None]
+        return held + [h["id"] for h, _ in self._backlog]
+
+    def tick(self) -> None:
+        """Tell the children the supervisor is alive (they fence themselves otherwise)."""
+        self._tick.value = time.monotonic()
+
+    def submit(self, header: dict[str, Any], payload: bytes) -> None:
+        self._backlog.append((header, payload))
+        self._feed()
+
+    def _feed(self) -> None:
+        for child in self._children.values():
+            if not self._backlog:
+                return
+            if child.task is None:
+                header, payload = self._backlog.popleft()
+                child.task = header["id"]
+                child.conn.send_bytes(p.encode([header, payload]))
+
+    def on_readable(self, fd: int) -> list[Event]:
+        child = self._children[fd]
+        events: list[Event] = []
+        try:
+            while child.conn.poll(0):
+                event = tuple(p.decode(child.conn.recv_bytes()))
+                if event[0] == "done":
+                    child.task = None
+                events.append(event)
+        except (EOFError, OSError):
+            events += self._bury(fd, child)
+        self._feed()
+        return events
+
+    def _bury(self, fd: int, child: _Child) -> list[Event]:
+        """A child died: fail its task, start a replacement."""
+        del self._children[fd]
+        child.conn.close()
+        child.proc.join(1.0)
+        code = child.proc.exitcode
+        self._spawn()
+        if child.task is None:
+            return []
+        reason = f"the worker process running the task died (exit code {code})"
+        return [("done", child.task, p.FAILURE, _failure("zq.WorkerLost", reason), 0.0)]
+
+    def close(self, timeout: float = 2.0) -> None:
+        for child in self._children.values():
+            child.conn.close()
+        deadline = time.monotonic() + timeout
+        for child in self._children.values():
+            child.proc.join(max(0.0, deadline - time.monotonic()))
+            if child.proc.is_alive():
+                child.proc.kill()
+                child.proc.join(1.0)
+        self._children.clear()
+
+
+# -------------------------------------------------------------- thread pool
+
+
+class ThreadPool:
+    """``size`` threads in the supervisor's process, for I/O-bound tasks."""
+
+    def __init__(self, app: App, size: int) -> None:
+        self.app = app
+        self.size = size
+        self._jobs: queue.SimpleQueue[tuple[dict[str, Any], bytes] | None] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        self._running: dict[str, None] = {}  # ids held, in arrival order
+        self._threads: list[threading.Thread] = []
+        self.changed = True
+
+    def start(self) -> None:
+        for i in range(self.size):
+            thread = threading.Thread(target=self._serve, name=f"zq-task-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            header, payload = job
+            self._emit(("started", header["id"]))
+            start = time.monotonic()
+            state, body = execute(self.app, header, payload)
+            self._emit(("done", header["id"], state, body, time.monotonic() - start))
+
+    def _emit(self, event: Event) -> None:
+        self._events.put(event)
+        os.write(self._wake_w, b"x")
+
+    def fds(self) -> list[int]:
+        self.changed = False
+        return [self._wake_r]
+
+    def running(self) -> list[str]:
+        return list(self._running)
+
+    def tick(self) -> None:
+        pass  # threads stop with the process, so they need no fence
+
+    def submit(self, header: dict[str, Any], payload: bytes) -> None:
+        self._running[header["id"]] = None
+        self._jobs.put((header, payload))
+
+    def on_readable(self, fd: int) -> list[Event]:
+        os.read(self._wake_r, 65536)
+        events: list[Event] = []
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return events
+            if event[0] == "done":
+                self._running.pop(event[1], None)
+            events.append(event)
+
+    def close(self, timeout: float = 2.0) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        os.close(self._wake_r)
+        os.close(self._wake_w)

@@ -1,0 +1,224 @@
+"""ZQ/1: the wire protocol, as named constants and the only frame builder and parser.
+
+Every message is a ZeroMQ multipart message::
+
+    [tag] [command] [header] [payload ...]
+
+* ``tag`` says protocol version and role: :data:`CLIENT`, :data:`WORKER`, :data:`BROKER`.
+* ``command`` is one byte, one of the constants below.
+* ``header`` is a small msgpack map; it is all the broker ever decodes.
+* ``payload`` frames (task arguments, results) are opaque to the broker and are
+  forwarded as received.
+
+On the broker's XPUB, messages are ``[topic] [command] [header] [payload ...]``.
+``docs/protocol.md`` is the prose version of this module.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import decimal
+import uuid
+from typing import Any
+
+import msgpack
+
+from zq.errors import ProtocolError
+
+#: Role tags. The trailing letter names the sender's role.
+CLIENT = b"ZQ1C"
+WORKER = b"ZQ1W"
+BROKER = b"ZQ1B"
+TAGS = (CLIENT, WORKER, BROKER)
+
+# Client -> broker
+HELLO = b"\x01"
+SUBMIT = b"\x02"
+FETCH = b"\x03"
+STATUS = b"\x05"
+# Broker -> client
+WELCOME = b"\x11"
+ACCEPTED = b"\x12"
+REJECTED = b"\x13"
+RESULT = b"\x14"
+# Worker -> broker
+READY = b"\x21"
+STARTED = b"\x22"
+PROGRESS = b"\x23"
+DONE = b"\x24"
+# Broker -> worker
+TASK = b"\x31"
+# Any direction
+HEARTBEAT = b"\x40"
+DISCONNECT = b"\x41"
+ERROR = b"\x7f"
+
+COMMAND_NAMES = {
+    HELLO: "HELLO",
+    SUBMIT: "SUBMIT",
+    FETCH: "FETCH",
+    STATUS: "STATUS",
+    WELCOME: "WELCOME",
+    ACCEPTED: "ACCEPTED",
+    REJECTED: "REJECTED",
+    RESULT: "RESULT",
+    READY: "READY",
+    STARTED: "STARTED",
+    PROGRESS: "PROGRESS",
+    DONE: "DONE",
+    TASK: "TASK",
+    HEARTBEAT: "HEARTBEAT",
+    DISCONNECT: "DISCONNECT",
+    ERROR: "ERROR",
+}
+
+# Task states, as they appear in headers and in AsyncResult.status.
+PENDING = "PENDING"  # unknown to the broker (not yet accepted, or never submitted)
+QUEUED = "QUEUED"  # accepted and waiting for a worker
+STARTED_STATE = "STARTED"  # a worker is running it
+SUCCESS = "SUCCESS"
+FAILURE = "FAILURE"
+REJECTED_STATE = "REJECTED"
+FINAL_STATES = frozenset({SUCCESS, FAILURE, REJECTED_STATE})
+
+#: Events published on the XPUB under topics that start with this byte; results go
+#: under ``client_id + task_id``, and client ids are hex, so they never collide.
+EVENT_PREFIX = b"@"
+
+#: Headers larger than this are refused before decoding.
+MAX_HEADER_BYTES = 64 * 1024
+
+_EXT_DATETIME = 1
+_EXT_DATE = 2
+_EXT_UUID = 3
+_EXT_DECIMAL = 4
+
+
+def pack_header(header: dict[str, Any]) -> bytes:
+    """Encode a header map."""
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def unpack_header(data: bytes | memoryview) -> dict[str, Any]:
+    """Decode a header map, raising :class:`ProtocolError` for anything else."""
+    if len(data) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable header: {exc}", [bytes(data)]) from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a map", [bytes(data)])
+    return header
+
+
+def message(tag: bytes, command: bytes, header: dict[str, Any], *payload: Any) -> list[Any]:
+    """Build the frames of one message (without any routing identity)."""
+    return [tag, command, pack_header(header), *payload]
+
+
+def parse(frames: list[Any]) -> tuple[bytes, bytes, dict[str, Any], list[Any]]:
+    """Split ``[tag, command, header, payload...]`` into its parts.
+
+    Frames may be ``bytes`` or ``zmq.Frame``; payload frames are returned as they came.
+    Raises :class:`ProtocolError` with the reason when the message is not ZQ/1.
+    """
+    if len(frames) < 3:
+        raise ProtocolError(f"expected at least 3 frames, got {len(frames)}")
+    tag, command = _bytes(frames[0]), _bytes(frames[1])
+    if tag not in TAGS:
+        raise ProtocolError(f"unknown tag {tag[:16]!r}")
+    if command not in COMMAND_NAMES:
+        raise ProtocolError(f"unknown command {command[:8]!r}")
+    return tag, command, unpack_header(_buffer(frames[2])), frames[3:]
+
+
+def _bytes(frame: Any) -> bytes:
+    return frame if isinstance(frame, bytes) else frame.bytes
+
+
+def _buffer(frame: Any) -> bytes | memoryview:
+    return frame if isinstance(frame, bytes) else frame.buffer
+
+
+# ---------------------------------------------------------------- payload codec
+
+
+def _default(obj: Any) -> msgpack.ExtType:
+    if isinstance(obj, _dt.datetime):
+        return msgpack.ExtType(_EXT_DATETIME, obj.isoformat().encode())
+    if isinstance(obj, _dt.date):
+        return msgpack.ExtType(_EXT_DATE, obj.isoformat().encode())
+    if isinstance(obj, uuid.UUID):
+        return msgpack.ExtType(_EXT_UUID, obj.bytes)
+    if isinstance(obj, decimal.Decimal):
+        return msgpack.ExtType(_EXT_DECIMAL, str(obj).encode())
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)  # type: ignore[return-value]
+    raise TypeError(f"zq cannot encode {type(obj).__qualname__} values: {obj!r:.80}")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _EXT_DATETIME:
+        return _dt.datetime.fromisoformat(data.decode())
+    if code == _EXT_DATE:
+        return _dt.date.fromisoformat(data.decode())
+    if code == _EXT_UUID:
+        return uuid.UUID(bytes=data)
+    if code == _EXT_DECIMAL:
+        return decimal.Decimal(data.decode())
+    return msgpack.ExtType(code, data)
+
+
+def encode(value: Any) -> bytes:
+    """Encode task arguments or a result. Raises :class:`TypeError` for unsupported types.
+
+    Beyond msgpack's own types, ``datetime``, ``date``, ``UUID`` and ``Decimal``
+    round-trip as extension types; sets become sorted lists and tuples become lists.
+    """
+    try:
+        return msgpack.packb(value, default=_default, use_bin_type=True, datetime=False)
+    except TypeError:
+        raise
+    except (ValueError, OverflowError) as exc:
+        raise TypeError(f"zq cannot encode this value: {exc}") from None
+
+
+def decode(data: bytes | memoryview) -> Any:
+    """Decode what :func:`encode` made."""
+    return msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=False)
+
+
+# ---------------------------------------------------------------- validation
+
+#: Limits on submit header fields, checked by the broker.
+MAX_ID_LEN = 64
+MAX_NAME_LEN = 200
+MAX_QUEUE_LEN = 100
+MAX_KEY_LEN = 256
+
+_TEXT_FIELDS = (
+    ("id", MAX_ID_LEN, True),
+    ("name", MAX_NAME_LEN, True),
+    ("queue", MAX_QUEUE_LEN, True),
+    ("key", MAX_KEY_LEN, False),
+)
+
+
+def check_task_header(header: Any) -> str | None:
+    """Return why a submitted task header is invalid, or None when it is fine."""
+    if not isinstance(header, dict):
+        return "task header is not a map"
+    for field, limit, required in _TEXT_FIELDS:
+        value = header.get(field)
+        if value is None:
+            if required:
+                return f"{field}: missing"
+            continue
+        if not isinstance(value, str):
+            return f"{field}: must be a string, got {type(value).__name__}"
+        if not value or len(value) > limit:
+            return f"{field}: length must be 1..{limit}, got {len(value)}"
+    if not isinstance(header.get("ignore_result", False), bool):
+        return "ignore_result: must be a boolean"
+    return None

@@ -1,0 +1,194 @@
+"""Harnesses for testing code that uses zq: real brokers and workers, bounded waits.
+
+::
+
+    from zq.testing import BrokerProcess, WorkerProcess
+
+    with BrokerProcess() as broker, WorkerProcess("myapp.tasks", broker.endpoint):
+        app = zq.App("t", broker=broker.endpoint)
+        ...
+
+Every process is started on a random loopback port, waited for with a deadline and
+killed by its pid on exit. :func:`check_key_records` checks the scheduling promises
+from records the tasks wrote themselves.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+_LISTENING = re.compile(r"listening on (\S+)")
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; raise after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+class _Process:
+    """A zq command run as a child process, killed by pid on close."""
+
+    def __init__(self, args: list[str], env: Mapping[str, str] | None = None) -> None:
+        self.args = args
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> _Process:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "zq", *self.args],
+            env=self.env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def read_until(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        """Read the process's output until a line matches; raise with the output if not."""
+        assert self.proc is not None and self.proc.stdout is not None
+        seen: list[str] = []
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if not sel.select(max(0.0, deadline - time.monotonic())):
+                    break
+                line = self.proc.stdout.readline()
+                if not line:
+                    break
+                seen.append(line)
+                match = pattern.search(line)
+                if match:
+                    return match
+        raise AssertionError(f"{self.args} never printed {pattern.pattern!r}:\n{''.join(seen)}")
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the process (if still running) and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait(10)
+
+    def close(self) -> None:
+        self.kill()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BrokerProcess(_Process):
+    """``zq broker`` on a random loopback port (or ``bind``); ``endpoint`` once started."""
+
+    def __init__(
+        self, bind: str = "tcp://127.0.0.1:*", *extra: str, env: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(["broker", "--bind", bind, *extra], env)
+        self.endpoint = ""
+        self.start()
+
+    def start(self) -> BrokerProcess:
+        super().start()
+        self.endpoint = self.read_until(_LISTENING, 20).group(1)
+        return self
+
+    def restart(self) -> BrokerProcess:
+        """Start again on the same address (after a kill)."""
+        self.close()
+        self.args[2] = self.endpoint
+        return self.start()
+
+
+class WorkerProcess(_Process):
+    """``zq worker SPEC`` connected to ``broker``; started at once."""
+
+    def __init__(
+        self,
+        spec: str,
+        broker: str,
+        *,
+        concurrency: int = 2,
+        pool: str = "process",
+        queues: Iterable[str] = ("default",),
+        extra: Iterable[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        args = [
+            "worker",
+            spec,
+            "--broker",
+            broker,
+            "--concurrency",
+            str(concurrency),
+            "--pool",
+            pool,
+            "--queues",
+            ",".join(queues),
+            *extra,
+        ]
+        super().__init__(args, env)
+        self.start()
+
+
+def check_key_records(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Violations of per-key exclusivity and order in task records.
+
+    Each record has ``key``, ``seq`` (the order the key's tasks were submitted in),
+    ``start`` and ``end`` (wall-clock times the task wrote). Returns one line per
+    violation: two runs of a key overlapping, or a key's tasks starting out of order.
+    """
+    by_key: dict[Any, list[Mapping[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_key[record["key"]].append(record)
+    problems = []
+    for key, runs in by_key.items():
+        runs.sort(key=lambda r: r["start"])
+        for before, after in itertools.pairwise(runs):
+            if after["start"] < before["end"]:
+                problems.append(f"key {key!r}: seq {before['seq']} and {after['seq']} overlap")
+            if after["seq"] < before["seq"]:
+                problems.append(f"key {key!r}: seq {after['seq']} started after {before['seq']}")
+    return problems

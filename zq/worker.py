@@ -1,0 +1,203 @@
+"""The worker supervisor: one thread that owns the DEALER and the pool.
+
+The supervisor loop polls the broker socket and the pool's pipes, so it answers
+heartbeats at all times, whatever the tasks are doing. It announces its slots in
+READY; the broker never sends more tasks than that (credit), and the supervisor
+forwards each task to the pool and each STARTED/DONE back to the broker.
+
+If the broker goes silent for ``heartbeat * liveness`` seconds the supervisor drops
+its socket and connects again, saying READY with the ids of the tasks it still runs
+so the broker can re-attach them. ``stop()`` may be called from a signal handler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from zq import protocol as p
+from zq.app import App, default_broker, load_app
+from zq.errors import ProtocolError
+from zq.pool import ProcessPool, ThreadPool
+
+log = logging.getLogger("zq.worker")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings:
+    """How a worker connects and runs tasks. See ``zq worker --help`` for each field."""
+
+    broker: str = field(default_factory=default_broker)
+    concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    pool: str = "process"  # or "thread"
+    queues: tuple[str, ...] = ("default",)
+    heartbeat: float = 1.0
+    liveness: int = 3
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.pool not in ("process", "thread"):
+            raise ValueError(f"pool must be 'process' or 'thread', got {self.pool!r}")
+        if not self.queues or not all(self.queues):
+            raise ValueError("queues must name at least one queue")
+
+
+class Worker:
+    """Runs tasks of the app named by ``spec`` (``module:attr``) for one broker."""
+
+    def __init__(self, spec: str, settings: WorkerSettings | None = None) -> None:
+        self.spec = spec
+        self.settings = settings or WorkerSettings()
+        self.app: App = load_app(spec)
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._heartbeat = self.settings.heartbeat
+        self._liveness = self.settings.liveness
+        self._running = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    def stop(self) -> None:
+        """Ask the loop to end; safe from a signal handler or another thread."""
+        self._running = False
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def run(self) -> None:
+        """Serve until :meth:`stop`."""
+        s = self.settings
+        # Children fence themselves if the supervisor is silent for a heartbeat less
+        # than the broker waits before declaring the worker dead.
+        fence_after = s.heartbeat * max(1, s.liveness - 1)
+        self.pool: ProcessPool | ThreadPool = (
+            ProcessPool(self.spec, s.concurrency, fence_after=fence_after)
+            if s.pool == "process"
+            else ThreadPool(self.app, s.concurrency)
+        )
+        self.pool.start()
+        self._ctx = zmq.Context()
+        self._dealer: zmq.Socket | None = None
+        self._connect()
+        self._running = True
+        log.info(
+            "worker %s serving %s on %s (%d %s slots, queues %s)",
+            self.id,
+            self.spec,
+            s.broker,
+            s.concurrency,
+            s.pool,
+            ",".join(s.queues),
+        )
+        try:
+            self._loop()
+        finally:
+            self.pool.close()
+            if self._dealer is not None:
+                self._send(p.DISCONNECT, {})
+                self._dealer.close(linger=100)
+            self._ctx.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        registered: list[Any] = []
+        while self._running:
+            if self.pool.changed or registered[:1] != [self._dealer]:
+                for item in registered:
+                    poller.unregister(item)
+                registered = [self._dealer, self._wake_r, *self.pool.fds()]
+                for item in registered:
+                    poller.register(item, zmq.POLLIN)
+            events = dict(poller.poll(self._heartbeat * 250))
+            self.pool.tick()
+            for item in events:
+                if item is self._dealer:
+                    self._drain_broker()
+                elif item == self._wake_r:
+                    os.read(self._wake_r, 4096)
+                else:
+                    for event in self.pool.on_readable(item):
+                        self._on_pool_event(event)
+            self._on_tick(time.monotonic())
+
+    # ----------------------------------------------------------------- broker
+
+    def _connect(self) -> None:
+        if self._dealer is not None:
+            self._dealer.close(linger=0)
+        self._dealer = self._ctx.socket(zmq.DEALER)
+        self._dealer.linger = 0
+        self._dealer.connect(self.settings.broker)
+        self._last_recv = time.monotonic()
+        self._ready()
+
+    def _ready(self) -> None:
+        self._send(
+            p.READY,
+            {
+                "worker": self.id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "concurrency": self.settings.concurrency,
+                "queues": list(self.settings.queues),
+                "tasks": sorted(self.app.tasks),
+                "running": self.pool.running(),
+            },
+        )
+
+    def _send(self, command: bytes, header: dict[str, Any], *payload: Any) -> None:
+        assert self._dealer is not None
+        self._dealer.send_multipart(p.message(p.WORKER, command, header, *payload), copy=False)
+        self._last_sent = time.monotonic()
+
+    def _drain_broker(self) -> None:
+        assert self._dealer is not None
+        while True:
+            try:
+                frames = self._dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._last_recv = time.monotonic()
+            try:
+                _, command, header, payload = p.parse(frames)
+            except ProtocolError as exc:
+                log.warning("dropped a malformed message from the broker: %s", exc)
+                continue
+            if command == p.TASK:
+                if not payload:
+                    log.warning("dropped TASK %s without a payload", header.get("id"))
+                    continue
+                self.pool.submit(header, payload[0])
+            elif command == p.WELCOME:
+                self._heartbeat = float(header.get("heartbeat", self._heartbeat))
+                self._liveness = int(header.get("liveness", self._liveness))
+            elif command == p.ERROR:
+                if header.get("code") == "unknown-worker":
+                    log.warning("broker does not know this worker (any more); saying READY")
+                    self._ready()
+                else:
+                    log.error("broker reported an error: %s", header.get("reason"))
+
+    def _on_pool_event(self, event: tuple[Any, ...]) -> None:
+        if event[0] == "started":
+            self._send(p.STARTED, {"id": event[1]})
+        elif event[0] == "done":
+            _, task_id, state, body, runtime = event
+            header = {"id": task_id, "state": state, "worker": self.id, "runtime": runtime}
+            self._send(p.DONE, header, body)
+
+    def _on_tick(self, now: float) -> None:
+        if now - self._last_recv > self._heartbeat * self._liveness:
+            log.warning("no word from broker %s; reconnecting", self.settings.broker)
+            self._connect()
+        elif now - self._last_sent >= self._heartbeat:
+            self._send(p.HEARTBEAT, {})
