@@ -422,7 +422,7 @@ class Broker:
         self.counters["dispatched"] += len(assignments)
 
     def _event(self, name: bytes, body: dict[str, Any]) -> None:
-        self._publish(p.EVENT_PREFIX + name, p.HEARTBEAT, p.pack_header(body))
+        self._publish(p.EVENT_PREFIX + name, p.EVENT, p.pack_header(body))
 
     # ----------------------------------------------------------------- timers
 

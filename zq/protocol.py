@@ -51,6 +51,7 @@ TASK = b"\x31"
 # Any direction
 HEARTBEAT = b"\x40"
 DISCONNECT = b"\x41"
+EVENT = b"\x42"  # on the XPUB only: a monitoring event
 ERROR = b"\x7f"
 
 COMMAND_NAMES = {

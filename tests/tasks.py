@@ -1,0 +1,83 @@
+"""Tasks the tests run on real workers (``zq worker tests.tasks``).
+
+Keyed tasks leave their own records: a JSON file per run with key, seq, start, end
+and pids, written by the task itself. While it runs, a task holds a non-blocking
+``flock`` on a file named after its key: if another run of the same key holds it,
+the overlap is recorded, so exclusivity is checked by the kernel, not by timestamps.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import zq
+
+app = zq.App("tests")
+
+
+@app.task
+def add(x: float, y: float) -> float:
+    return x + y
+
+
+@app.task
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+@app.task
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task
+def unencodable() -> object:
+    return object()
+
+
+@app.task
+def whoami() -> dict[str, int]:
+    return {"pid": os.getpid(), "worker": os.getppid()}
+
+
+@app.task(queue="other")
+def other_queue() -> str:
+    return "other"
+
+
+@app.task(key=lambda key, seq, seconds, record_dir: key)
+def keyed(key: str, seq: int, seconds: float, record_dir: str) -> dict[str, Any]:
+    """Run for ``seconds`` holding the key's lock; write a record of the run."""
+    directory = Path(record_dir)
+    start = time.time()
+    with open(directory / f"lock-{key}", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            overlap = False
+        except BlockingIOError:
+            overlap = True
+        time.sleep(seconds)
+        end = time.time()
+    record = {
+        "key": key,
+        "seq": seq,
+        "start": start,
+        "end": end,
+        "overlap": overlap,
+        "pid": os.getpid(),
+        "worker": os.getppid(),
+    }
+    tmp = directory / f".{key}-{seq}-{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record))
+    tmp.rename(directory / f"run-{key}-{seq}-{os.getpid()}-{start}.json")
+    return record
+
+
+def read_records(record_dir: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(f.read_text()) for f in Path(record_dir).glob("run-*.json")]

@@ -1,0 +1,75 @@
+"""Results survive a lost PUB message: the broker keeps them and get() falls back to FETCH."""
+
+from __future__ import annotations
+
+import gc
+
+import zmq
+
+import zq
+from tests import tasks
+from zq import protocol as p
+from zq.testing import wait_for
+
+
+def _recv(sock: zmq.Socket, timeout: float = 5.0) -> list[bytes]:
+    assert sock.poll(timeout * 1000), "no reply from the broker"
+    return sock.recv_multipart()
+
+
+def test_a_client_without_any_subscription_fetches_its_result(broker, start_worker):
+    """Raw DEALER, no SUB at all: every PUB message for it is lost, FETCH still answers."""
+    start_worker()
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(broker.endpoint)
+    try:
+        task = {"id": "raw-1", "name": "tests.tasks.add", "queue": "default"}
+        sock.send_multipart(
+            p.message(
+                p.CLIENT, p.SUBMIT, {"client": "ab", "tasks": [task]}, p.encode([[20, 22], {}])
+            )
+        )
+        _, command, header = _recv(sock)[:3]
+        assert command == p.ACCEPTED and p.unpack_header(header)["ids"] == ["raw-1"]
+        # A FETCH that waits: answered when the task ends.
+        sock.send_multipart(p.message(p.CLIENT, p.FETCH, {"ids": ["raw-1"], "wait": 10}))
+        _, command, header, payload = _recv(sock, 10)
+        assert command == p.RESULT
+        assert p.unpack_header(header)["state"] == "SUCCESS"
+        assert p.decode(payload) == 42
+    finally:
+        sock.close()
+
+
+def test_get_works_when_the_published_result_was_dropped(app, start_worker):
+    """The client drops PUB results nobody here waits for; a later get() by id
+    still returns, fetched from the broker's result store."""
+    start_worker()
+    res = tasks.add.delay(5, 6)
+    task_id = res.id
+    del res
+    gc.collect()
+    other = zq.App("observer", broker=app.broker)
+    try:
+        wait_for(lambda: other.AsyncResult(task_id).status == "SUCCESS", 10, "task done")
+    finally:
+        other.close()
+    late = app.AsyncResult(task_id)
+    assert not late.ready_here()  # the PUB message was not kept in this process
+    assert late.get(timeout=5) == 11
+
+
+def test_ignore_result_keeps_nothing(app, start_worker):
+    start_worker()
+
+    res = app.send_task("tests.tasks.add", [1, 2], ignore_result=True)
+    probe = tasks.add.delay(0, 0)
+    assert probe.get(timeout=10) == 0
+    try:
+        res.get(timeout=1)
+    except zq.ResultUnavailable:
+        pass
+    else:
+        raise AssertionError("get() on an ignore_result task must raise ResultUnavailable")
