@@ -53,7 +53,7 @@ class Summary:
             f"orders scored:   {self.orders - self.failed}/{self.orders} "
             f"in {self.seconds:.2f}s by {self.pids} worker processes",
             f"throughput:      {self.throughput:.1f} orders/s",
-            f"latency:         {lat} (submit to result)",
+            f"latency:         {lat} (submit to result, all orders sent at once)",
             f"per-customer check ({ok}): no overlapping scorings, "
             f"orders started in submission order",
         ]

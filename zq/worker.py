@@ -141,6 +141,10 @@ class Worker:
         self._ready()
 
     def _ready(self) -> None:
+        # Until the WELCOME, further "unknown worker" errors are echoes of messages sent
+        # before this READY: answering them with another READY could make the broker
+        # take back a TASK that is already on its way here.
+        self._awaiting_welcome = True
         self._send(
             p.READY,
             {
@@ -178,10 +182,13 @@ class Worker:
                     continue
                 self.pool.submit(header, payload[0])
             elif command == p.WELCOME:
+                self._awaiting_welcome = False
                 self._heartbeat = float(header.get("heartbeat", self._heartbeat))
                 self._liveness = int(header.get("liveness", self._liveness))
             elif command == p.ERROR:
                 if header.get("code") == "unknown-worker":
+                    if self._awaiting_welcome:
+                        continue
                     log.warning("broker does not know this worker (any more); saying READY")
                     self._ready()
                 else:
