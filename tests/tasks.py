@@ -81,3 +81,13 @@ def keyed(key: str, seq: int, seconds: float, record_dir: str) -> dict[str, Any]
 
 def read_records(record_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(f.read_text()) for f in Path(record_dir).glob("run-*.json")]
+
+
+@app.task
+def burn(seconds: float) -> dict[str, int]:
+    """Hold the CPU (and, in a thread pool, the GIL most of the time) for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < deadline:
+        n += sum(range(1000))
+    return {"pid": os.getpid(), "worker": os.getppid()}

@@ -8,6 +8,8 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
+
 from tests import tasks
 from tests.conftest import wait_for_workers
 from tests.tasks import read_records
@@ -77,3 +79,21 @@ def test_broker_restart_is_found_again_by_workers_and_clients(app, broker, start
     wait_for_workers(broker.endpoint, lambda pids: worker.pid in pids, timeout=15)
     assert while_down.get(timeout=15) == 5
     assert tasks.add.delay(3, 4).get(timeout=10) == 7
+
+
+@pytest.mark.parametrize("pool", ["process", "thread"])
+def test_a_task_longer_than_the_liveness_window_is_not_redelivered(app, start_worker, pool):
+    """Heartbeats come from the supervisor, not the task: a CPU-bound task running past
+    3 s (the dead-after window) keeps its worker alive and runs once."""
+    worker = start_worker(concurrency=1, pool=pool)
+    res = tasks.burn.delay(4.0)
+    assert res.get(timeout=20)["pid"] in (worker.pid, *_children(worker.pid))
+    counters = app.status()["counters"]
+    assert counters.get("redelivered", 0) == 0
+    assert counters["done"] == 1
+
+
+def _children(pid: int) -> list[int]:
+    path = f"/proc/{pid}/task/{pid}/children"
+    with open(path) as f:
+        return [int(c) for c in f.read().split()]
