@@ -49,6 +49,56 @@ def main(log_level: str) -> None:
     )
 
 
+def _order_options(*, orders: int, customers: int) -> Any:
+    """The options of the commands that make scoring orders."""
+    options = [
+        click.option(
+            "--orders",
+            type=click.IntRange(min=1),
+            default=orders,
+            show_default=True,
+            help="Orders to score.",
+        ),
+        click.option(
+            "--customers",
+            type=click.IntRange(min=1),
+            default=customers,
+            show_default=True,
+            help="Distinct customers the orders come from.",
+        ),
+        click.option(
+            "--min-work",
+            type=click.FloatRange(min=0),
+            default=0.005,
+            show_default=True,
+            help="Least CPU seconds one scoring takes.",
+        ),
+        click.option(
+            "--max-work",
+            type=click.FloatRange(min=0),
+            default=0.06,
+            show_default=True,
+            help="Most CPU seconds one scoring takes.",
+        ),
+        click.option("--seed", type=int, default=None, help="Random seed for the orders."),
+    ]
+
+    def apply(fn: Any) -> Any:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
+def _finish(summary: Any) -> None:
+    """Print a run's summary; exit 1 if any order failed or the per-customer check did."""
+    for line in summary.lines():
+        click.echo(line)
+    if summary.violations or summary.failed:
+        sys.exit(1)
+
+
 def _stop_on_signals(stop: Any) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop())
@@ -281,16 +331,7 @@ def status(broker: str, as_json: bool, timeout: float) -> None:
 
 
 @main.command()
-@click.option(
-    "--orders", type=click.IntRange(min=1), default=300, show_default=True, help="Orders to score."
-)
-@click.option(
-    "--customers",
-    type=click.IntRange(min=1),
-    default=30,
-    show_default=True,
-    help="Distinct customers the orders come from.",
-)
+@_order_options(orders=300, customers=30)
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -304,21 +345,6 @@ def status(broker: str, as_json: bool, timeout: float) -> None:
     default=None,
     help="Child processes per worker. [default: CPU count]",
 )
-@click.option(
-    "--min-work",
-    type=click.FloatRange(min=0),
-    default=0.005,
-    show_default=True,
-    help="Least CPU seconds one scoring takes.",
-)
-@click.option(
-    "--max-work",
-    type=click.FloatRange(min=0),
-    default=0.06,
-    show_default=True,
-    help="Most CPU seconds one scoring takes.",
-)
-@click.option("--seed", type=int, default=None, help="Random seed for the orders.")
 def demo(
     orders: int,
     customers: int,
@@ -341,39 +367,12 @@ def demo(
         click.echo(f"scoring {orders} orders from {customers} customers")
         with click.progressbar(length=orders, label="scoring", show_pos=True) as bar:
             summary = run_orders(app, batch, on_result=lambda order, outcome: bar.update(1))
-    for line in summary.lines():
-        click.echo(line)
-    if summary.violations or summary.failed:
-        sys.exit(1)
+    _finish(summary)
 
 
 @main.command()
 @_broker_option
-@click.option(
-    "--orders", type=click.IntRange(min=1), default=200, show_default=True, help="Orders to submit."
-)
-@click.option(
-    "--customers",
-    type=click.IntRange(min=1),
-    default=20,
-    show_default=True,
-    help="Distinct customers the orders come from.",
-)
-@click.option(
-    "--min-work",
-    type=click.FloatRange(min=0),
-    default=0.005,
-    show_default=True,
-    help="Least CPU seconds one scoring takes.",
-)
-@click.option(
-    "--max-work",
-    type=click.FloatRange(min=0),
-    default=0.06,
-    show_default=True,
-    help="Most CPU seconds one scoring takes.",
-)
-@click.option("--seed", type=int, default=None, help="Random seed for the orders.")
+@_order_options(orders=200, customers=20)
 @click.option(
     "--timeout",
     type=float,
@@ -413,7 +412,4 @@ def client(
         raise click.ClickException(f"{exc} (are workers connected to {broker}?)") from None
     finally:
         app.close()
-    for line in summary.lines():
-        click.echo(line)
-    if summary.violations or summary.failed:
-        sys.exit(1)
+    _finish(summary)
