@@ -11,6 +11,7 @@ Thread ownership: both sockets belong to the thread running :meth:`Broker.run`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -103,7 +104,7 @@ class Broker:
         self._router.router_mandatory = False
         self._router.bind(self.settings.bind)
         self.endpoint = self._router.last_endpoint.decode()
-        self._pub.bind(self.settings.pub_bind or default_pub_bind(self.endpoint))
+        self._pub.bind(self.settings.pub_bind or default_pub_bind(self.settings.bind))
         self.pub_endpoint = self._pub.last_endpoint.decode()
         self._bound.set()
         return self.endpoint, self.pub_endpoint
@@ -232,11 +233,13 @@ class Broker:
         accepted: list[str] = []
         rejected: dict[str, str] = {}
         out: list[Assignment] = []
-        for task_header, body in zip(tasks, payload, strict=False):
+        for index, (task_header, body) in enumerate(zip(tasks, payload, strict=True)):
             reason = p.check_task_header(task_header)
             if reason is not None:
                 task_id = task_header.get("id") if isinstance(task_header, dict) else None
-                rejected[str(task_id)[: p.MAX_ID_LEN]] = reason
+                if not isinstance(task_id, str) or not 0 < len(task_id) <= p.MAX_ID_LEN:
+                    task_id = f"#{index}"  # no usable id: name it by its place in the batch
+                rejected[task_id] = reason
                 continue
             task_id = task_header["id"]
             accepted.append(task_id)
@@ -259,7 +262,7 @@ class Broker:
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ProtocolError("FETCH needs 'ids' (list of strings)")
         wait = header.get("wait", 0)
-        if not isinstance(wait, (int, float)) or wait < 0:
+        if not isinstance(wait, (int, float)) or not 0 <= wait < math.inf:  # also refuses NaN
             raise ProtocolError("FETCH 'wait' must be a number of seconds >= 0")
         deadline = time.monotonic() + min(float(wait), MAX_WAIT)
         for task_id in ids:
@@ -323,15 +326,21 @@ class Broker:
             raise ProtocolError("READY needs 'worker' (string) and 'concurrency' (int >= 1)")
         if not isinstance(queues, list) or not all(isinstance(q, str) for q in queues):
             raise ProtocolError("READY needs 'queues' (list of strings)")
-        if not isinstance(running, list):
+        if not isinstance(running, list) or not all(isinstance(t, str) for t in running):
             raise ProtocolError("READY 'running' must be a list of task ids")
+        names = header.get("tasks", [])
+        if not isinstance(names, list):
+            raise ProtocolError("READY 'tasks' must be a list of task names")
         now = time.monotonic()
         wkey = wid.encode()
+        same_conn = self.peers.get(ident)
+        if same_conn is not None and same_conn.wid != wkey:
+            self._drop_worker(same_conn, "re-registered under another id")
         old = self.by_wid.get(wkey)
         if old is not None and old.ident != ident:
             del self.peers[old.ident]  # the same worker on a new connection
         info = {k: header.get(k) for k in ("worker", "host", "pid", "concurrency", "queues")}
-        info["tasks"] = len(header.get("tasks") or ())
+        info["tasks"] = len(names)
         peer = self.peers[ident] = self.by_wid[wkey] = _Peer(ident, wkey, info, now)
         self._send(ident, p.WELCOME, self._welcome())
         peer.last_sent = now

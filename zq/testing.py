@@ -15,6 +15,7 @@ from records the tasks wrote themselves.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -22,12 +23,14 @@ import selectors
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-_LISTENING = re.compile(r"listening on (\S+)")
+_LISTENING = re.compile(r"listening on (\S+) \(results and events on (\S+)\)")
+_WORKER_STARTED = re.compile(r"^zq worker \S+ for ")
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
@@ -51,6 +54,8 @@ class _Process:
         self.args = args
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
+        self.output: deque[str] = deque(maxlen=2000)  # the last lines it printed
+        self._reader: threading.Thread | None = None
 
     @property
     def pid(self) -> int:
@@ -68,7 +73,10 @@ class _Process:
         return self
 
     def read_until(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        """Read the process's output until a line matches; raise with the output if not."""
+        """Read the process's output until a line matches; raise with the output if not.
+
+        After the match, a daemon thread keeps reading (into ``output``, its last lines)
+        so that a chatty process never blocks on a full pipe."""
         assert self.proc is not None and self.proc.stdout is not None
         seen: list[str] = []
         deadline = time.monotonic() + timeout
@@ -83,8 +91,17 @@ class _Process:
                 seen.append(line)
                 match = pattern.search(line)
                 if match:
+                    self.output.extend(seen)
+                    self._reader = threading.Thread(target=self._drain, daemon=True)
+                    self._reader.start()
                     return match
         raise AssertionError(f"{self.args} never printed {pattern.pattern!r}:\n{''.join(seen)}")
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        with contextlib.suppress(OSError, ValueError):
+            for line in self.proc.stdout:
+                self.output.append(line)
 
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
@@ -110,7 +127,15 @@ class _Process:
 
     def close(self) -> None:
         self.kill()
-        if self.proc is not None and self.proc.stdout is not None:
+        if self._reader is not None:
+            # EOF comes once the process and any children holding the pipe are gone;
+            # closing the pipe under a blocked reader would wait for it anyway.
+            self._reader.join(5)
+        if (
+            self.proc is not None
+            and self.proc.stdout is not None
+            and not (self._reader is not None and self._reader.is_alive())
+        ):
             self.proc.stdout.close()
 
     def __enter__(self) -> Any:
@@ -127,18 +152,21 @@ class BrokerProcess(_Process):
         self, bind: str = "tcp://127.0.0.1:*", *extra: str, env: Mapping[str, str] | None = None
     ) -> None:
         super().__init__(["broker", "--bind", bind, *extra], env)
-        self.endpoint = ""
+        self.endpoint = self.pub_endpoint = ""
         self.start()
 
     def start(self) -> BrokerProcess:
         super().start()
-        self.endpoint = self.read_until(_LISTENING, 20).group(1)
+        match = self.read_until(_LISTENING, 20)
+        self.endpoint, self.pub_endpoint = match.group(1), match.group(2)
         return self
 
     def restart(self) -> BrokerProcess:
         """Start again on the same address (after a kill)."""
         self.close()
         self.args[2] = self.endpoint
+        if "--pub" not in self.args:
+            self.args += ["--pub", self.pub_endpoint]
         return self.start()
 
 
@@ -171,6 +199,11 @@ class WorkerProcess(_Process):
         ]
         super().__init__(args, env)
         self.start()
+
+    def start(self) -> WorkerProcess:
+        super().start()
+        self.read_until(_WORKER_STARTED, 30)
+        return self
 
 
 def check_key_records(records: Iterable[Mapping[str, Any]]) -> list[str]:
