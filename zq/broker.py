@@ -25,6 +25,7 @@ import zmq
 from zq import protocol as p
 from zq.dispatch import Assignment, Dispatcher, Task
 from zq.errors import ProtocolError
+from zq.journal import Journal, NullJournal, open_journal
 from zq.results import ResultStore, Waiters
 
 log = logging.getLogger("zq.broker")
@@ -33,6 +34,8 @@ log = logging.getLogger("zq.broker")
 MAX_BATCH = 2000
 #: Longest a FETCH may ask the broker to hold a wait for a result.
 MAX_WAIT = 3600.0
+#: Seconds between sweeps of expired results out of the journal.
+PURGE_EVERY = 60.0
 #: How many keys ``STATUS`` lists at most.
 STATUS_KEYS = 100
 
@@ -47,6 +50,10 @@ class BrokerSettings:
     liveness: int = 3
     result_ttl: float = 24 * 3600.0
     prefetch: int = 0
+    journal: str | None = None  # a SQLite file; None or ":memory:" for no journal
+    #: Seconds to wait after a restart for a worker to re-attach the tasks it held
+    #: (default: twice the dead-after window) before they are handed to others.
+    reattach_grace: float | None = None
 
 
 def default_pub_bind(bind: str) -> str:
@@ -93,6 +100,12 @@ class Broker:
         self._running = False
         self._thread: threading.Thread | None = None
         self._bound = threading.Event()
+        self.journal: Journal | NullJournal = NullJournal()
+        self._out: list[list[Any]] = []  # ROUTER messages held until the journal commit
+        self._pub_out: list[list[Any]] = []
+        self._acks: dict[bytes, list[str]] = {}  # worker -> DONE ids to acknowledge
+        self._placeholders: dict[bytes, float] = {}  # worker id -> re-attach deadline
+        self._next_purge = 0.0
 
     # -------------------------------------------------------------- lifecycle
 
@@ -106,6 +119,8 @@ class Broker:
         self.endpoint = self._router.last_endpoint.decode()
         self._pub.bind(self.settings.pub_bind or default_pub_bind(self.settings.bind))
         self.pub_endpoint = self._pub.last_endpoint.decode()
+        self.journal = open_journal(self.settings.journal)
+        self._replay()
         self._bound.set()
         return self.endpoint, self.pub_endpoint
 
@@ -145,10 +160,26 @@ class Broker:
                 if now >= next_tick:
                     self._on_tick(now)
                     next_tick = now + tick
+                self._flush()
         finally:
             self._close()
 
+    def _flush(self) -> None:
+        """Commit the turn's journal changes, then send what the turn decided."""
+        self.journal.commit()
+        send = self._router.send_multipart
+        for frames in self._out:
+            send(frames, copy=False)
+        self._out.clear()
+        for frames in self._pub_out:
+            self._pub.send_multipart(frames, copy=False)
+        self._pub_out.clear()
+        for ident, ids in self._acks.items():
+            send([ident, p.BROKER, p.ACCEPTED, p.pack_header({"ids": ids})], copy=False)
+        self._acks.clear()
+
     def _close(self) -> None:
+        self.journal.close()
         self._router.close(linger=0)
         self._pub.close(linger=0)
         self._ctx.term()
@@ -203,12 +234,14 @@ class Broker:
         self._send(ident, p.ERROR, {"reason": exc.reason})
 
     def _send(self, ident: bytes, command: bytes, header: dict[str, Any], *payload: Any) -> None:
-        self._router.send_multipart(
-            [ident, p.BROKER, command, p.pack_header(header), *payload], copy=False
-        )
+        self._out.append([ident, p.BROKER, command, p.pack_header(header), *payload])
+
+    def _forward(self, ident: bytes, command: bytes, header: Any, *payload: Any) -> None:
+        """Send a header frame as stored (e.g. a worker's DONE header)."""
+        self._out.append([ident, p.BROKER, command, header, *payload])
 
     def _publish(self, topic: bytes, command: bytes, header: Any, *payload: Any) -> None:
-        self._pub.send_multipart([topic, command, header, *payload], copy=False)
+        self._pub_out.append([topic, command, header, *payload])
 
     # ---------------------------------------------------------------- clients
 
@@ -248,6 +281,8 @@ class Broker:
                 continue
             task_header["client"] = client
             task = Task(task_id, task_header["queue"], task_header.get("key"), (task_header, body))
+            if self.journal.durable:
+                self.journal.task_accepted(task_id, p.pack_header(task_header), _bytes(body))
             out += self.dispatch.submit(task)
         self.counters["accepted"] += len(accepted)
         if accepted:
@@ -268,9 +303,7 @@ class Broker:
         for task_id in ids:
             result = self.results.get(task_id)
             if result is not None:
-                self._router.send_multipart(
-                    [ident, p.BROKER, p.RESULT, result.header, result.payload], copy=False
-                )
+                self._forward(ident, p.RESULT, result.header, result.payload)
                 continue
             if wait:
                 self.waiters.add(task_id, ident, deadline)
@@ -381,23 +414,34 @@ class Broker:
         task_id, state = header.get("id"), header.get("state")
         if not isinstance(task_id, str) or state not in (p.SUCCESS, p.FAILURE):
             raise ProtocolError("DONE needs 'id' and 'state' SUCCESS or FAILURE")
+        # Acknowledged (after the commit) whatever happens here, so the worker's outbox
+        # lets go of it: a DONE is only ever sent again after a reconnect.
+        self._acks.setdefault(ident, []).append(task_id)
         task, out = self.dispatch.done(peer.wid, task_id)
         if task is None:
-            # Not this worker's task (any more): it was handed to another worker.
+            # Not this worker's task (any more): it was handed to another worker, or it
+            # is a resend of a DONE the broker already has.
             self.counters["stale_done"] += 1
-            log.warning("ignored DONE for %s from %s, which does not hold it", task_id, peer.wid)
+            log.info("ignored DONE for %s from %s, which does not hold it", task_id, peer.wid)
             self._send_tasks(out)
             return
         self.counters["done"] += 1
         task_header = task.data[0]
-        if not task_header.get("ignore_result"):
-            body = payload[0] if payload else b""
-            head = p.pack_header(header)
-            self.results.put(task_id, state, head, body, time.monotonic())
+        ignored = task_header.get("ignore_result", False)
+        # An ignored result keeps a bodyless entry, so that a resent SUBMIT of the task
+        # is still recognised as a duplicate for the result TTL.
+        body = b"" if ignored or not payload else payload[0]
+        head = p.pack_header(header)
+        result = self.results.put(task_id, state, head, body, time.monotonic())
+        self.journal.task_finished(task_id)
+        if self.journal.durable:
+            expires = time.time() + (result.expires - time.monotonic())
+            self.journal.result_stored(task_id, state, head, _bytes(body), expires)
+        if not ignored:
             topic = (task_header["client"] + task_id).encode()
             self._publish(topic, p.RESULT, head, body)
-            for waiter in self.waiters.pop(task_id):
-                self._router.send_multipart([waiter, p.BROKER, p.RESULT, head, body], copy=False)
+        for waiter in self.waiters.pop(task_id):
+            self._forward(waiter, p.RESULT, head, body)
         self._send_tasks(out)
 
     def _on_worker_heartbeat(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
@@ -427,6 +471,7 @@ class Broker:
             if task.redeliveries:
                 task_header["redeliveries"] = task.redeliveries
             self._send(peer.ident, p.TASK, task_header, body)
+            self.journal.task_assigned(task.id, wid.decode(), task.redeliveries)
             peer.last_sent = now
         self.counters["dispatched"] += len(assignments)
 
@@ -444,8 +489,63 @@ class Broker:
             elif now - peer.last_sent >= self.settings.heartbeat:
                 self._send(peer.ident, p.HEARTBEAT, {"broker": self.instance})
                 peer.last_sent = now
+        for wid, deadline in list(self._placeholders.items()):
+            if wid in self.by_wid:
+                del self._placeholders[wid]  # it came back and re-attached its tasks
+            elif now >= deadline:
+                del self._placeholders[wid]
+                lost, out = self.dispatch.remove_worker(wid)
+                self.counters["redelivered"] += len(lost)
+                log.warning(
+                    "worker %s did not come back; %d task(s) handed to others",
+                    wid.decode(),
+                    len(lost),
+                )
+                self._send_tasks(out)
         self.results.purge(now)
         self.waiters.purge(now)
+        if now >= self._next_purge:
+            self.journal.purge_results()
+            self._next_purge = now + PURGE_EVERY
+
+    # ----------------------------------------------------------------- replay
+
+    def _replay(self) -> None:
+        """Rebuild the state from the journal: results, then held and waiting tasks."""
+        now, wall = time.monotonic(), time.time()
+        ttl = self.results.ttl
+        for stored in self.journal.results():
+            # put() adds the TTL to "now"; shift it so the result keeps its expiry.
+            self.results.put(
+                stored.id,
+                stored.state,
+                stored.header,
+                stored.payload,
+                now - ttl + (stored.expires - wall),
+            )
+        held, waiting = [], []
+        for stored in self.journal.tasks():
+            header = p.unpack_header(stored.header)
+            task = Task(stored.id, header["queue"], header.get("key"), (header, stored.payload))
+            task.redeliveries = stored.redeliveries
+            (held if stored.worker else waiting).append((task, stored.worker))
+        for task, worker in held + waiting:
+            self.dispatch.restore(task, worker.encode() if worker else None)
+        grace = self.settings.reattach_grace
+        if grace is None:
+            grace = 2 * self.settings.heartbeat * self.settings.liveness
+        self._placeholders = {w.encode(): now + grace for w in {w for _, w in held}}
+        if self.journal.durable:
+            log.info(
+                "journal %s: %d result(s), %d task(s) waiting, %d held by %d worker(s)"
+                " (%.0fs for them to re-attach)",
+                self.journal.path,
+                len(self.results),
+                len(waiting),
+                len(held),
+                len(self._placeholders),
+                grace,
+            )
 
     _HANDLERS = {
         (p.CLIENT, p.HELLO): _on_hello,
@@ -460,6 +560,10 @@ class Broker:
         (p.WORKER, p.HEARTBEAT): _on_worker_heartbeat,
         (p.WORKER, p.DISCONNECT): _on_worker_disconnect,
     }
+
+
+def _bytes(frame: Any) -> bytes:
+    return frame if isinstance(frame, bytes) else frame.bytes
 
 
 class _Ignore(Exception):

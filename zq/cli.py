@@ -150,6 +150,14 @@ def _stop_on_signals(stop: Any) -> None:
     help="Tasks sent to a worker beyond its free slots (0: none wait in a "
     "worker while another could run them).",
 )
+@click.option(
+    "--journal",
+    envvar="ZQ_JOURNAL",
+    default=None,
+    help="SQLite file that keeps accepted tasks and results across a crash; ':memory:' "
+    "turns durability off. [env ZQ_JOURNAL; default: $ZQ_DATA_DIR, else "
+    "~/.local/share/zq, /journal-PORT.db]",
+)
 def broker(
     bind: str,
     pub_bind: str | None,
@@ -157,9 +165,11 @@ def broker(
     liveness: int,
     result_ttl: float,
     prefetch: int,
+    journal: str | None,
 ) -> None:
     """Run the broker: queues, customer-sticky routing, results. Stop with Ctrl-C/SIGTERM."""
     from zq.broker import Broker, BrokerSettings
+    from zq.journal import default_journal_path
 
     settings = BrokerSettings(
         bind=bind,
@@ -168,14 +178,21 @@ def broker(
         liveness=liveness,
         result_ttl=result_ttl,
         prefetch=prefetch,
+        journal=journal or default_journal_path(bind),
     )
     b = Broker(settings)
     try:
         endpoint, pub = b.bind()
-    except Exception as exc:  # zmq.ZMQError: address in use, bad address
-        raise click.ClickException(f"cannot bind {bind}: {exc}") from None
+    except Exception as exc:  # zmq.ZMQError (address in use), a journal in use
+        raise click.ClickException(f"cannot start the broker on {bind}: {exc}") from None
     _stop_on_signals(b.stop)
     click.echo(f"zq broker listening on {endpoint} (results and events on {pub})")
+    if b.journal.durable:
+        click.echo(f"journal {b.journal.path}: accepted tasks and results survive a crash")
+    else:
+        click.echo(
+            "journal off (:memory:): accepted tasks and results are lost if the broker stops"
+        )
     click.echo(
         "traffic is plain and open: anyone who reaches these ports can submit and "
         "read tasks; bind to a trusted network"

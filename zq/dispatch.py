@@ -166,6 +166,29 @@ class Dispatcher:
         self._pump(worker, out)
         return out
 
+    def restore(self, task: Task, worker_id: bytes | None) -> None:
+        """Put back a task from the journal at start-up, before any worker connects.
+
+        A task that a worker held stays held by a placeholder for that worker (no
+        slots, no queues), so its key stays busy until the worker says READY again
+        (and re-attaches it) or is given up on with :meth:`remove_worker`. Restore the
+        held tasks first, then the waiting ones in the order they were accepted."""
+        if worker_id is None:
+            self.submit(task)
+            return
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            worker = WorkerState(worker_id, (), 0)
+            self._register(worker)
+        self.tasks[task.id] = task
+        task.worker = worker_id
+        worker.running[task.id] = task
+        if task.key is not None:
+            lane = self.lanes.get(task.key)
+            if lane is None:
+                lane = self.lanes[task.key] = Lane(task.key)
+            lane.running = task
+
     def remove_worker(self, worker_id: bytes) -> tuple[list[Task], list[Assignment]]:
         """A worker died or left: its tasks go back to the head of their lanes."""
         worker = self.workers.get(worker_id)

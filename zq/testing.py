@@ -18,11 +18,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import queue
 import re
-import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import defaultdict, deque
@@ -70,31 +71,30 @@ class _Process:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
+        # Lines for read_until; bounded, since after start-up nobody may read them.
+        self._lines: queue.Queue[str | None] = queue.Queue(maxsize=10_000)
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
         return self
 
     def read_until(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        """Read the process's output until a line matches; raise with the output if not.
+        """Wait for a line of the process's output to match; raise with the output if not.
 
-        After the match, a daemon thread keeps reading (into ``output``, its last lines)
-        so that a chatty process never blocks on a full pipe."""
-        assert self.proc is not None and self.proc.stdout is not None
+        A daemon thread reads the output from the start (into ``output``, its last
+        lines), so a chatty process never blocks on a full pipe."""
         seen: list[str] = []
         deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if not sel.select(max(0.0, deadline - time.monotonic())):
-                    break
-                line = self.proc.stdout.readline()
-                if not line:
-                    break
-                seen.append(line)
-                match = pattern.search(line)
-                if match:
-                    self.output.extend(seen)
-                    self._reader = threading.Thread(target=self._drain, daemon=True)
-                    self._reader.start()
-                    return match
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:  # the process closed its output: it exited
+                break
+            seen.append(line)
+            match = pattern.search(line)
+            if match:
+                return match
         raise AssertionError(f"{self.args} never printed {pattern.pattern!r}:\n{''.join(seen)}")
 
     def _drain(self) -> None:
@@ -102,6 +102,10 @@ class _Process:
         with contextlib.suppress(OSError, ValueError):
             for line in self.proc.stdout:
                 self.output.append(line)
+                with contextlib.suppress(queue.Full):
+                    self._lines.put_nowait(line)
+        with contextlib.suppress(queue.Full):
+            self._lines.put_nowait(None)
 
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
@@ -146,12 +150,22 @@ class _Process:
 
 
 class BrokerProcess(_Process):
-    """``zq broker`` on a random loopback port (or ``bind``); ``endpoint`` once started."""
+    """``zq broker`` on a random loopback port (or ``bind``); ``endpoint`` once started.
+
+    ``journal`` is the journal file; by default a fresh one in a temporary directory
+    that is removed on exit, kept across :meth:`restart`."""
 
     def __init__(
-        self, bind: str = "tcp://127.0.0.1:*", *extra: str, env: Mapping[str, str] | None = None
+        self,
+        bind: str = "tcp://127.0.0.1:*",
+        *extra: str,
+        journal: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(["broker", "--bind", bind, *extra], env)
+        self._tmp = None if journal else tempfile.TemporaryDirectory(prefix="zq-test-")
+        if self._tmp is not None:
+            journal = os.path.join(self._tmp.name, "journal.db")
+        super().__init__(["broker", "--bind", bind, "--journal", str(journal), *extra], env)
         self.endpoint = self.pub_endpoint = ""
         self.start()
 
@@ -168,6 +182,11 @@ class BrokerProcess(_Process):
         if "--pub" not in self.args:
             self.args += ["--pub", self.pub_endpoint]
         return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 class WorkerProcess(_Process):

@@ -62,6 +62,9 @@ class Worker:
         self._heartbeat = self.settings.heartbeat
         self._liveness = self.settings.liveness
         self._running = False
+        # DONEs the broker has not acknowledged yet (it acks after its journal commit);
+        # sent again after every reconnect, so a result outlives a broker outage.
+        self._outbox: dict[str, tuple[dict[str, Any], bytes]] = {}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
@@ -154,7 +157,7 @@ class Worker:
                 "concurrency": self.settings.concurrency,
                 "queues": list(self.settings.queues),
                 "tasks": sorted(self.app.tasks),
-                "running": self.pool.running(),
+                "running": list(dict.fromkeys([*self.pool.running(), *self._outbox])),
             },
         )
 
@@ -181,8 +184,13 @@ class Worker:
                     log.warning("dropped TASK %s without a payload", header.get("id"))
                     continue
                 self.pool.submit(header, payload[0])
+            elif command == p.ACCEPTED:
+                for task_id in header.get("ids", ()):
+                    self._outbox.pop(task_id, None)
             elif command == p.WELCOME:
                 self._awaiting_welcome = False
+                for done_header, body in self._outbox.values():
+                    self._send(p.DONE, done_header, body)
                 self._heartbeat = float(header.get("heartbeat", self._heartbeat))
                 self._liveness = int(header.get("liveness", self._liveness))
             elif command == p.ERROR:
@@ -200,6 +208,7 @@ class Worker:
         elif event[0] == "done":
             _, task_id, state, body, runtime = event
             header = {"id": task_id, "state": state, "worker": self.id, "runtime": runtime}
+            self._outbox[task_id] = (header, body)
             self._send(p.DONE, header, body)
 
     def _on_tick(self, now: float) -> None:
