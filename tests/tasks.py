@@ -91,3 +91,11 @@ def burn(seconds: float) -> dict[str, int]:
     while time.monotonic() < deadline:
         n += sum(range(1000))
     return {"pid": os.getpid(), "worker": os.getppid()}
+
+
+@app.task(key=lambda key, antidote: key)
+def poison(key: str, antidote: str) -> str:
+    """Kill the process running it, unless the file ``antidote`` exists."""
+    if not Path(antidote).exists():
+        os.kill(os.getpid(), 9)
+    return "cured"

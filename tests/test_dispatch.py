@@ -41,7 +41,8 @@ class DispatchMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.d = Dispatcher()
+        # Dead letters are tested by example below; here hand-backs always requeue.
+        self.d = Dispatcher(max_redeliveries=1_000_000)
         self.n = 0
         self.info: dict[str, tuple[str, str | None]] = {}  # id -> (queue, key)
         self.workers: dict[bytes, tuple[tuple[str, ...], int]] = {}  # id -> (queues, capacity)
@@ -289,3 +290,34 @@ def test_done_from_wrong_worker_is_ignored() -> None:
     assert d.done(other, "t1") == (None, [])
     assert d.tasks["t1"].worker == wid
     d.check()
+
+
+def test_a_task_whose_worker_dies_too_often_becomes_dead_and_frees_its_key() -> None:
+    """Dead letters: after max_redeliveries hand-backs the task is given up on, and its
+    key's next task runs instead of waiting behind it forever."""
+    d = Dispatcher(max_redeliveries=2)
+    d.add_worker(b"w1", ["a"], 1)
+    d.submit(Task("poison", "a", "k"))
+    d.submit(Task("next", "a", "k"))
+    for attempt in range(1, 3):
+        task, out = d.lost(b"w1", "poison")
+        assert task is not None and task.redeliveries == attempt
+        assert [t.id for _, t in out] == ["poison"], "handed back to the head of its lane"
+        assert not d.dead
+    task, out = d.lost(b"w1", "poison")
+    assert [t.id for t in d.dead] == ["poison"]
+    assert "poison" not in d.tasks
+    assert [t.id for _, t in out] == ["next"]
+    d.check()
+
+
+def test_lost_from_a_worker_that_does_not_hold_the_task_changes_nothing() -> None:
+    d = Dispatcher()
+    d.add_worker(b"w1", ["a"], 1)
+    d.add_worker(b"w2", ["a"], 1)
+    d.submit(Task("t1", "a", "k"))
+    holder = d.tasks["t1"].worker
+    other = b"w2" if holder == b"w1" else b"w1"
+    before = snapshot(d)
+    assert d.lost(other, "t1") == (None, [])
+    assert snapshot(d) == before

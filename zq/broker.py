@@ -51,6 +51,7 @@ class BrokerSettings:
     result_ttl: float = 24 * 3600.0
     prefetch: int = 0
     journal: str | None = None  # a SQLite file; None or ":memory:" for no journal
+    max_redeliveries: int = 3  # then a task whose workers keep dying is a dead letter
     #: Seconds to wait after a restart for a worker to re-attach the tasks it held
     #: (default: twice the dead-after window) before they are handed to others.
     reattach_grace: float | None = None
@@ -85,7 +86,8 @@ class Broker:
     def __init__(self, settings: BrokerSettings | None = None) -> None:
         self.settings = settings or BrokerSettings()
         self.instance = uuid.uuid4().hex[:16]
-        self.dispatch = Dispatcher()
+        self.dispatch = Dispatcher(max_redeliveries=self.settings.max_redeliveries)
+        self.dead_letters: dict[str, Task] = {}
         self.results = ResultStore(self.settings.result_ttl)
         self.waiters = Waiters()
         self.counters: Counter[str] = Counter()
@@ -290,7 +292,7 @@ class Broker:
         if rejected:
             self.counters["rejected"] += len(rejected)
             self._send(ident, p.REJECTED, {"rejected": rejected})
-        self._send_tasks(out)
+        self._dispatched(out)
 
     def _on_fetch(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         ids = header.get("ids")
@@ -341,6 +343,7 @@ class Broker:
             "keys_in_flight": len(keys),
             "keys": keys[:STATUS_KEYS],
             "results": len(self.results),
+            "dead": len(self.dead_letters),
             "counters": dict(self.counters),
         }
 
@@ -387,7 +390,7 @@ class Broker:
         )
         self._event(b"worker.online", info)
         capacity = concurrency + self.settings.prefetch
-        self._send_tasks(self.dispatch.add_worker(wkey, queues, capacity, running))
+        self._dispatched(self.dispatch.add_worker(wkey, queues, capacity, running))
 
     def _worker(self, ident: bytes) -> _Peer:
         peer = self.peers.get(ident)
@@ -412,37 +415,98 @@ class Broker:
     def _on_done(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
         peer = self._worker(ident)
         task_id, state = header.get("id"), header.get("state")
-        if not isinstance(task_id, str) or state not in (p.SUCCESS, p.FAILURE):
-            raise ProtocolError("DONE needs 'id' and 'state' SUCCESS or FAILURE")
+        if not isinstance(task_id, str) or state not in (p.SUCCESS, p.FAILURE, p.LOST):
+            raise ProtocolError("DONE needs 'id' and 'state' SUCCESS, FAILURE or LOST")
         # Acknowledged (after the commit) whatever happens here, so the worker's outbox
         # lets go of it: a DONE is only ever sent again after a reconnect.
         self._acks.setdefault(ident, []).append(task_id)
+        if state == p.LOST:  # the process running it died: run it again, or give up
+            task, out = self.dispatch.lost(peer.wid, task_id)
+            if task is None:
+                self.counters["stale_done"] += 1
+            else:
+                self._count_redelivered([task])
+            self._dispatched(out)
+            return
         task, out = self.dispatch.done(peer.wid, task_id)
         if task is None:
             # Not this worker's task (any more): it was handed to another worker, or it
             # is a resend of a DONE the broker already has.
             self.counters["stale_done"] += 1
             log.info("ignored DONE for %s from %s, which does not hold it", task_id, peer.wid)
-            self._send_tasks(out)
-            return
-        self.counters["done"] += 1
+        else:
+            self.counters["done"] += 1
+            self._finish(task, state, p.pack_header(header), payload[0] if payload else b"")
+        self._dispatched(out)
+
+    def _finish(self, task: Task, state: str, head: bytes, body: Any) -> None:
+        """Store a final result (journal too), publish it, answer the FETCH waits."""
         task_header = task.data[0]
         ignored = task_header.get("ignore_result", False)
-        # An ignored result keeps a bodyless entry, so that a resent SUBMIT of the task
-        # is still recognised as a duplicate for the result TTL.
-        body = b"" if ignored or not payload else payload[0]
-        head = p.pack_header(header)
-        result = self.results.put(task_id, state, head, body, time.monotonic())
-        self.journal.task_finished(task_id)
+        if ignored:
+            # A bodyless entry, so that a resent SUBMIT is still known as a duplicate.
+            body = b""
+        result = self.results.put(task.id, state, head, body, time.monotonic())
+        self.journal.task_finished(task.id)
         if self.journal.durable:
             expires = time.time() + (result.expires - time.monotonic())
-            self.journal.result_stored(task_id, state, head, _bytes(body), expires)
+            self.journal.result_stored(task.id, state, head, _bytes(body), expires)
         if not ignored:
-            topic = (task_header["client"] + task_id).encode()
-            self._publish(topic, p.RESULT, head, body)
-        for waiter in self.waiters.pop(task_id):
+            self._publish((task_header["client"] + task.id).encode(), p.RESULT, head, body)
+        for waiter in self.waiters.pop(task.id):
             self._forward(waiter, p.RESULT, head, body)
-        self._send_tasks(out)
+
+    def _bury(self, task: Task) -> None:
+        """A dead letter: its workers died under it too often. Kept for ``zq dead``."""
+        self.counters["dead"] += 1
+        self.dead_letters[task.id] = task
+        message = (
+            f"gave up after the worker process running it died {task.redeliveries} times; "
+            f"inspect it with 'zq dead list', run it again with 'zq dead requeue {task.id}'"
+        )
+        log.error("task %s (%s) is a dead letter: %s", task.id, task.data[0]["name"], message)
+        failure = p.encode({"type": "zq.DeadLetter", "message": message, "traceback": ""})
+        head = p.pack_header({"id": task.id, "state": p.DEAD})
+        self._finish(task, p.DEAD, head, failure)
+        if self.journal.durable:
+            header, body = task.data
+            self.journal.dead_stored(
+                task.id, p.pack_header(header), _bytes(body), task.redeliveries
+            )
+
+    def _on_dead_letters(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
+        requeue = header.get("requeue", [])
+        if not isinstance(requeue, list) or not all(isinstance(i, str) for i in requeue):
+            raise ProtocolError("DEAD_LETTERS 'requeue' must be a list of task ids")
+        requeued, out = [], []
+        for task_id in requeue:
+            task = self.dead_letters.pop(task_id, None)
+            if task is None:
+                continue
+            self.results.discard(task_id)
+            self.journal.dead_dropped(task_id)
+            self.journal.result_dropped(task_id)
+            task_header, body = task.data
+            task_header.pop("redeliveries", None)
+            fresh = Task(task.id, task.queue, task.key, task.data)
+            if self.journal.durable:
+                self.journal.task_accepted(task_id, p.pack_header(task_header), _bytes(body))
+            out += self.dispatch.submit(fresh)
+            requeued.append(task_id)
+        listing = [
+            {
+                "id": t.id,
+                "name": t.data[0]["name"],
+                "queue": t.queue,
+                "key": t.key,
+                "redeliveries": t.redeliveries,
+            }
+            for t in self.dead_letters.values()
+        ]
+        self._send(
+            ident, p.DEAD_LETTERS, {"req": header.get("req"), "requeued": requeued, "dead": listing}
+        )
+        self._dispatched(out)
 
     def _on_worker_heartbeat(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         self._worker(ident)
@@ -457,13 +521,22 @@ class Broker:
         if self.by_wid.get(peer.wid) is peer:
             del self.by_wid[peer.wid]
         lost, out = self.dispatch.remove_worker(peer.wid)
-        self.counters["redelivered"] += len(lost)
+        self._count_redelivered(lost)
         level = logging.WARNING if lost or why != "disconnected" else logging.INFO
         log.log(level, "worker %s %s; %d task(s) handed back", peer.wid.decode(), why, len(lost))
         self._event(b"worker.offline", {**peer.info, "why": why, "requeued": len(lost)})
-        self._send_tasks(out)
+        self._dispatched(out)
 
-    def _send_tasks(self, assignments: list[Assignment]) -> None:
+    def _count_redelivered(self, handed_back: list[Task]) -> None:
+        """Count the handed-back tasks that were queued again (not given up on)."""
+        self.counters["redelivered"] += sum(t.id in self.dispatch.tasks for t in handed_back)
+
+    def _dispatched(self, assignments: list[Assignment]) -> None:
+        """Send the TASKs a scheduling decision made; bury the tasks it gave up on."""
+        if self.dispatch.dead:
+            for task in self.dispatch.dead:
+                self._bury(task)
+            self.dispatch.dead.clear()
         now = time.monotonic()
         for wid, task in assignments:
             peer = self.by_wid[wid]
@@ -495,13 +568,13 @@ class Broker:
             elif now >= deadline:
                 del self._placeholders[wid]
                 lost, out = self.dispatch.remove_worker(wid)
-                self.counters["redelivered"] += len(lost)
+                self._count_redelivered(lost)
                 log.warning(
                     "worker %s did not come back; %d task(s) handed to others",
                     wid.decode(),
                     len(lost),
                 )
-                self._send_tasks(out)
+                self._dispatched(out)
         self.results.purge(now)
         self.waiters.purge(now)
         if now >= self._next_purge:
@@ -531,6 +604,11 @@ class Broker:
             (held if stored.worker else waiting).append((task, stored.worker))
         for task, worker in held + waiting:
             self.dispatch.restore(task, worker.encode() if worker else None)
+        for stored in self.journal.dead():
+            header = p.unpack_header(stored.header)
+            task = Task(stored.id, header["queue"], header.get("key"), (header, stored.payload))
+            task.redeliveries = stored.redeliveries
+            self.dead_letters[task.id] = task
         grace = self.settings.reattach_grace
         if grace is None:
             grace = 2 * self.settings.heartbeat * self.settings.liveness
@@ -552,6 +630,7 @@ class Broker:
         (p.CLIENT, p.SUBMIT): _on_submit,
         (p.CLIENT, p.FETCH): _on_fetch,
         (p.CLIENT, p.STATUS): _on_status,
+        (p.CLIENT, p.DEAD_LETTERS): _on_dead_letters,
         (p.CLIENT, p.HEARTBEAT): _on_client_heartbeat,
         (p.CLIENT, p.DISCONNECT): _on_client_disconnect,
         (p.WORKER, p.READY): _on_ready,

@@ -430,3 +430,51 @@ def client(
     finally:
         app.close()
     _finish(summary)
+
+
+@main.group()
+def dead() -> None:
+    """Dead letters: tasks given up on because the worker running them kept dying."""
+
+
+def _dead_letters(broker: str, requeue: list[str], timeout: float) -> dict[str, Any]:
+    from zq import protocol
+    from zq.errors import ZQError
+
+    app = App("zq.dead", broker=broker)
+    try:
+        return app.client.request(protocol.DEAD_LETTERS, {"requeue": requeue}, timeout)
+    except ZQError as exc:
+        raise click.ClickException(f"{exc} (is a broker running at {broker}?)") from None
+    finally:
+        app.close()
+
+
+@dead.command("list")
+@_broker_option
+@click.option(
+    "--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the broker."
+)
+def dead_list(broker: str, timeout: float) -> None:
+    """List the dead letters: id, task name, queue, key, times its worker died."""
+    letters = _dead_letters(broker, [], timeout)["dead"]
+    for t in letters:
+        click.echo(
+            f"{t['id']}  {t['name']}  queue={t['queue']}  key={t['key']}  died={t['redeliveries']}"
+        )
+    click.echo(f"{len(letters)} dead letter(s)")
+
+
+@dead.command("requeue")
+@click.argument("task_ids", metavar="ID...", nargs=-1, required=True)
+@_broker_option
+@click.option(
+    "--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the broker."
+)
+def dead_requeue(task_ids: tuple[str, ...], broker: str, timeout: float) -> None:
+    """Queue dead letters again, under the same ids, with their redelivery count reset."""
+    requeued = _dead_letters(broker, list(task_ids), timeout)["requeued"]
+    for task_id in task_ids:
+        click.echo(f"{task_id}: {'requeued' if task_id in requeued else 'not a dead letter'}")
+    if len(requeued) != len(task_ids):
+        sys.exit(1)

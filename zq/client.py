@@ -130,8 +130,12 @@ class Client:
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The broker's STATUS snapshot (workers, queues, keys in flight, counters)."""
+        return self.request(p.STATUS, {}, timeout)
+
+    def request(self, command: bytes, header: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send a command the broker answers with the same command and our ``req``."""
         future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-        self._call("status", future)
+        self._call("request", command, header, future)
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -214,6 +218,9 @@ class Client:
         self._dealer.linger = 0
         self._dealer.connect(self.broker)
         self._welcomed = False
+        for future in self._requests.values():  # their answers went with the old socket
+            future.set_exception(BrokerUnavailable(f"lost the connection to {self.broker}"))
+        self._requests.clear()
         now = time.monotonic()
         self._last_recv = now
         self._send(p.HELLO, {"client": self.id})
@@ -249,10 +256,10 @@ class Client:
                 self._watched.setdefault(command[1], 0.0)  # due now, unless already asked
             elif kind == "query":
                 self._send(p.FETCH, {"ids": [command[1]], "wait": 0})
-            elif kind == "status":
+            elif kind == "request":
                 self._next_req += 1
-                self._requests[self._next_req] = command[1]
-                self._send(p.STATUS, {"req": self._next_req})
+                self._requests[self._next_req] = command[3]
+                self._send(command[1], {**command[2], "req": self._next_req})
             elif kind == "flush":
                 self._flushes.append(command[1])
         if batch and self._welcomed:
@@ -288,7 +295,7 @@ class Client:
             self._settle_flushes()
         elif command == p.RESULT:
             self._on_result(header, payload)
-        elif command == p.STATUS:
+        elif command in (p.STATUS, p.DEAD_LETTERS):
             future = self._requests.pop(header.get("req"), None)
             if future is not None:
                 future.set_result(header)
@@ -407,7 +414,7 @@ class AsyncResult:
 
     @property
     def status(self) -> str:
-        """PENDING, QUEUED, STARTED, SUCCESS, FAILURE or REJECTED."""
+        """PENDING, QUEUED, STARTED, SUCCESS, FAILURE, DEAD or REJECTED."""
         if self._slot.done.is_set():
             return self._slot.state
         return self._client.query_state(self._slot, timeout=5.0)
@@ -426,7 +433,7 @@ class AsyncResult:
         return self.status == p.SUCCESS
 
     def failed(self) -> bool:
-        return self.status == p.FAILURE
+        return self.status in (p.FAILURE, p.DEAD)
 
     def get(self, timeout: float | None = None, *, propagate: bool = True) -> Any:
         """Wait for the task and return its value.

@@ -81,7 +81,11 @@ _Entry = Task | Lane  # what a ready deque holds: an unkeyed task, or a lane who
 class Dispatcher:
     """The broker's scheduling state. Every mutator returns the assignments to send."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_redeliveries: int = 3) -> None:
+        #: A task handed back more often than this (its worker died under it each
+        #: time) is given up on: it goes to ``dead`` instead of looping forever.
+        self.max_redeliveries = max_redeliveries
+        self.dead: list[Task] = []  # given up on; the broker takes them after each call
         self.tasks: dict[str, Task] = {}  # every queued or assigned task, by id
         self.workers: dict[bytes, WorkerState] = {}
         self.lanes: dict[str, Lane] = {}  # keys with a waiting or running task
@@ -124,17 +128,34 @@ class Dispatcher:
             return None, []
         worker = self.workers[worker_id]
         del worker.running[task_id]
-        del self.tasks[task_id]
         out: list[Assignment] = []
+        self._release(task, worker_id, out)
+        self._pump(worker, out)
+        return task, out
+
+    def lost(self, worker_id: bytes, task_id: str) -> tuple[Task | None, list[Assignment]]:
+        """The worker says the process running the task died: hand the task back (to the
+        head of its lane), or give up on it after ``max_redeliveries``."""
+        task = self._held(worker_id, task_id)
+        if task is None:
+            return None, []
+        worker = self.workers[worker_id]
+        del worker.running[task_id]
+        out: list[Assignment] = []
+        self._requeue([task], out)
+        self._pump(worker, out)
+        return task, out
+
+    def _release(self, task: Task, preferred: bytes | None, out: list[Assignment]) -> None:
+        """Forget a finished task; its key's next task becomes ready."""
+        del self.tasks[task.id]
         if task.key is not None:
             lane = self.lanes[task.key]
             lane.running = None
             if lane.waiting:
-                self._make_ready(lane, worker_id, out)
+                self._make_ready(lane, preferred, out)
             else:
                 del self.lanes[task.key]
-        self._pump(worker, out)
-        return task, out
 
     def _held(self, worker_id: bytes, task_id: str) -> Task | None:
         task = self.tasks.get(task_id)
@@ -220,6 +241,10 @@ class Dispatcher:
             task.worker = None
             task.started = False
             task.redeliveries += 1
+            if task.redeliveries > self.max_redeliveries:
+                self.dead.append(task)
+                self._release(task, None, out)
+                continue
             self.queued[task.queue] = self.queued.get(task.queue, 0) + 1
             if task.key is None:
                 self._make_ready(task, None, out, front=True)

@@ -38,12 +38,22 @@ CREATE TABLE IF NOT EXISTS results (
     payload BLOB NOT NULL,
     expires REAL NOT NULL          -- wall-clock time (time.time())
 );
+CREATE TABLE IF NOT EXISTS dead (
+    id TEXT PRIMARY KEY,
+    header BLOB NOT NULL,
+    payload BLOB NOT NULL,
+    redeliveries INTEGER NOT NULL,
+    died REAL NOT NULL             -- wall-clock time it was given up on
+);
 """
 
 _INSERT_TASK = "INSERT OR IGNORE INTO tasks (id, header, payload) VALUES (?, ?, ?)"
 _ASSIGN = "UPDATE tasks SET worker = ?, redeliveries = ? WHERE id = ?"
 _DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
 _PUT_RESULT = "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)"
+_DELETE_RESULT = "DELETE FROM results WHERE id = ?"
+_PUT_DEAD = "INSERT OR REPLACE INTO dead VALUES (?, ?, ?, ?, ?)"
+_DELETE_DEAD = "DELETE FROM dead WHERE id = ?"
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,15 @@ class Journal:
     ) -> None:
         self._ops.append((_PUT_RESULT, (task_id, state, header, payload, expires)))
 
+    def result_dropped(self, task_id: str) -> None:
+        self._ops.append((_DELETE_RESULT, (task_id,)))
+
+    def dead_stored(self, task_id: str, header: bytes, payload: bytes, redeliveries: int) -> None:
+        self._ops.append((_PUT_DEAD, (task_id, header, payload, redeliveries, time.time())))
+
+    def dead_dropped(self, task_id: str) -> None:
+        self._ops.append((_DELETE_DEAD, (task_id,)))
+
     def commit(self) -> int:
         """Write every buffered change in one transaction; returns how many."""
         ops, self._ops = self._ops, []
@@ -143,6 +162,14 @@ class Journal:
         for row in rows:
             yield StoredResult(*row)
 
+    def dead(self) -> Iterator[StoredTask]:
+        """Dead letters, oldest first (``worker`` is None)."""
+        rows = self._db.execute(
+            "SELECT id, header, payload, NULL, redeliveries FROM dead ORDER BY died"
+        )
+        for row in rows:
+            yield StoredTask(*row)
+
     def close(self) -> None:
         self.commit()
         self._db.close()
@@ -168,6 +195,15 @@ class NullJournal:
     ) -> None:
         pass
 
+    def result_dropped(self, task_id: str) -> None:
+        pass
+
+    def dead_stored(self, task_id: str, header: bytes, payload: bytes, redeliveries: int) -> None:
+        pass
+
+    def dead_dropped(self, task_id: str) -> None:
+        pass
+
     def commit(self) -> int:
         return 0
 
@@ -178,6 +214,9 @@ class NullJournal:
         return iter(())
 
     def results(self) -> Iterator[StoredResult]:
+        return iter(())
+
+    def dead(self) -> Iterator[StoredTask]:
         return iter(())
 
     def close(self) -> None:

@@ -172,7 +172,7 @@ class ProcessPool:
         return events
 
     def _bury(self, fd: int, child: _Child) -> list[Event]:
-        """A child died: fail its task, start a replacement."""
+        """A child died: report its task LOST, start a replacement."""
         del self._children[fd]
         child.conn.close()
         child.proc.join(1.0)
@@ -180,8 +180,10 @@ class ProcessPool:
         self._spawn()
         if child.task is None:
             return []
+        # LOST: the broker runs it again (at the head of its key's lane), or after too
+        # many deaths makes it a dead letter, so a poison task neither loops nor vanishes.
         reason = f"the worker process running the task died (exit code {code})"
-        return [("done", child.task, p.FAILURE, _failure("zq.WorkerLost", reason), 0.0)]
+        return [("done", child.task, p.LOST, _failure("zq.WorkerLost", reason), 0.0)]
 
     def close(self, timeout: float = 2.0) -> None:
         for child in self._children.values():

@@ -36,6 +36,7 @@ HELLO = b"\x01"
 SUBMIT = b"\x02"
 FETCH = b"\x03"
 STATUS = b"\x05"
+DEAD_LETTERS = b"\x06"  # list or requeue dead letters; the reply has the same command
 # Broker -> client
 WELCOME = b"\x11"
 ACCEPTED = b"\x12"
@@ -59,6 +60,7 @@ COMMAND_NAMES = {
     SUBMIT: "SUBMIT",
     FETCH: "FETCH",
     STATUS: "STATUS",
+    DEAD_LETTERS: "DEAD_LETTERS",
     WELCOME: "WELCOME",
     ACCEPTED: "ACCEPTED",
     REJECTED: "REJECTED",
@@ -70,6 +72,7 @@ COMMAND_NAMES = {
     TASK: "TASK",
     HEARTBEAT: "HEARTBEAT",
     DISCONNECT: "DISCONNECT",
+    EVENT: "EVENT",
     ERROR: "ERROR",
 }
 
@@ -80,7 +83,9 @@ STARTED_STATE = "STARTED"  # a worker is running it
 SUCCESS = "SUCCESS"
 FAILURE = "FAILURE"
 REJECTED_STATE = "REJECTED"
-FINAL_STATES = frozenset({SUCCESS, FAILURE, REJECTED_STATE})
+DEAD = "DEAD"  # given up on: the worker running it died too many times (a dead letter)
+LOST = "LOST"  # in a worker's DONE only: the process running the task died
+FINAL_STATES = frozenset({SUCCESS, FAILURE, REJECTED_STATE, DEAD})
 
 #: Events published on the XPUB under topics that start with this byte; results go
 #: under ``client_id + task_id``, and client ids are hex, so they never collide.

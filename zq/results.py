@@ -43,6 +43,9 @@ class ResultStore:
         self._items[task_id] = result
         return result
 
+    def discard(self, task_id: str) -> None:
+        self._items.pop(task_id, None)
+
     def get(self, task_id: str) -> Result | None:
         return self._items.get(task_id)
 
