@@ -99,3 +99,27 @@ def poison(key: str, antidote: str) -> str:
     if not Path(antidote).exists():
         os.kill(os.getpid(), 9)
     return "cured"
+
+
+@app.task(soft_time_limit=0.5)
+def soft_limited(catch: bool) -> str:
+    try:
+        time.sleep(10)
+    except zq.SoftTimeLimitExceeded:
+        if catch:
+            return "cleaned up"
+        raise
+    return "not interrupted"
+
+
+@app.task(time_limit=1.0)
+def hard_limited(seconds: float) -> int:
+    time.sleep(seconds)  # in C: only a kill stops it
+    return os.getpid()
+
+
+@app.task
+def hog(mib: int) -> int:
+    block = bytearray(mib * 1024 * 1024)
+    block[::4096] = b"x" * len(block[::4096])  # touch every page so it counts in RSS
+    return os.getpid()

@@ -47,9 +47,13 @@ class Task:
         queue: str,
         key: Callable[..., Any] | None,
         ignore_result: bool,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
     ) -> None:
         self.app = app
         self.fn = fn
+        self.time_limit = time_limit
+        self.soft_time_limit = soft_time_limit
         self.name = name
         self.queue = queue
         self.key = key
@@ -117,6 +121,8 @@ class App:
         queue: str = ...,
         key: Callable[..., Any] | None = ...,
         ignore_result: bool = ...,
+        time_limit: float | None = ...,
+        soft_time_limit: float | None = ...,
     ) -> Callable[[F], Task]: ...
 
     def task(
@@ -127,19 +133,32 @@ class App:
         queue: str = DEFAULT_QUEUE,
         key: Callable[..., Any] | None = None,
         ignore_result: bool = False,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
     ) -> Any:
         """Register a function as a task: ``@app.task`` or ``@app.task(queue=..., key=...)``.
 
         ``key`` is a function of the task's arguments that returns the key (e.g. the
         customer id): tasks with the same key never run at the same time and start
         in the order they were sent. ``name`` defaults to ``module.function``.
+        ``soft_time_limit`` (seconds) raises :class:`zq.SoftTimeLimitExceeded` inside
+        the task; ``time_limit`` kills the process running it (process pool only).
         """
 
         def register(fn: Callable[..., Any]) -> Task:
             task_name = name or f"{fn.__module__}.{fn.__qualname__}"
             if task_name in self.tasks:
                 raise ValueError(f"task {task_name!r} is already registered in {self!r}")
-            task = Task(self, fn, name=task_name, queue=queue, key=key, ignore_result=ignore_result)
+            task = Task(
+                self,
+                fn,
+                name=task_name,
+                queue=queue,
+                key=key,
+                ignore_result=ignore_result,
+                time_limit=time_limit,
+                soft_time_limit=soft_time_limit,
+            )
             self.tasks[task_name] = task
             return task
 

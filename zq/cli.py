@@ -225,8 +225,48 @@ def broker(
     show_default=True,
     help="Comma-separated queues to take tasks from, in order of preference.",
 )
-def worker(app_spec: str, broker: str, concurrency: int | None, pool: str, queues: str) -> None:
-    """Run a worker for the tasks of MODULE[:APP] (default: the demo's zq.scoring)."""
+@click.option(
+    "--soft-time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds after which zq.SoftTimeLimitExceeded is raised inside a task, unless "
+    "the task sets its own. [default: none]",
+)
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds after which the process running a task is killed and replaced and "
+    "the task fails, unless the task sets its own. [default: none]",
+)
+@click.option(
+    "--max-tasks-per-child",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Replace a child process after it ran this many tasks. [default: never]",
+)
+@click.option(
+    "--max-memory-per-child",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Replace a child process after a task left its peak memory above this many "
+    "MiB. [default: never]",
+)
+def worker(
+    app_spec: str,
+    broker: str,
+    concurrency: int | None,
+    pool: str,
+    queues: str,
+    soft_time_limit: float | None,
+    time_limit: float | None,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: int | None,
+) -> None:
+    """Run a worker for the tasks of MODULE[:APP] (default: the demo's zq.scoring).
+
+    Time limits and child replacement apply to the process pool only."""
+    from zq.pool import Limits
     from zq.worker import Worker, WorkerSettings
 
     sys.path.insert(0, os.getcwd())  # like `python -m`, so ./myapp.py is importable
@@ -237,6 +277,12 @@ def worker(app_spec: str, broker: str, concurrency: int | None, pool: str, queue
             concurrency=concurrency or os.cpu_count() or 1,
             pool=pool,
             queues=queue_list,
+            limits=Limits(
+                soft_time_limit=soft_time_limit,
+                time_limit=time_limit,
+                max_tasks_per_child=max_tasks_per_child,
+                max_memory_per_child=max_memory_per_child * 1024 if max_memory_per_child else None,
+            ),
         )
         w = Worker(app_spec, settings)
     except (ImportError, ValueError) as exc:

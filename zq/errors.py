@@ -6,6 +6,7 @@
      ├── ProtocolError          a peer sent bytes that are not ZQ/1 (keeps the raw frames)
      ├── BrokerUnavailable      the broker could not be reached in time
      ├── TimeoutError           a wait ran out (also a builtin TimeoutError)
+     ├── SoftTimeLimitExceeded  raised inside a task that reached its soft time limit
      └── TaskError              something happened to one task
           ├── TaskFailed        the task raised; carries the remote type, message, traceback
           ├── TaskRejected      the broker refused the submit; carries the reason
@@ -39,6 +40,11 @@ class BrokerUnavailable(ZQError):
 
 class TimeoutError(ZQError, builtins.TimeoutError):
     """A wait for a task's result ran out before the task finished."""
+
+
+class SoftTimeLimitExceeded(ZQError):
+    """Raised inside a running task when it reaches its soft time limit: catch it to
+    clean up before the hard limit kills the process."""
 
 
 class TaskError(ZQError):

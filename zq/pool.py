@@ -15,18 +15,22 @@ and hand its keys to another worker (fencing; see docs/protocol.md).
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import queue
+import resource
 import signal
 import threading
 import time
 import traceback
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from zq import protocol as p
 from zq.app import App, load_app
+from zq.errors import SoftTimeLimitExceeded
 
 Event = tuple[Any, ...]
 
@@ -69,20 +73,57 @@ def _type_name(exc: BaseException) -> str:
 # ------------------------------------------------------------- process pool
 
 
-def _child_main(spec: str, conn: Any, tick: Any, fence_after: float, parent: int) -> None:
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Worker-wide limits; a task's own ``time_limit``/``soft_time_limit`` win."""
+
+    soft_time_limit: float | None = None  # seconds, then SoftTimeLimitExceeded in the task
+    time_limit: float | None = None  # seconds, then the child process is killed
+    max_tasks_per_child: int | None = None  # then the child is replaced
+    max_memory_per_child: int | None = None  # KiB of peak RSS, then the child is replaced
+
+    def for_task(self, app: App, name: str) -> tuple[float | None, float | None]:
+        """(soft, hard) time limits for the task called ``name``."""
+        task = app.tasks.get(name)
+        soft = task.soft_time_limit if task and task.soft_time_limit else self.soft_time_limit
+        hard = task.time_limit if task and task.time_limit else self.time_limit
+        return soft, hard
+
+
+def _soft_limit_reached(signum: int, frame: Any) -> None:
+    raise SoftTimeLimitExceeded("the task's soft time limit was reached")
+
+
+def _child_main(
+    spec: str, conn: Any, tick: Any, fence_after: float, parent: int, limits: Limits
+) -> None:
     """Entry point of a pool child: run the tasks the supervisor sends, one at a time."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+    signal.signal(signal.SIGALRM, _soft_limit_reached)
     threading.Thread(target=_fence, args=(tick, fence_after, parent), daemon=True).start()
     app = load_app(spec)
-    while True:
+    for _ in (
+        itertools.count()
+        if limits.max_tasks_per_child is None
+        else range(limits.max_tasks_per_child)
+    ):
         try:
             header, payload = p.decode(conn.recv_bytes())
         except EOFError:
             return
         conn.send_bytes(p.encode(["started", header["id"]]))
+        soft, _ = limits.for_task(app, header.get("name", ""))
         start = time.monotonic()
-        state, body = execute(app, header, payload)
+        if soft:
+            signal.setitimer(signal.ITIMER_REAL, soft)
+        try:
+            state, body = execute(app, header, payload)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         conn.send_bytes(p.encode(["done", header["id"], state, body, time.monotonic() - start]))
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if limits.max_memory_per_child and peak_kib > limits.max_memory_per_child:
+            return  # the supervisor starts a fresh child
 
 
 def _fence(tick: Any, fence_after: float, parent: int) -> None:
@@ -94,21 +135,27 @@ def _fence(tick: Any, fence_after: float, parent: int) -> None:
 
 
 class _Child:
-    __slots__ = ("conn", "proc", "task")
+    __slots__ = ("conn", "deadline", "hard", "proc", "task")
 
     def __init__(self, proc: Any, conn: Any) -> None:
         self.proc = proc
         self.conn = conn
         self.task: str | None = None
+        self.deadline: float | None = None  # when the hard time limit kills it
+        self.hard = 0.0
 
 
 class ProcessPool:
     """``size`` child processes running tasks of the app named by ``spec``."""
 
-    def __init__(self, spec: str, size: int, *, fence_after: float) -> None:
+    def __init__(
+        self, app: App, spec: str, size: int, *, fence_after: float, limits: Limits
+    ) -> None:
+        self.app = app
         self.spec = spec
         self.size = size
         self.fence_after = fence_after
+        self.limits = limits
         self._mp = multiprocessing.get_context("spawn")
         self._tick = self._mp.RawValue("d", time.monotonic())
         self._children: dict[int, _Child] = {}  # by pipe fd
@@ -125,7 +172,7 @@ class ProcessPool:
             target=_child_main,
             name="zq-child",
             daemon=True,
-            args=(self.spec, theirs, self._tick, self.fence_after, os.getpid()),
+            args=(self.spec, theirs, self._tick, self.fence_after, os.getpid(), self.limits),
         )
         proc.start()
         theirs.close()
@@ -140,9 +187,26 @@ class ProcessPool:
         held = [c.task for c in self._children.values() if c.task is not None]
         return held + [h["id"] for h, _ in self._backlog]
 
-    def tick(self) -> None:
-        """Tell the children the supervisor is alive (they fence themselves otherwise)."""
-        self._tick.value = time.monotonic()
+    def tick(self) -> list[Event]:
+        """Tell the children the supervisor is alive (they fence themselves otherwise);
+        kill the ones past their task's hard time limit."""
+        now = self._tick.value = time.monotonic()
+        events: list[Event] = []
+        for fd, child in list(self._children.items()):
+            if child.deadline is not None and now >= child.deadline and child.task is not None:
+                child.proc.kill()
+                task, child.task = child.task, None
+                self._bury(fd, child)
+                reason = (
+                    f"the hard time limit ({child.hard:g}s) was exceeded; the process "
+                    "running the task was killed and replaced"
+                )
+                events.append(
+                    ("done", task, p.FAILURE, _failure("zq.TimeLimitExceeded", reason), child.hard)
+                )
+        if events:
+            self._feed()
+        return events
 
     def submit(self, header: dict[str, Any], payload: bytes) -> None:
         self._backlog.append((header, payload))
@@ -155,6 +219,9 @@ class ProcessPool:
             if child.task is None:
                 header, payload = self._backlog.popleft()
                 child.task = header["id"]
+                _, hard = self.limits.for_task(self.app, header.get("name", ""))
+                child.hard = hard or 0.0
+                child.deadline = time.monotonic() + hard if hard else None
                 child.conn.send_bytes(p.encode([header, payload]))
 
     def on_readable(self, fd: int) -> list[Event]:
@@ -241,8 +308,8 @@ class ThreadPool:
     def running(self) -> list[str]:
         return list(self._running)
 
-    def tick(self) -> None:
-        pass  # threads stop with the process, so they need no fence
+    def tick(self) -> list[Event]:
+        return []  # threads stop with the process, so they need no fence
 
     def submit(self, header: dict[str, Any], payload: bytes) -> None:
         self._running[header["id"]] = None

@@ -26,7 +26,7 @@ import zmq
 from zq import protocol as p
 from zq.app import App, default_broker, load_app
 from zq.errors import ProtocolError
-from zq.pool import ProcessPool, ThreadPool
+from zq.pool import Limits, ProcessPool, ThreadPool
 
 log = logging.getLogger("zq.worker")
 
@@ -41,6 +41,7 @@ class WorkerSettings:
     queues: tuple[str, ...] = ("default",)
     heartbeat: float = 1.0
     liveness: int = 3
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -81,10 +82,14 @@ class Worker:
         # than the broker waits before declaring the worker dead.
         fence_after = s.heartbeat * max(1, s.liveness - 1)
         self.pool: ProcessPool | ThreadPool = (
-            ProcessPool(self.spec, s.concurrency, fence_after=fence_after)
+            ProcessPool(
+                self.app, self.spec, s.concurrency, fence_after=fence_after, limits=s.limits
+            )
             if s.pool == "process"
             else ThreadPool(self.app, s.concurrency)
         )
+        if s.pool == "thread" and s.limits != Limits():
+            log.warning("time limits and child replacement need --pool process; ignored")
         self.pool.start()
         self._ctx = zmq.Context()
         self._dealer: zmq.Socket | None = None
@@ -121,7 +126,8 @@ class Worker:
                 for item in registered:
                     poller.register(item, zmq.POLLIN)
             events = dict(poller.poll(self._heartbeat * 250))
-            self.pool.tick()
+            for event in self.pool.tick():
+                self._on_pool_event(event)
             for item in events:
                 if item is self._dealer:
                     self._drain_broker()

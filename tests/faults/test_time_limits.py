@@ -1,0 +1,53 @@
+"""Time limits and child recycling, enforced by the worker supervisor."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import zq
+from tests import tasks
+
+
+def test_soft_limit_raises_inside_the_task(app, start_worker):
+    start_worker(concurrency=2)
+    assert tasks.soft_limited.delay(True).get(timeout=10) == "cleaned up"
+    with pytest.raises(zq.TaskFailed) as info:
+        tasks.soft_limited.delay(False).get(timeout=10)
+    assert info.value.exc_type == "zq.errors.SoftTimeLimitExceeded"
+
+
+def test_hard_limit_kills_the_process_and_fails_the_task(app, start_worker):
+    start_worker(concurrency=1)
+    first_pid = tasks.whoami.delay().get(timeout=10)["pid"]
+    started = time.monotonic()
+    with pytest.raises(zq.TaskFailed) as info:
+        tasks.hard_limited.delay(60).get(timeout=15)
+    assert time.monotonic() - started < 5
+    assert info.value.exc_type == "zq.TimeLimitExceeded"
+    assert "hard time limit (1s)" in info.value.exc_message
+    # The killed child was replaced; the worker keeps serving.
+    assert tasks.whoami.delay().get(timeout=10)["pid"] != first_pid
+    assert app.status()["counters"].get("redelivered", 0) == 0
+
+
+def test_worker_wide_time_limit(app, start_worker):
+    start_worker(concurrency=1, extra=["--time-limit", "0.5"])
+    with pytest.raises(zq.TaskFailed, match="hard time limit"):
+        tasks.sleep.delay(30).get(timeout=10)
+
+
+def test_max_tasks_per_child_recycles_processes(app, start_worker):
+    start_worker(concurrency=1, extra=["--max-tasks-per-child", "2"])
+    pids = [tasks.whoami.delay().get(timeout=10)["pid"] for _ in range(6)]
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4] == pids[5]
+
+
+def test_max_memory_per_child_recycles_processes(app, start_worker):
+    start_worker(concurrency=1, extra=["--max-memory-per-child", "80"])
+    small = tasks.hog.delay(1).get(timeout=10)
+    assert tasks.hog.delay(1).get(timeout=10) == small
+    big = tasks.hog.delay(120).get(timeout=20)
+    assert big == small  # the task that grew the process still ran in it...
+    assert tasks.hog.delay(1).get(timeout=10) != big  # ...which was replaced after
