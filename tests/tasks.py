@@ -123,3 +123,41 @@ def hog(mib: int) -> int:
     block = bytearray(mib * 1024 * 1024)
     block[::4096] = b"x" * len(block[::4096])  # touch every page so it counts in RSS
     return os.getpid()
+
+
+def _record_run(record_dir: str, key: str, seq: int, start: float, tag: str = "") -> None:
+    record = {
+        "key": key,
+        "seq": seq,
+        "start": start,
+        "end": time.time(),
+        "overlap": False,
+        "pid": os.getpid(),
+        "worker": os.getppid(),
+    }
+    path = Path(record_dir) / f"run-{key}-{seq}-{tag}{os.getpid()}-{start}.json"
+    path.write_text(json.dumps(record))
+
+
+@app.task(autoretry_for=(ConnectionError,), retries=2, retry_delay=0.1)
+def flaky(counter: str, failures: int) -> int:
+    """Raise ConnectionError on the first ``failures`` attempts (counted in a file)."""
+    path = Path(counter)
+    attempt = int(path.read_text()) + 1 if path.exists() else 1
+    path.write_text(str(attempt))
+    if attempt <= failures:
+        raise ConnectionError(f"attempt {attempt} failed")
+    return attempt
+
+
+@app.task(key=lambda key, seq, record_dir, countdown: key, retries=1)
+def retry_once(key: str, seq: int, record_dir: str, countdown: float) -> str:
+    """First run: record it and ask to be retried after ``countdown`` s; then succeed."""
+    start = time.time()
+    marker = Path(record_dir) / f"tried-{key}-{seq}"
+    first = not marker.exists()
+    marker.touch()
+    _record_run(record_dir, key, seq, start, "first-" if first else "second-")
+    if first:
+        raise zq.Retry(countdown=countdown)
+    return "second run"

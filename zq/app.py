@@ -17,10 +17,12 @@ import os
 import threading
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 from zq import protocol as p
 from zq.client import AsyncResult, Client
+from zq.timers import backoff
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -33,6 +35,26 @@ DEFAULT_QUEUE = "default"
 def default_broker() -> str:
     """``$ZQ_BROKER`` if set, else ``tcp://127.0.0.1:5555``."""
     return os.environ.get("ZQ_BROKER") or DEFAULT_BROKER
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """When and how soon a task runs again after it failed (see :meth:`App.task`)."""
+
+    retries: int = 3
+    autoretry_for: tuple[type[BaseException], ...] = ()
+    delay: float = 1.0
+    backoff: float = 0.0  # 0: a fixed ``delay``; else the base of exponential backoff
+    backoff_max: float = 600.0
+    jitter: bool = True
+
+    def countdown(self, attempt: int, asked: float | None = None) -> float:
+        """Seconds before retry number ``attempt + 1``; ``asked`` is Retry(countdown=)."""
+        if asked is not None:
+            return max(0.0, asked)
+        if not self.backoff:
+            return self.delay
+        return backoff(attempt, base=self.backoff, cap=self.backoff_max, jitter=self.jitter)
 
 
 class Task:
@@ -49,11 +71,13 @@ class Task:
         ignore_result: bool,
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.app = app
         self.fn = fn
         self.time_limit = time_limit
         self.soft_time_limit = soft_time_limit
+        self.retry = retry or RetryPolicy()
         self.name = name
         self.queue = queue
         self.key = key
@@ -123,6 +147,12 @@ class App:
         ignore_result: bool = ...,
         time_limit: float | None = ...,
         soft_time_limit: float | None = ...,
+        retries: int = ...,
+        autoretry_for: tuple[type[BaseException], ...] = ...,
+        retry_delay: float = ...,
+        retry_backoff: bool | float = ...,
+        retry_backoff_max: float = ...,
+        retry_jitter: bool = ...,
     ) -> Callable[[F], Task]: ...
 
     def task(
@@ -135,6 +165,12 @@ class App:
         ignore_result: bool = False,
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
+        retries: int = 3,
+        autoretry_for: tuple[type[BaseException], ...] = (),
+        retry_delay: float = 1.0,
+        retry_backoff: bool | float = False,
+        retry_backoff_max: float = 600.0,
+        retry_jitter: bool = True,
     ) -> Any:
         """Register a function as a task: ``@app.task`` or ``@app.task(queue=..., key=...)``.
 
@@ -143,6 +179,12 @@ class App:
         in the order they were sent. ``name`` defaults to ``module.function``.
         ``soft_time_limit`` (seconds) raises :class:`zq.SoftTimeLimitExceeded` inside
         the task; ``time_limit`` kills the process running it (process pool only).
+
+        Retries: a task that raises :class:`zq.Retry`, or an exception in
+        ``autoretry_for``, runs again (at most ``retries`` times) after ``retry_delay``
+        seconds, or with ``retry_backoff`` (True, or a base in seconds) after an
+        exponential, jittered delay capped at ``retry_backoff_max``. The broker holds
+        the delay, and the task keeps its key until it has run.
         """
 
         def register(fn: Callable[..., Any]) -> Task:
@@ -158,6 +200,14 @@ class App:
                 ignore_result=ignore_result,
                 time_limit=time_limit,
                 soft_time_limit=soft_time_limit,
+                retry=RetryPolicy(
+                    retries=retries,
+                    autoretry_for=tuple(autoretry_for),
+                    delay=retry_delay,
+                    backoff=float(retry_backoff) if retry_backoff else 0.0,
+                    backoff_max=retry_backoff_max,
+                    jitter=retry_jitter,
+                ),
             )
             self.tasks[task_name] = task
             return task

@@ -27,6 +27,7 @@ from zq.dispatch import Assignment, Dispatcher, Task
 from zq.errors import ProtocolError
 from zq.journal import Journal, NullJournal, open_journal
 from zq.results import ResultStore, Waiters
+from zq.timers import TimerHeap
 
 log = logging.getLogger("zq.broker")
 
@@ -34,6 +35,8 @@ log = logging.getLogger("zq.broker")
 MAX_BATCH = 2000
 #: Longest a FETCH may ask the broker to hold a wait for a result.
 MAX_WAIT = 3600.0
+#: Longest retry countdown a worker may ask for (a week).
+MAX_COUNTDOWN = 7 * 24 * 3600.0
 #: Seconds between sweeps of expired results out of the journal.
 PURGE_EVERY = 60.0
 #: How many keys ``STATUS`` lists at most.
@@ -90,6 +93,7 @@ class Broker:
         self.dead_letters: dict[str, Task] = {}
         self.results = ResultStore(self.settings.result_ttl)
         self.waiters = Waiters()
+        self.timers = TimerHeap()
         self.counters: Counter[str] = Counter()
         self.peers: dict[bytes, _Peer] = {}  # routing identity -> worker
         self.by_wid: dict[bytes, _Peer] = {}  # stable worker id -> worker
@@ -153,12 +157,15 @@ class Broker:
         next_tick = time.monotonic()
         try:
             while self._running:
-                events = dict(poller.poll(max(0.0, next_tick - time.monotonic()) * 1000))
+                wake = min(next_tick, self.timers.next_at() or next_tick)
+                events = dict(poller.poll(max(0.0, wake - time.monotonic()) * 1000))
                 if self._router in events:
                     self._drain_router()
                 if self._pub in events:
                     self._drain_pub()
                 now = time.monotonic()
+                if self.timers:
+                    self._release_due(now)
                 if now >= next_tick:
                     self._on_tick(now)
                     next_tick = now + tick
@@ -317,6 +324,8 @@ class Broker:
         if task is None:
             result = self.results.get(task_id)
             return result.state if result is not None else p.PENDING
+        if task.retrying:
+            return p.RETRY
         return p.STARTED_STATE if task.started else p.QUEUED
 
     def _on_status(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
@@ -415,8 +424,8 @@ class Broker:
     def _on_done(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
         peer = self._worker(ident)
         task_id, state = header.get("id"), header.get("state")
-        if not isinstance(task_id, str) or state not in (p.SUCCESS, p.FAILURE, p.LOST):
-            raise ProtocolError("DONE needs 'id' and 'state' SUCCESS, FAILURE or LOST")
+        if not isinstance(task_id, str) or state not in _DONE_STATES:
+            raise ProtocolError("DONE needs 'id' and 'state' SUCCESS, FAILURE, RETRY or LOST")
         # Acknowledged (after the commit) whatever happens here, so the worker's outbox
         # lets go of it: a DONE is only ever sent again after a reconnect.
         self._acks.setdefault(ident, []).append(task_id)
@@ -428,6 +437,9 @@ class Broker:
                 self._count_redelivered([task])
             self._dispatched(out)
             return
+        if state == p.RETRY:
+            self._on_retry(peer, task_id, header.get("countdown"))
+            return
         task, out = self.dispatch.done(peer.wid, task_id)
         if task is None:
             # Not this worker's task (any more): it was handed to another worker, or it
@@ -438,6 +450,29 @@ class Broker:
             self.counters["done"] += 1
             self._finish(task, state, p.pack_header(header), payload[0] if payload else b"")
         self._dispatched(out)
+
+    def _on_retry(self, peer: _Peer, task_id: str, countdown: Any) -> None:
+        """The task asked to run again later: hold it (and its key) for the countdown."""
+        if not isinstance(countdown, (int, float)) or not 0 <= countdown <= MAX_COUNTDOWN:
+            raise ProtocolError(f"RETRY needs a 'countdown' of 0..{MAX_COUNTDOWN:g} seconds")
+        task, out = self.dispatch.retry(peer.wid, task_id)
+        if task is None:
+            self.counters["stale_done"] += 1
+        else:
+            self.counters["retried"] += 1
+            self.timers.add(time.monotonic() + countdown, task_id)
+            self.journal.task_retrying(task_id, task.retries, time.time() + countdown)
+            head = p.pack_header({"id": task_id, "state": p.RETRY, "countdown": countdown})
+            self._publish((task.data[0]["client"] + task_id).encode(), p.STARTED, head)
+        self._dispatched(out)
+
+    def _release_due(self, now: float) -> None:
+        """Retry delays that ran out: the tasks go back to the head of their lanes."""
+        for task_id in self.timers.due(now):
+            task = self.dispatch.tasks.get(task_id)
+            if task is not None and task.retrying:
+                self.journal.task_retrying(task_id, task.retries, None)
+                self._dispatched(self.dispatch.release(task_id))
 
     def _finish(self, task: Task, state: str, head: bytes, body: Any) -> None:
         """Store a final result (journal too), publish it, answer the FETCH waits."""
@@ -543,6 +578,8 @@ class Broker:
             task_header, body = task.data
             if task.redeliveries:
                 task_header["redeliveries"] = task.redeliveries
+            if task.retries:
+                task_header["retries"] = task.retries
             self._send(peer.ident, p.TASK, task_header, body)
             self.journal.task_assigned(task.id, wid.decode(), task.redeliveries)
             peer.last_sent = now
@@ -600,7 +637,10 @@ class Broker:
         for stored in self.journal.tasks():
             header = p.unpack_header(stored.header)
             task = Task(stored.id, header["queue"], header.get("key"), (header, stored.payload))
-            task.redeliveries = stored.redeliveries
+            task.redeliveries, task.retries = stored.redeliveries, stored.retries
+            if stored.eta is not None:
+                task.retrying = True
+                self.timers.add(now + (stored.eta - wall), task.id)
             (held if stored.worker else waiting).append((task, stored.worker))
         for task, worker in held + waiting:
             self.dispatch.restore(task, worker.encode() if worker else None)
@@ -643,6 +683,9 @@ class Broker:
 
 def _bytes(frame: Any) -> bytes:
     return frame if isinstance(frame, bytes) else frame.bytes
+
+
+_DONE_STATES = (p.SUCCESS, p.FAILURE, p.RETRY, p.LOST)
 
 
 class _Ignore(Exception):

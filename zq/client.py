@@ -329,8 +329,10 @@ class Client:
         _, header, payload = frames[1], p.unpack_header(frames[2]), frames[3:]
         if frames[1] == p.RESULT:
             self._on_result(header, payload)
-        elif frames[1] == p.STARTED:
-            self._update(header.get("id", ""), p.STARTED_STATE, header, None, only_if=p.QUEUED)
+        elif frames[1] == p.STARTED:  # STARTED or RETRY: progress, never final
+            state = header.get("state", p.STARTED_STATE)
+            if state in (p.STARTED_STATE, p.RETRY):
+                self._update(header.get("id", ""), state, header, None)
 
     def _on_result(self, header: dict[str, Any], payload: list[bytes]) -> None:
         task_id = header.get("id", "")
@@ -414,7 +416,7 @@ class AsyncResult:
 
     @property
     def status(self) -> str:
-        """PENDING, QUEUED, STARTED, SUCCESS, FAILURE, DEAD or REJECTED."""
+        """PENDING, QUEUED, STARTED, RETRY, SUCCESS, FAILURE, DEAD or REJECTED."""
         if self._slot.done.is_set():
             return self._slot.state
         return self._client.query_state(self._slot, timeout=5.0)

@@ -31,7 +31,17 @@ AFFINITY_MEMORY = 100_000
 class Task:
     """One accepted task as the scheduler sees it; ``data`` is the broker's, opaque here."""
 
-    __slots__ = ("data", "id", "key", "queue", "redeliveries", "started", "worker")
+    __slots__ = (
+        "data",
+        "id",
+        "key",
+        "queue",
+        "redeliveries",
+        "retries",
+        "retrying",
+        "started",
+        "worker",
+    )
 
     def __init__(self, id: str, queue: str, key: str | None = None, data: Any = None) -> None:
         self.id = id
@@ -40,7 +50,9 @@ class Task:
         self.data = data
         self.worker: bytes | None = None  # the worker holding it, None while queued
         self.started = False
-        self.redeliveries = 0
+        self.redeliveries = 0  # times handed back because its worker (process) died
+        self.retries = 0  # times the task asked to be run again (zq.Retry, autoretry)
+        self.retrying = False  # waiting out a retry delay: no worker, key still held
 
     def __repr__(self) -> str:
         return f"Task({self.id!r}, queue={self.queue!r}, key={self.key!r}, worker={self.worker!r})"
@@ -110,6 +122,32 @@ class Dispatcher:
         lane.waiting.append(task)
         if lane.running is None and not lane.in_ready:
             self._make_ready(lane, self._affinity.get(task.key), out)
+        return out
+
+    def retry(self, worker_id: bytes, task_id: str) -> tuple[Task | None, list[Assignment]]:
+        """The task asked to be run again later. It leaves the worker but keeps its
+        key (so the key's later tasks still wait behind it) until :meth:`release`."""
+        task = self._held(worker_id, task_id)
+        if task is None:
+            return None, []
+        worker = self.workers[worker_id]
+        del worker.running[task_id]
+        task.worker = None
+        task.started = False
+        task.retrying = True
+        task.retries += 1
+        out: list[Assignment] = []
+        self._pump(worker, out)
+        return task, out
+
+    def release(self, task_id: str) -> list[Assignment]:
+        """A retry delay ran out: the task goes to the head of its lane (or queue)."""
+        task = self.tasks.get(task_id)
+        if task is None or not task.retrying:
+            return []
+        task.retrying = False
+        out: list[Assignment] = []
+        self._requeue([task], out, handed_back=False)
         return out
 
     def started(self, worker_id: bytes, task_id: str) -> bool:
@@ -188,12 +226,18 @@ class Dispatcher:
         return out
 
     def restore(self, task: Task, worker_id: bytes | None) -> None:
-        """Put back a task from the journal at start-up, before any worker connects.
+        """Put back a task from the journal at start-up, before any worker connects
+        (a task with ``retrying`` set waits for :meth:`release`).
 
         A task that a worker held stays held by a placeholder for that worker (no
         slots, no queues), so its key stays busy until the worker says READY again
         (and re-attaches it) or is given up on with :meth:`remove_worker`. Restore the
         held tasks first, then the waiting ones in the order they were accepted."""
+        if task.retrying:  # waiting out a retry delay: holds its key, on no worker
+            self.tasks[task.id] = task
+            if task.key is not None:
+                self.lanes.setdefault(task.key, Lane(task.key)).running = task
+            return
         if worker_id is None:
             self.submit(task)
             return
@@ -235,12 +279,14 @@ class Dispatcher:
                 if not members:
                     del self._by_queue[q]
 
-    def _requeue(self, lost: list[Task], out: list[Assignment]) -> None:
+    def _requeue(self, lost: list[Task], out: list[Assignment], handed_back: bool = True) -> None:
+        """Put tasks back at the head of their lanes (or queues). ``handed_back``: their
+        worker died under them, which counts towards making them dead letters."""
         # Reversed so that appendleft keeps the tasks' relative order.
         for task in reversed(lost):
             task.worker = None
             task.started = False
-            task.redeliveries += 1
+            task.redeliveries += handed_back
             if task.redeliveries > self.max_redeliveries:
                 self.dead.append(task)
                 self._release(task, None, out)
@@ -338,7 +384,7 @@ class Dispatcher:
             assert lane.waiting or lane.running, f"empty lane {key!r} kept"
             if lane.running is not None:
                 assert not lane.in_ready, f"running lane {key!r} is in a ready deque"
-                assert lane.running.worker is not None
+                assert lane.running.worker is not None or lane.running.retrying
         for queue, ready in self.ready.items():
             assert ready, f"empty ready deque {queue!r} kept"
             for worker in self._by_queue.get(queue, {}).values():

@@ -7,6 +7,7 @@
      ├── BrokerUnavailable      the broker could not be reached in time
      ├── TimeoutError           a wait ran out (also a builtin TimeoutError)
      ├── SoftTimeLimitExceeded  raised inside a task that reached its soft time limit
+     ├── Retry                  raised by a task to be run again later
      └── TaskError              something happened to one task
           ├── TaskFailed        the task raised; carries the remote type, message, traceback
           ├── TaskRejected      the broker refused the submit; carries the reason
@@ -45,6 +46,17 @@ class TimeoutError(ZQError, builtins.TimeoutError):
 class SoftTimeLimitExceeded(ZQError):
     """Raised inside a running task when it reaches its soft time limit: catch it to
     clean up before the hard limit kills the process."""
+
+
+class Retry(ZQError):
+    """Raise inside a task to have it run again after ``countdown`` seconds (default:
+    the task's retry delay or backoff). The broker holds the delay; the task keeps its
+    key meanwhile. Past the task's ``retries`` it fails with ``exc`` (or this error)."""
+
+    def __init__(self, countdown: float | None = None, exc: BaseException | None = None) -> None:
+        super().__init__(f"retry in {countdown}s" if countdown is not None else "retry")
+        self.countdown = countdown
+        self.exc = exc
 
 
 class TaskError(ZQError):

@@ -29,7 +29,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     header BLOB NOT NULL,          -- the task header, msgpack, as accepted
     payload BLOB NOT NULL,         -- opaque arguments
     worker TEXT,                   -- the worker it was last handed to, NULL while queued
-    redeliveries INTEGER NOT NULL DEFAULT 0
+    redeliveries INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    eta REAL                       -- wall clock; set while it waits out a retry delay
 );
 CREATE TABLE IF NOT EXISTS results (
     id TEXT PRIMARY KEY,
@@ -50,6 +52,7 @@ CREATE TABLE IF NOT EXISTS dead (
 _INSERT_TASK = "INSERT OR IGNORE INTO tasks (id, header, payload) VALUES (?, ?, ?)"
 _ASSIGN = "UPDATE tasks SET worker = ?, redeliveries = ? WHERE id = ?"
 _DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
+_RETRY = "UPDATE tasks SET worker = NULL, retries = ?, eta = ? WHERE id = ?"
 _PUT_RESULT = "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)"
 _DELETE_RESULT = "DELETE FROM results WHERE id = ?"
 _PUT_DEAD = "INSERT OR REPLACE INTO dead VALUES (?, ?, ?, ?, ?)"
@@ -65,6 +68,8 @@ class StoredTask:
     payload: bytes
     worker: str | None
     redeliveries: int
+    retries: int = 0
+    eta: float | None = None  # wall clock, while waiting out a retry delay
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,10 @@ class Journal:
     def task_finished(self, task_id: str) -> None:
         self._ops.append((_DELETE_TASK, (task_id,)))
 
+    def task_retrying(self, task_id: str, retries: int, eta: float | None) -> None:
+        """The task waits out a retry delay until ``eta`` (None: the wait is over)."""
+        self._ops.append((_RETRY, (retries, eta, task_id)))
+
     def result_stored(
         self, task_id: str, state: str, header: bytes, payload: bytes, expires: float
     ) -> None:
@@ -147,7 +156,8 @@ class Journal:
     def tasks(self) -> Iterator[StoredTask]:
         """Unfinished tasks in the order they were accepted."""
         rows = self._db.execute(
-            "SELECT id, header, payload, worker, redeliveries FROM tasks ORDER BY rowid"
+            "SELECT id, header, payload, worker, redeliveries, retries, eta FROM tasks "
+            "ORDER BY rowid"
         )
         for row in rows:
             yield StoredTask(*row)
@@ -188,6 +198,9 @@ class NullJournal:
         pass
 
     def task_finished(self, task_id: str) -> None:
+        pass
+
+    def task_retrying(self, task_id: str, retries: int, eta: float | None) -> None:
         pass
 
     def result_stored(

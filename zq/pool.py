@@ -4,7 +4,7 @@ The worker's supervisor thread owns the pool. A pool exposes file descriptors fo
 supervisor to poll and turns what becomes readable into events::
 
     ("started", task_id)
-    ("done", task_id, state, payload_bytes, runtime_seconds)
+    ("done", task_id, state, payload_bytes, runtime_seconds, header_extras)
 
 Child processes are started with the ``spawn`` method, so no ZeroMQ context or socket
 ever crosses a ``fork()``; they talk to the supervisor over a pipe in msgpack (never
@@ -29,34 +29,55 @@ from dataclasses import dataclass
 from typing import Any
 
 from zq import protocol as p
-from zq.app import App, load_app
-from zq.errors import SoftTimeLimitExceeded
+from zq.app import App, Task, load_app
+from zq.errors import Retry, SoftTimeLimitExceeded
 
 Event = tuple[Any, ...]
+Outcome = tuple[str, bytes, dict[str, Any]]
 
 #: Exit code of a child that fenced itself off because its supervisor went silent.
 FENCED_EXIT = 70
 
 
-def execute(app: App, header: dict[str, Any], payload: bytes) -> tuple[str, bytes]:
-    """Run one task of ``app``; returns (state, encoded value or failure info)."""
+def execute(app: App, header: dict[str, Any], payload: bytes) -> Outcome:
+    """Run one task of ``app``: (state, encoded value or failure info, DONE header extras)."""
     name = header.get("name", "")
     task = app.tasks.get(name)
     if task is None:
-        return p.FAILURE, _failure(
-            "zq.UnknownTask",
-            f"task {name!r} is not registered in app {app.name!r} on this worker "
-            f"(it registers {len(app.tasks)} task(s); is the worker running the right app?)",
+        return (
+            p.FAILURE,
+            _failure(
+                "zq.UnknownTask",
+                f"task {name!r} is not registered in app {app.name!r} on this worker "
+                f"(it registers {len(app.tasks)} task(s); is the worker running the right app?)",
+            ),
+            {},
         )
     try:
         args, kwargs = p.decode(payload)
         value = task.fn(*args, **kwargs)
     except Exception as exc:
-        return p.FAILURE, _failure(_type_name(exc), str(exc), traceback.format_exc())
+        return _failed(task, header, exc)
     try:
-        return p.SUCCESS, p.encode(value)
+        return p.SUCCESS, p.encode(value), {}
     except TypeError as exc:
-        return p.FAILURE, _failure("TypeError", f"the task's return value: {exc}")
+        return p.FAILURE, _failure("TypeError", f"the task's return value: {exc}"), {}
+
+
+def _failed(task: Task, header: dict[str, Any], exc: Exception) -> Outcome:
+    """FAILURE, or RETRY with a countdown if the task asked for one and has retries left."""
+    policy = task.retry
+    asked = isinstance(exc, Retry)
+    cause = exc.exc if asked and exc.exc is not None else exc  # type: ignore[union-attr]
+    info = _failure(_type_name(cause), str(cause), traceback.format_exc())
+    if not asked and not isinstance(exc, policy.autoretry_for):
+        return p.FAILURE, info, {}
+    attempt = int(header.get("retries", 0))
+    if attempt >= policy.retries:
+        message = f"{cause} (gave up after {attempt} retries)"
+        return p.FAILURE, _failure(_type_name(cause), message, traceback.format_exc()), {}
+    countdown = policy.countdown(attempt, exc.countdown if asked else None)  # type: ignore[union-attr]
+    return p.RETRY, info, {"countdown": countdown}
 
 
 def _failure(type_name: str, message: str, tb: str = "") -> bytes:
@@ -117,10 +138,11 @@ def _child_main(
         if soft:
             signal.setitimer(signal.ITIMER_REAL, soft)
         try:
-            state, body = execute(app, header, payload)
+            state, body, extra = execute(app, header, payload)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-        conn.send_bytes(p.encode(["done", header["id"], state, body, time.monotonic() - start]))
+        runtime = time.monotonic() - start
+        conn.send_bytes(p.encode(["done", header["id"], state, body, runtime, extra]))
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if limits.max_memory_per_child and peak_kib > limits.max_memory_per_child:
             return  # the supervisor starts a fresh child
@@ -202,7 +224,14 @@ class ProcessPool:
                     "running the task was killed and replaced"
                 )
                 events.append(
-                    ("done", task, p.FAILURE, _failure("zq.TimeLimitExceeded", reason), child.hard)
+                    (
+                        "done",
+                        task,
+                        p.FAILURE,
+                        _failure("zq.TimeLimitExceeded", reason),
+                        child.hard,
+                        {},
+                    )
                 )
         if events:
             self._feed()
@@ -250,7 +279,7 @@ class ProcessPool:
         # LOST: the broker runs it again (at the head of its key's lane), or after too
         # many deaths makes it a dead letter, so a poison task neither loops nor vanishes.
         reason = f"the worker process running the task died (exit code {code})"
-        return [("done", child.task, p.LOST, _failure("zq.WorkerLost", reason), 0.0)]
+        return [("done", child.task, p.LOST, _failure("zq.WorkerLost", reason), 0.0, {})]
 
     def close(self, timeout: float = 2.0) -> None:
         for child in self._children.values():
@@ -294,8 +323,8 @@ class ThreadPool:
             header, payload = job
             self._emit(("started", header["id"]))
             start = time.monotonic()
-            state, body = execute(self.app, header, payload)
-            self._emit(("done", header["id"], state, body, time.monotonic() - start))
+            state, body, extra = execute(self.app, header, payload)
+            self._emit(("done", header["id"], state, body, time.monotonic() - start, extra))
 
     def _emit(self, event: Event) -> None:
         self._events.put(event)

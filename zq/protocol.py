@@ -85,6 +85,7 @@ FAILURE = "FAILURE"
 REJECTED_STATE = "REJECTED"
 DEAD = "DEAD"  # given up on: the worker running it died too many times (a dead letter)
 LOST = "LOST"  # in a worker's DONE only: the process running the task died
+RETRY = "RETRY"  # the task asked to run again; the broker holds it for its countdown
 FINAL_STATES = frozenset({SUCCESS, FAILURE, REJECTED_STATE, DEAD})
 
 #: Events published on the XPUB under topics that start with this byte; results go

@@ -212,8 +212,9 @@ class Worker:
         if event[0] == "started":
             self._send(p.STARTED, {"id": event[1]})
         elif event[0] == "done":
-            _, task_id, state, body, runtime = event
+            _, task_id, state, body, runtime, extra = event
             header = {"id": task_id, "state": state, "worker": self.id, "runtime": runtime}
+            header.update(extra)
             self._outbox[task_id] = (header, body)
             self._send(p.DONE, header, body)
 

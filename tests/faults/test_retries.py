@@ -1,0 +1,52 @@
+"""Retries: decided by the task's policy in the worker, delays held by the broker."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+import zq
+from tests import tasks
+from tests.conftest import wait_for_workers
+from tests.tasks import read_records
+from zq.testing import check_key_records, wait_for
+
+
+def test_autoretry_until_success(app, start_worker, tmp_path):
+    start_worker()
+    assert tasks.flaky.delay(str(tmp_path / "n"), 2).get(timeout=15) == 3
+    assert app.status()["counters"]["retried"] == 2
+
+
+def test_autoretry_gives_up_after_the_allowed_retries(app, start_worker, tmp_path):
+    start_worker()
+    with pytest.raises(zq.TaskFailed) as info:
+        tasks.flaky.delay(str(tmp_path / "n"), 10).get(timeout=15)
+    assert info.value.exc_type == "ConnectionError"
+    assert "gave up after 2 retries" in info.value.exc_message
+
+
+def test_retry_countdown_is_held_and_the_key_keeps_its_order(app, start_worker, tmp_path):
+    start_worker(concurrency=2)
+    first = tasks.retry_once.delay("k", 1, str(tmp_path), 1.0)
+    second = tasks.keyed.delay("k", 2, 0.0, str(tmp_path))
+    wait_for(lambda: first.status == "RETRY", 10, "RETRY state")
+    assert first.get(timeout=15) == "second run"
+    second.get(timeout=10)
+    runs = sorted(read_records(tmp_path), key=lambda r: r["start"])
+    assert [r["seq"] for r in runs] == [1, 1, 2], "the key's next task waited for the retry"
+    assert runs[1]["start"] - runs[0]["end"] >= 0.9, "the countdown was respected"
+    assert check_key_records(runs) == []
+
+
+def test_a_retry_outlives_its_worker_and_a_broker_restart(app, broker, start_worker, tmp_path):
+    victim = start_worker(concurrency=1)
+    res = tasks.retry_once.delay("k", 1, str(tmp_path), 3.0)
+    wait_for(lambda: res.status == "RETRY", 10, "RETRY state")
+    victim.signal(signal.SIGKILL)  # the delay is the broker's: losing the worker is fine
+    broker.kill()
+    broker.restart()  # ...and the journal keeps the delay across a restart
+    survivor = start_worker(concurrency=1, wait=False)
+    wait_for_workers(broker.endpoint, lambda pids: survivor.pid in pids)
+    assert res.get(timeout=20) == "second run"
