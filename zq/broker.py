@@ -398,7 +398,8 @@ class Broker:
             ",".join(queues),
         )
         self._event(b"worker.online", info)
-        capacity = concurrency + self.settings.prefetch
+        # A draining worker (stopping gracefully) keeps its tasks but gets no more.
+        capacity = 0 if header.get("draining") else concurrency + self.settings.prefetch
         self._dispatched(self.dispatch.add_worker(wkey, queues, capacity, running))
 
     def _worker(self, ident: bytes) -> _Peer:
@@ -414,7 +415,9 @@ class Broker:
     def _on_started(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         peer = self._worker(ident)
         task_id = header.get("id")
-        if not isinstance(task_id, str) or not self.dispatch.started(peer.wid, task_id):
+        if not isinstance(task_id, str) or not self.dispatch.started(
+            peer.wid, task_id, _delivery(header)
+        ):
             self.counters["stale_started"] += 1
             return
         task_header = self.dispatch.tasks[task_id].data[0]
@@ -430,7 +433,8 @@ class Broker:
         # lets go of it: a DONE is only ever sent again after a reconnect.
         self._acks.setdefault(ident, []).append(task_id)
         if state == p.LOST:  # the process running it died: run it again, or give up
-            task, out = self.dispatch.lost(peer.wid, task_id)
+            counts = not header.get("fenced")  # a fenced stop is not a crash
+            task, out = self.dispatch.lost(peer.wid, task_id, _delivery(header), counts=counts)
             if task is None:
                 self.counters["stale_done"] += 1
             else:
@@ -438,9 +442,9 @@ class Broker:
             self._dispatched(out)
             return
         if state == p.RETRY:
-            self._on_retry(peer, task_id, header.get("countdown"))
+            self._on_retry(peer, task_id, _delivery(header), header.get("countdown"))
             return
-        task, out = self.dispatch.done(peer.wid, task_id)
+        task, out = self.dispatch.done(peer.wid, task_id, _delivery(header))
         if task is None:
             # Not this worker's task (any more): it was handed to another worker, or it
             # is a resend of a DONE the broker already has.
@@ -451,11 +455,11 @@ class Broker:
             self._finish(task, state, p.pack_header(header), payload[0] if payload else b"")
         self._dispatched(out)
 
-    def _on_retry(self, peer: _Peer, task_id: str, countdown: Any) -> None:
+    def _on_retry(self, peer: _Peer, task_id: str, delivery: int | None, countdown: Any) -> None:
         """The task asked to run again later: hold it (and its key) for the countdown."""
         if not isinstance(countdown, (int, float)) or not 0 <= countdown <= MAX_COUNTDOWN:
             raise ProtocolError(f"RETRY needs a 'countdown' of 0..{MAX_COUNTDOWN:g} seconds")
-        task, out = self.dispatch.retry(peer.wid, task_id)
+        task, out = self.dispatch.retry(peer.wid, task_id, delivery)
         if task is None:
             self.counters["stale_done"] += 1
         else:
@@ -549,13 +553,13 @@ class Broker:
     def _on_worker_disconnect(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         peer = self.peers.get(ident)
         if peer is not None:
-            self._drop_worker(peer, "disconnected")
+            self._drop_worker(peer, "disconnected", counts=False)  # on purpose, not a crash
 
-    def _drop_worker(self, peer: _Peer, why: str) -> None:
+    def _drop_worker(self, peer: _Peer, why: str, *, counts: bool = True) -> None:
         del self.peers[peer.ident]
         if self.by_wid.get(peer.wid) is peer:
             del self.by_wid[peer.wid]
-        lost, out = self.dispatch.remove_worker(peer.wid)
+        lost, out = self.dispatch.remove_worker(peer.wid, counts=counts)
         self._count_redelivered(lost)
         level = logging.WARNING if lost or why != "disconnected" else logging.INFO
         log.log(level, "worker %s %s; %d task(s) handed back", peer.wid.decode(), why, len(lost))
@@ -580,8 +584,9 @@ class Broker:
                 task_header["redeliveries"] = task.redeliveries
             if task.retries:
                 task_header["retries"] = task.retries
+            task_header["delivery"] = task.delivery
             self._send(peer.ident, p.TASK, task_header, body)
-            self.journal.task_assigned(task.id, wid.decode(), task.redeliveries)
+            self.journal.task_assigned(task.id, wid.decode(), task.redeliveries, task.delivery)
             peer.last_sent = now
         self.counters["dispatched"] += len(assignments)
 
@@ -593,10 +598,13 @@ class Broker:
     def _on_tick(self, now: float) -> None:
         """Heartbeat the workers, bury the silent ones, expire results and waits."""
         dead_after = self.settings.heartbeat * self.settings.liveness
+        # Messages still unread in our own queue may be the heartbeats of the very
+        # workers that look silent: judge liveness only once they are read.
+        judge = not self._router.poll(0)
         for peer in list(self.peers.values()):
-            if now - peer.last_seen > dead_after:
+            if judge and now - peer.last_seen > dead_after:
                 self._drop_worker(peer, f"silent for {now - peer.last_seen:.1f}s")
-            elif now - peer.last_sent >= self.settings.heartbeat:
+            elif now - peer.last_sent >= self.settings.heartbeat / 2:
                 self._send(peer.ident, p.HEARTBEAT, {"broker": self.instance})
                 peer.last_sent = now
         for wid, deadline in list(self._placeholders.items()):
@@ -638,6 +646,7 @@ class Broker:
             header = p.unpack_header(stored.header)
             task = Task(stored.id, header["queue"], header.get("key"), (header, stored.payload))
             task.redeliveries, task.retries = stored.redeliveries, stored.retries
+            task.delivery = stored.delivery
             if stored.eta is not None:
                 task.retrying = True
                 self.timers.add(now + (stored.eta - wall), task.id)
@@ -686,6 +695,12 @@ def _bytes(frame: Any) -> bytes:
 
 
 _DONE_STATES = (p.SUCCESS, p.FAILURE, p.RETRY, p.LOST)
+
+
+def _delivery(header: dict[str, Any]) -> int | None:
+    """The delivery a worker's report is about (see Dispatcher._held)."""
+    value = header.get("delivery")
+    return value if isinstance(value, int) else None
 
 
 class _Ignore(Exception):

@@ -252,6 +252,14 @@ def broker(
     help="Replace a child process after a task left its peak memory above this many "
     "MiB. [default: never]",
 )
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM or Ctrl-C, seconds running tasks may take to finish before the rest "
+    "are handed back to the broker (a second signal stops at once).",
+)
 def worker(
     app_spec: str,
     broker: str,
@@ -262,6 +270,7 @@ def worker(
     time_limit: float | None,
     max_tasks_per_child: int | None,
     max_memory_per_child: int | None,
+    shutdown_timeout: float,
 ) -> None:
     """Run a worker for the tasks of MODULE[:APP] (default: the demo's zq.scoring).
 
@@ -277,6 +286,7 @@ def worker(
             concurrency=concurrency or os.cpu_count() or 1,
             pool=pool,
             queues=queue_list,
+            shutdown_timeout=shutdown_timeout,
             limits=Limits(
                 soft_time_limit=soft_time_limit,
                 time_limit=time_limit,

@@ -33,6 +33,7 @@ class Task:
 
     __slots__ = (
         "data",
+        "delivery",
         "id",
         "key",
         "queue",
@@ -53,6 +54,7 @@ class Task:
         self.redeliveries = 0  # times handed back because its worker (process) died
         self.retries = 0  # times the task asked to be run again (zq.Retry, autoretry)
         self.retrying = False  # waiting out a retry delay: no worker, key still held
+        self.delivery = 0  # how many times it was assigned to a worker
 
     def __repr__(self) -> str:
         return f"Task({self.id!r}, queue={self.queue!r}, key={self.key!r}, worker={self.worker!r})"
@@ -124,10 +126,12 @@ class Dispatcher:
             self._make_ready(lane, self._affinity.get(task.key), out)
         return out
 
-    def retry(self, worker_id: bytes, task_id: str) -> tuple[Task | None, list[Assignment]]:
+    def retry(
+        self, worker_id: bytes, task_id: str, delivery: int | None = None
+    ) -> tuple[Task | None, list[Assignment]]:
         """The task asked to be run again later. It leaves the worker but keeps its
         key (so the key's later tasks still wait behind it) until :meth:`release`."""
-        task = self._held(worker_id, task_id)
+        task = self._held(worker_id, task_id, delivery)
         if task is None:
             return None, []
         worker = self.workers[worker_id]
@@ -150,18 +154,20 @@ class Dispatcher:
         self._requeue([task], out, handed_back=False)
         return out
 
-    def started(self, worker_id: bytes, task_id: str) -> bool:
+    def started(self, worker_id: bytes, task_id: str, delivery: int | None = None) -> bool:
         """Mark a task started; False if ``worker_id`` does not hold it."""
-        task = self._held(worker_id, task_id)
+        task = self._held(worker_id, task_id, delivery)
         if task is None:
             return False
         task.started = True
         return True
 
-    def done(self, worker_id: bytes, task_id: str) -> tuple[Task | None, list[Assignment]]:
+    def done(
+        self, worker_id: bytes, task_id: str, delivery: int | None = None
+    ) -> tuple[Task | None, list[Assignment]]:
         """A worker finished a task. Returns the task (None if the worker did not hold it,
         e.g. it was handed to another worker meanwhile) and the assignments that follow."""
-        task = self._held(worker_id, task_id)
+        task = self._held(worker_id, task_id, delivery)
         if task is None:
             return None, []
         worker = self.workers[worker_id]
@@ -171,16 +177,19 @@ class Dispatcher:
         self._pump(worker, out)
         return task, out
 
-    def lost(self, worker_id: bytes, task_id: str) -> tuple[Task | None, list[Assignment]]:
+    def lost(
+        self, worker_id: bytes, task_id: str, delivery: int | None = None, *, counts: bool = True
+    ) -> tuple[Task | None, list[Assignment]]:
         """The worker says the process running the task died: hand the task back (to the
-        head of its lane), or give up on it after ``max_redeliveries``."""
-        task = self._held(worker_id, task_id)
+        head of its lane), or give up on it after ``max_redeliveries``. ``counts``: False
+        when the worker stopped it on purpose (fencing, shutdown), not a crash."""
+        task = self._held(worker_id, task_id, delivery)
         if task is None:
             return None, []
         worker = self.workers[worker_id]
         del worker.running[task_id]
         out: list[Assignment] = []
-        self._requeue([task], out)
+        self._requeue([task], out, handed_back=counts)
         self._pump(worker, out)
         return task, out
 
@@ -195,9 +204,15 @@ class Dispatcher:
             else:
                 del self.lanes[task.key]
 
-    def _held(self, worker_id: bytes, task_id: str) -> Task | None:
+    def _held(self, worker_id: bytes, task_id: str, delivery: int | None) -> Task | None:
+        """The task if ``worker_id`` holds it under this delivery (None: any delivery).
+
+        A delivery number tells a report about the current assignment from a late one
+        about an earlier assignment of the same task to the same worker."""
         task = self.tasks.get(task_id)
         if task is None or task.worker != worker_id:
+            return None
+        if delivery is not None and delivery != task.delivery:
             return None
         return task
 
@@ -254,15 +269,19 @@ class Dispatcher:
                 lane = self.lanes[task.key] = Lane(task.key)
             lane.running = task
 
-    def remove_worker(self, worker_id: bytes) -> tuple[list[Task], list[Assignment]]:
-        """A worker died or left: its tasks go back to the head of their lanes."""
+    def remove_worker(
+        self, worker_id: bytes, *, counts: bool = True
+    ) -> tuple[list[Task], list[Assignment]]:
+        """A worker died or left: its tasks go back to the head of their lanes.
+        ``counts``: False when it left on purpose (shutdown), so the hand-backs do not
+        count towards making the tasks dead letters."""
         worker = self.workers.get(worker_id)
         if worker is None:
             return [], []
         self._forget_worker(worker)
         lost = list(worker.running.values())
         out: list[Assignment] = []
-        self._requeue(lost, out)
+        self._requeue(lost, out, handed_back=counts)
         return lost, out
 
     def _register(self, worker: WorkerState) -> None:
@@ -362,8 +381,11 @@ class Dispatcher:
         else:
             task = entry
         task.worker = worker.id
+        task.delivery += 1
         worker.running[task.id] = task
         self.queued[task.queue] -= 1
+        if not self.queued[task.queue]:
+            del self.queued[task.queue]
         return worker.id, task
 
     def _remember(self, key: str, worker_id: bytes) -> None:

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     payload BLOB NOT NULL,         -- opaque arguments
     worker TEXT,                   -- the worker it was last handed to, NULL while queued
     redeliveries INTEGER NOT NULL DEFAULT 0,
+    delivery INTEGER NOT NULL DEFAULT 0,  -- the assignment number the worker echoes
     retries INTEGER NOT NULL DEFAULT 0,
     eta REAL                       -- wall clock; set while it waits out a retry delay
 );
@@ -50,7 +51,7 @@ CREATE TABLE IF NOT EXISTS dead (
 """
 
 _INSERT_TASK = "INSERT OR IGNORE INTO tasks (id, header, payload) VALUES (?, ?, ?)"
-_ASSIGN = "UPDATE tasks SET worker = ?, redeliveries = ? WHERE id = ?"
+_ASSIGN = "UPDATE tasks SET worker = ?, redeliveries = ?, delivery = ? WHERE id = ?"
 _DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
 _RETRY = "UPDATE tasks SET worker = NULL, retries = ?, eta = ? WHERE id = ?"
 _PUT_RESULT = "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)"
@@ -70,6 +71,7 @@ class StoredTask:
     redeliveries: int
     retries: int = 0
     eta: float | None = None  # wall clock, while waiting out a retry delay
+    delivery: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,10 @@ class Journal:
     def task_accepted(self, task_id: str, header: bytes, payload: bytes) -> None:
         self._ops.append((_INSERT_TASK, (task_id, header, payload)))
 
-    def task_assigned(self, task_id: str, worker: str | None, redeliveries: int) -> None:
-        self._ops.append((_ASSIGN, (worker, redeliveries, task_id)))
+    def task_assigned(
+        self, task_id: str, worker: str | None, redeliveries: int, delivery: int
+    ) -> None:
+        self._ops.append((_ASSIGN, (worker, redeliveries, delivery, task_id)))
 
     def task_finished(self, task_id: str) -> None:
         self._ops.append((_DELETE_TASK, (task_id,)))
@@ -156,7 +160,7 @@ class Journal:
     def tasks(self) -> Iterator[StoredTask]:
         """Unfinished tasks in the order they were accepted."""
         rows = self._db.execute(
-            "SELECT id, header, payload, worker, redeliveries, retries, eta FROM tasks "
+            "SELECT id, header, payload, worker, redeliveries, retries, eta, delivery FROM tasks "
             "ORDER BY rowid"
         )
         for row in rows:
@@ -194,7 +198,9 @@ class NullJournal:
     def task_accepted(self, task_id: str, header: bytes, payload: bytes) -> None:
         pass
 
-    def task_assigned(self, task_id: str, worker: str | None, redeliveries: int) -> None:
+    def task_assigned(
+        self, task_id: str, worker: str | None, redeliveries: int, delivery: int
+    ) -> None:
         pass
 
     def task_finished(self, task_id: str) -> None:

@@ -37,6 +37,8 @@ Outcome = tuple[str, bytes, dict[str, Any]]
 
 #: Exit code of a child that fenced itself off because its supervisor went silent.
 FENCED_EXIT = 70
+#: Seconds between a child's checks of its fence.
+FENCE_POLL = 0.1
 
 
 def execute(app: App, header: dict[str, Any], payload: bytes) -> Outcome:
@@ -116,12 +118,14 @@ def _soft_limit_reached(signum: int, frame: Any) -> None:
 
 
 def _child_main(
-    spec: str, conn: Any, tick: Any, fence_after: float, parent: int, limits: Limits
+    spec: str, conn: Any, heard: Any, fence_after: Any, parent: int, limits: Limits
 ) -> None:
     """Entry point of a pool child: run the tasks the supervisor sends, one at a time."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     signal.signal(signal.SIGALRM, _soft_limit_reached)
-    threading.Thread(target=_fence, args=(tick, fence_after, parent), daemon=True).start()
+    keyed = threading.Event()  # set while the task running here has a key
+    args = (heard, fence_after, parent, keyed)
+    threading.Thread(target=_fence, args=args, daemon=True).start()
     app = load_app(spec)
     for _ in (
         itertools.count()
@@ -132,6 +136,8 @@ def _child_main(
             header, payload = p.decode(conn.recv_bytes())
         except EOFError:
             return
+        if header.get("key") is not None:
+            keyed.set()
         conn.send_bytes(p.encode(["started", header["id"]]))
         soft, _ = limits.for_task(app, header.get("name", ""))
         start = time.monotonic()
@@ -142,17 +148,23 @@ def _child_main(
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
         runtime = time.monotonic() - start
+        keyed.clear()
         conn.send_bytes(p.encode(["done", header["id"], state, body, runtime, extra]))
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if limits.max_memory_per_child and peak_kib > limits.max_memory_per_child:
             return  # the supervisor starts a fresh child
 
 
-def _fence(tick: Any, fence_after: float, parent: int) -> None:
-    """Exit the child when its supervisor is gone or frozen, so its task stops."""
+def _fence(heard: Any, fence_after: Any, parent: int, keyed: threading.Event) -> None:
+    """Exit the child when its supervisor is gone (SIGKILL), or, while it runs a keyed
+    task, when the supervisor has not heard from the broker for ``fence_after`` seconds
+    (a partition, a frozen supervisor): the broker may soon give the key to another
+    worker, and a key must never run twice at once. Unkeyed tasks run on."""
     while True:
-        time.sleep(0.1)
-        if os.getppid() != parent or time.monotonic() - tick.value > fence_after:
+        time.sleep(FENCE_POLL)
+        if os.getppid() != parent:
+            os._exit(FENCED_EXIT)
+        if keyed.is_set() and time.monotonic() - heard.value > fence_after.value:
             os._exit(FENCED_EXIT)
 
 
@@ -179,7 +191,9 @@ class ProcessPool:
         self.fence_after = fence_after
         self.limits = limits
         self._mp = multiprocessing.get_context("spawn")
-        self._tick = self._mp.RawValue("d", time.monotonic())
+        # Shared with the children: when the broker was last heard, and the fence.
+        self._heard = self._mp.RawValue("d", time.monotonic())
+        self._fence_after = self._mp.RawValue("d", fence_after)
         self._children: dict[int, _Child] = {}  # by pipe fd
         self._backlog: deque[tuple[dict[str, Any], bytes]] = deque()
         self.changed = True  # the set of fds to poll changed
@@ -194,7 +208,7 @@ class ProcessPool:
             target=_child_main,
             name="zq-child",
             daemon=True,
-            args=(self.spec, theirs, self._tick, self.fence_after, os.getpid(), self.limits),
+            args=(self.spec, theirs, self._heard, self._fence_after, os.getpid(), self.limits),
         )
         proc.start()
         theirs.close()
@@ -209,10 +223,15 @@ class ProcessPool:
         held = [c.task for c in self._children.values() if c.task is not None]
         return held + [h["id"] for h, _ in self._backlog]
 
-    def tick(self) -> list[Event]:
-        """Tell the children the supervisor is alive (they fence themselves otherwise);
-        kill the ones past their task's hard time limit."""
-        now = self._tick.value = time.monotonic()
+    def set_fence(self, seconds: float) -> None:
+        """Broker silence after which children running keyed tasks stop."""
+        self._fence_after.value = seconds
+
+    def tick(self, heard: float) -> list[Event]:
+        """Tell the children when the broker was last heard (they fence themselves on
+        it); kill the ones past their task's hard time limit."""
+        self._heard.value = heard
+        now = time.monotonic()
         events: list[Event] = []
         for fd, child in list(self._children.items()):
             if child.deadline is not None and now >= child.deadline and child.task is not None:
@@ -242,16 +261,23 @@ class ProcessPool:
         self._feed()
 
     def _feed(self) -> None:
-        for child in self._children.values():
+        for fd, child in list(self._children.items()):
             if not self._backlog:
                 return
-            if child.task is None:
-                header, payload = self._backlog.popleft()
-                child.task = header["id"]
-                _, hard = self.limits.for_task(self.app, header.get("name", ""))
-                child.hard = hard or 0.0
-                child.deadline = time.monotonic() + hard if hard else None
+            if child.task is not None:
+                continue
+            header, payload = self._backlog.popleft()
+            try:
                 child.conn.send_bytes(p.encode([header, payload]))
+            except OSError:  # it died (e.g. fenced) before we read its EOF: use another
+                self._backlog.appendleft((header, payload))
+                self._bury(fd, child)
+                self._feed()  # the replacement can take it (its pipe buffers until it runs)
+                return
+            child.task = header["id"]
+            _, hard = self.limits.for_task(self.app, header.get("name", ""))
+            child.hard = hard or 0.0
+            child.deadline = time.monotonic() + hard if hard else None
 
     def on_readable(self, fd: int) -> list[Event]:
         child = self._children[fd]
@@ -278,6 +304,11 @@ class ProcessPool:
             return []
         # LOST: the broker runs it again (at the head of its key's lane), or after too
         # many deaths makes it a dead letter, so a poison task neither loops nor vanishes.
+        if code == FENCED_EXIT:
+            reason = "stopped: the worker lost the broker while running a keyed task"
+            return [
+                ("done", child.task, p.LOST, _failure("zq.Fenced", reason), 0.0, {"fenced": True})
+            ]
         reason = f"the worker process running the task died (exit code {code})"
         return [("done", child.task, p.LOST, _failure("zq.WorkerLost", reason), 0.0, {})]
 
@@ -337,8 +368,11 @@ class ThreadPool:
     def running(self) -> list[str]:
         return list(self._running)
 
-    def tick(self) -> list[Event]:
-        return []  # threads stop with the process, so they need no fence
+    def set_fence(self, seconds: float) -> None:
+        pass  # threads stop with the process, so they need no fence
+
+    def tick(self, heard: float) -> list[Event]:
+        return []
 
     def submit(self, header: dict[str, Any], payload: bytes) -> None:
         self._running[header["id"]] = None

@@ -42,6 +42,7 @@ class WorkerSettings:
     heartbeat: float = 1.0
     liveness: int = 3
     limits: Limits = field(default_factory=Limits)
+    shutdown_timeout: float = 30.0  # on stop(), seconds running tasks may take to finish
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -66,24 +67,33 @@ class Worker:
         # DONEs the broker has not acknowledged yet (it acks after its journal commit);
         # sent again after every reconnect, so a result outlives a broker outage.
         self._outbox: dict[str, tuple[dict[str, Any], bytes]] = {}
+        self._deliveries: dict[str, int | None] = {}  # running task id -> its delivery
+        self._draining_until: float | None = None
+        self._announced_drain = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
     def stop(self) -> None:
-        """Ask the loop to end; safe from a signal handler or another thread."""
-        self._running = False
+        """Stop gracefully: take no new tasks, let running ones finish (up to the
+        shutdown timeout), hand the rest back. A second call stops at once. Safe from a
+        signal handler or another thread."""
+        if self._draining_until is None and self._running:
+            self._draining_until = time.monotonic() + self.settings.shutdown_timeout
+        else:
+            self._running = False
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
 
     def run(self) -> None:
         """Serve until :meth:`stop`."""
         s = self.settings
-        # Children fence themselves if the supervisor is silent for a heartbeat less
-        # than the broker waits before declaring the worker dead.
-        fence_after = s.heartbeat * max(1, s.liveness - 1)
         self.pool: ProcessPool | ThreadPool = (
             ProcessPool(
-                self.app, self.spec, s.concurrency, fence_after=fence_after, limits=s.limits
+                self.app,
+                self.spec,
+                s.concurrency,
+                fence_after=_fence_after(s.heartbeat),
+                limits=s.limits,
             )
             if s.pool == "process"
             else ThreadPool(self.app, s.concurrency)
@@ -93,6 +103,7 @@ class Worker:
         self.pool.start()
         self._ctx = zmq.Context()
         self._dealer: zmq.Socket | None = None
+        self._heard = time.monotonic()  # when the broker was last heard from
         self._connect()
         self._running = True
         log.info(
@@ -109,8 +120,9 @@ class Worker:
         finally:
             self.pool.close()
             if self._dealer is not None:
+                # The broker hands back whatever is left (a shutdown is not a crash).
                 self._send(p.DISCONNECT, {})
-                self._dealer.close(linger=100)
+                self._dealer.close(linger=500)
             self._ctx.term()
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -126,7 +138,7 @@ class Worker:
                 for item in registered:
                     poller.register(item, zmq.POLLIN)
             events = dict(poller.poll(self._heartbeat * 250))
-            for event in self.pool.tick():
+            for event in self.pool.tick(self._heard):
                 self._on_pool_event(event)
             for item in events:
                 if item is self._dealer:
@@ -137,6 +149,21 @@ class Worker:
                     for event in self.pool.on_readable(item):
                         self._on_pool_event(event)
             self._on_tick(time.monotonic())
+
+    def _drained(self, now: float) -> bool:
+        """While stopping: True once nothing runs and every DONE is acknowledged, or
+        the shutdown timeout has passed."""
+        if self._draining_until is None:
+            return False
+        if not self._announced_drain:
+            self._announced_drain = True
+            log.info(
+                "stopping: no new tasks; waiting up to %.0fs for %d running",
+                self.settings.shutdown_timeout,
+                len(self._deliveries),
+            )
+            self._ready()  # READY with draining: the broker sends no more tasks
+        return (not self._deliveries and not self._outbox) or now >= self._draining_until
 
     # ----------------------------------------------------------------- broker
 
@@ -164,6 +191,7 @@ class Worker:
                 "queues": list(self.settings.queues),
                 "tasks": sorted(self.app.tasks),
                 "running": list(dict.fromkeys([*self.pool.running(), *self._outbox])),
+                "draining": self._draining_until is not None,
             },
         )
 
@@ -179,7 +207,7 @@ class Worker:
                 frames = self._dealer.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._last_recv = time.monotonic()
+            self._last_recv = self._heard = time.monotonic()
             try:
                 _, command, header, payload = p.parse(frames)
             except ProtocolError as exc:
@@ -189,7 +217,7 @@ class Worker:
                 if not payload:
                     log.warning("dropped TASK %s without a payload", header.get("id"))
                     continue
-                self.pool.submit(header, payload[0])
+                self._on_task(header, payload[0])
             elif command == p.ACCEPTED:
                 for task_id in header.get("ids", ()):
                     self._outbox.pop(task_id, None)
@@ -199,6 +227,7 @@ class Worker:
                     self._send(p.DONE, done_header, body)
                 self._heartbeat = float(header.get("heartbeat", self._heartbeat))
                 self._liveness = int(header.get("liveness", self._liveness))
+                self.pool.set_fence(_fence_after(self._heartbeat))
             elif command == p.ERROR:
                 if header.get("code") == "unknown-worker":
                     if self._awaiting_welcome:
@@ -208,19 +237,55 @@ class Worker:
                 else:
                     log.error("broker reported an error: %s", header.get("reason"))
 
+    def _on_task(self, header: dict[str, Any], payload: bytes) -> None:
+        task_id, delivery = header.get("id"), header.get("delivery")
+        if not isinstance(task_id, str):
+            log.warning("dropped a TASK without an id")
+        elif task_id in self._outbox:
+            # Sent again (the broker lost our DONE's delivery): the result is here already.
+            done_header, body = self._outbox[task_id]
+            done_header["delivery"] = delivery
+            self._send(p.DONE, done_header, body)
+        elif task_id in self._deliveries:
+            # Sent again while it still runs here (the broker had given up on this
+            # worker): the run in progress answers the new delivery.
+            self._deliveries[task_id] = delivery
+        else:
+            self._deliveries[task_id] = delivery
+            self.pool.submit(header, payload)
+
     def _on_pool_event(self, event: tuple[Any, ...]) -> None:
         if event[0] == "started":
-            self._send(p.STARTED, {"id": event[1]})
+            self._send(p.STARTED, {"id": event[1], "delivery": self._deliveries.get(event[1])})
         elif event[0] == "done":
             _, task_id, state, body, runtime, extra = event
-            header = {"id": task_id, "state": state, "worker": self.id, "runtime": runtime}
-            header.update(extra)
+            header = {
+                "id": task_id,
+                "state": state,
+                "worker": self.id,
+                "runtime": runtime,
+                "delivery": self._deliveries.pop(task_id, None),
+                **extra,
+            }
             self._outbox[task_id] = (header, body)
             self._send(p.DONE, header, body)
 
     def _on_tick(self, now: float) -> None:
-        if now - self._last_recv > self._heartbeat * self._liveness:
+        if self._drained(now):
+            self._running = False
+        elif now - self._last_recv > self._heartbeat * self._liveness:
             log.warning("no word from broker %s; reconnecting", self.settings.broker)
             self._connect()
-        elif now - self._last_sent >= self._heartbeat:
+        elif now - self._last_sent >= self._heartbeat / 2:
             self._send(p.HEARTBEAT, {})
+
+
+def _fence_after(heartbeat: float) -> float:
+    """Seconds without word from the broker after which keyed tasks are stopped.
+
+    The broker speaks to a worker at least every heartbeat/2 (+ heartbeat/4 of loop
+    granularity), so a healthy worker never waits 1.5 heartbeats; a worker cut off at
+    time T has its keyed tasks stopped by T + 1.6 heartbeats, while the broker, which
+    heard it at T - 0.75 heartbeats at worst, declares it dead no sooner than
+    T + 2.25 heartbeats (liveness 3). See docs/protocol.md, "Fencing"."""
+    return 1.5 * heartbeat
