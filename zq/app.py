@@ -130,6 +130,7 @@ class App:
         self.broker = broker or default_broker()
         self.tasks: dict[str, Task] = {}
         self._client: Client | None = None
+        self._client_pid = 0
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -218,8 +219,11 @@ class App:
     def client(self) -> Client:
         """This process's connection to the broker, started on first use."""
         with self._lock:
-            if self._client is None:
+            # A forked child must not use its parent's client (its I/O thread did not
+            # survive the fork, and its ZeroMQ context must not cross one).
+            if self._client is None or self._client_pid != os.getpid():
                 self._client = Client(self.broker)
+                self._client_pid = os.getpid()
             return self._client
 
     def send_task(
@@ -234,6 +238,10 @@ class App:
         ignore_result: bool = False,
     ) -> AsyncResult:
         """Send a task by name, registered here or not (e.g. from ``zq call``)."""
+        if task_id is not None and not (
+            isinstance(task_id, str) and 0 < len(task_id) <= p.MAX_ID_LEN
+        ):
+            raise ValueError(f"task_id must be a string of 1..{p.MAX_ID_LEN} characters")
         payload = p.encode([list(args), kwargs or {}])  # TypeError here, in the caller
         header: dict[str, Any] = {"id": task_id or uuid.uuid4().hex, "name": name, "queue": queue}
         if key is not None:

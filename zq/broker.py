@@ -371,8 +371,12 @@ class Broker:
             raise ProtocolError("READY needs 'worker' (string) and 'concurrency' (int >= 1)")
         if not isinstance(queues, list) or not all(isinstance(q, str) for q in queues):
             raise ProtocolError("READY needs 'queues' (list of strings)")
-        if not isinstance(running, list) or not all(isinstance(t, str) for t in running):
-            raise ProtocolError("READY 'running' must be a list of task ids")
+        if isinstance(running, list) and all(isinstance(t, str) for t in running):
+            running = dict.fromkeys(running)  # ids without deliveries (any delivery)
+        if not isinstance(running, dict) or not all(
+            isinstance(t, str) and (d is None or isinstance(d, int)) for t, d in running.items()
+        ):
+            raise ProtocolError("READY 'running' must map task ids to delivery numbers")
         names = header.get("tasks", [])
         if not isinstance(names, list):
             raise ProtocolError("READY 'tasks' must be a list of task names")

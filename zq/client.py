@@ -160,14 +160,19 @@ class Client:
         self._wake()
         self._thread.join(2.0)
         atexit.unregister(self.close)
+        if not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     def _call(self, *command: Any) -> None:
+        if self._closing:
+            raise BrokerUnavailable("this client is closed; make a new App or client")
         self._commands.put(command)
         self._wake()
 
     def _wake(self) -> None:
-        # A full pipe means the I/O thread is already awake.
-        with contextlib.suppress(BlockingIOError):
+        # A full pipe means the I/O thread is already awake; a closed one, that it ended.
+        with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"x")
 
     # ----------------------------------------------------------- I/O thread
@@ -206,8 +211,6 @@ class Client:
             self._dealer.close(linger=0)
             self._sub.close(linger=0)
             self._ctx.term()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
 
     def _connect(self) -> None:
         """(Re)create the DEALER and say HELLO; submits wait for the WELCOME."""

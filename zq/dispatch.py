@@ -21,7 +21,7 @@ in queued tasks and keys (worker selection is linear in the workers of one queue
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 #: How many key -> last-worker affinities to remember after their lanes empty.
@@ -219,19 +219,31 @@ class Dispatcher:
     # ---------------------------------------------------------------- workers
 
     def add_worker(
-        self, worker_id: bytes, queues: Iterable[str], capacity: int, running: Iterable[str] = ()
+        self,
+        worker_id: bytes,
+        queues: Iterable[str],
+        capacity: int,
+        running: Iterable[str] | Mapping[str, int | None] = (),
     ) -> list[Assignment]:
-        """A worker said READY. ``running`` lists the task ids it still runs; those that
-        this scheduler still assigns to ``worker_id`` stay attached, the rest it held
+        """A worker said READY. ``running`` names the tasks it still runs (or holds a
+        result for), as ids or as a map id -> delivery; those this scheduler still
+        assigns to ``worker_id`` under that delivery stay attached, the rest it held
         are handed back. Returns the assignments that fill its free slots."""
         old = self.workers.get(worker_id)
         out: list[Assignment] = []
         if old is not None:
-            keep = set(running)
-            lost = [t for t in old.running.values() if t.id not in keep]
+            claims = running if isinstance(running, Mapping) else dict.fromkeys(running)
+
+            def kept(task: Task) -> bool:
+                if task.id not in claims:
+                    return False
+                delivery = claims[task.id]
+                return delivery is None or delivery == task.delivery
+
+            lost = [t for t in old.running.values() if not kept(t)]
             self._forget_worker(old)
             worker = WorkerState(worker_id, queues, capacity)
-            worker.running = {k: t for k, t in old.running.items() if k in keep}
+            worker.running = {k: t for k, t in old.running.items() if kept(t)}
             self._register(worker)
             self._requeue(lost, out)
         else:

@@ -190,10 +190,18 @@ class Worker:
                 "concurrency": self.settings.concurrency,
                 "queues": list(self.settings.queues),
                 "tasks": sorted(self.app.tasks),
-                "running": list(dict.fromkeys([*self.pool.running(), *self._outbox])),
+                "running": self._held(),
                 "draining": self._draining_until is not None,
             },
         )
+
+    def _held(self) -> dict[str, int | None]:
+        """Task id -> delivery, for each task this worker runs or holds a DONE for: the
+        broker re-attaches an id only under the same delivery."""
+        held = {task_id: self._deliveries.get(task_id) for task_id in self.pool.running()}
+        for task_id, (done_header, _) in self._outbox.items():
+            held[task_id] = done_header.get("delivery")
+        return held
 
     def _send(self, command: bytes, header: dict[str, Any], *payload: Any) -> None:
         assert self._dealer is not None
