@@ -10,6 +10,7 @@ Thread ownership: both sockets belong to the thread running :meth:`Broker.run`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -37,8 +38,8 @@ MAX_BATCH = 2000
 MAX_WAIT = 3600.0
 #: Longest retry countdown a worker may ask for (a week).
 MAX_COUNTDOWN = 7 * 24 * 3600.0
-#: Seconds between sweeps of expired results out of the journal.
-PURGE_EVERY = 60.0
+#: Seconds between sweeps of expired FETCH waits and of expired results in the journal.
+PURGE_EVERY = 10.0
 #: How many keys ``STATUS`` lists at most.
 STATUS_KEYS = 100
 
@@ -344,13 +345,14 @@ class Broker:
                     "seen_ago": round(now - peer.last_seen, 3),
                 }
             )
-        keys = list(self.dispatch.keys_in_flight())
+        keys = list(itertools.islice(self.dispatch.keys_in_flight(), STATUS_KEYS))
         return {
             "broker": self.instance,
             "workers": workers,
             "queues": {q: n for q, n in self.dispatch.queued.items() if n},
-            "keys_in_flight": len(keys),
-            "keys": keys[:STATUS_KEYS],
+            "keys_in_flight": sum(1 for _ in self.dispatch.keys_in_flight()),
+            "keys": keys,
+            "retrying": len(self.timers),
             "results": len(self.results),
             "dead": len(self.dead_letters),
             "counters": dict(self.counters),
@@ -625,8 +627,8 @@ class Broker:
                 )
                 self._dispatched(out)
         self.results.purge(now)
-        self.waiters.purge(now)
-        if now >= self._next_purge:
+        if now >= self._next_purge:  # scans every wait: not on every tick
+            self.waiters.purge(now)
             self.journal.purge_results()
             self._next_purge = now + PURGE_EVERY
 

@@ -131,11 +131,10 @@ class Dispatcher:
     ) -> tuple[Task | None, list[Assignment]]:
         """The task asked to be run again later. It leaves the worker but keeps its
         key (so the key's later tasks still wait behind it) until :meth:`release`."""
-        task = self._held(worker_id, task_id, delivery)
-        if task is None:
+        taken = self._take(worker_id, task_id, delivery)
+        if taken is None:
             return None, []
-        worker = self.workers[worker_id]
-        del worker.running[task_id]
+        task, worker = taken
         task.worker = None
         task.started = False
         task.retrying = True
@@ -167,11 +166,10 @@ class Dispatcher:
     ) -> tuple[Task | None, list[Assignment]]:
         """A worker finished a task. Returns the task (None if the worker did not hold it,
         e.g. it was handed to another worker meanwhile) and the assignments that follow."""
-        task = self._held(worker_id, task_id, delivery)
-        if task is None:
+        taken = self._take(worker_id, task_id, delivery)
+        if taken is None:
             return None, []
-        worker = self.workers[worker_id]
-        del worker.running[task_id]
+        task, worker = taken
         out: list[Assignment] = []
         self._release(task, worker_id, out)
         self._pump(worker, out)
@@ -183,11 +181,10 @@ class Dispatcher:
         """The worker says the process running the task died: hand the task back (to the
         head of its lane), or give up on it after ``max_redeliveries``. ``counts``: False
         when the worker stopped it on purpose (fencing, shutdown), not a crash."""
-        task = self._held(worker_id, task_id, delivery)
-        if task is None:
+        taken = self._take(worker_id, task_id, delivery)
+        if taken is None:
             return None, []
-        worker = self.workers[worker_id]
-        del worker.running[task_id]
+        task, worker = taken
         out: list[Assignment] = []
         self._requeue([task], out, handed_back=counts)
         self._pump(worker, out)
@@ -203,6 +200,17 @@ class Dispatcher:
                 self._make_ready(lane, preferred, out)
             else:
                 del self.lanes[task.key]
+
+    def _take(
+        self, worker_id: bytes, task_id: str, delivery: int | None
+    ) -> tuple[Task, WorkerState] | None:
+        """Remove a task from the worker holding it under that delivery, if it does."""
+        task = self._held(worker_id, task_id, delivery)
+        if task is None:
+            return None
+        worker = self.workers[worker_id]
+        del worker.running[task_id]
+        return task, worker
 
     def _held(self, worker_id: bytes, task_id: str, delivery: int | None) -> Task | None:
         """The task if ``worker_id`` holds it under this delivery (None: any delivery).
