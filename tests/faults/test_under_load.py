@@ -62,7 +62,10 @@ def _mid_load(keyed) -> None:
     wait_for(lambda: sum(r.ready_here() for r in keyed) >= KEYED // 4, 60, "a quarter done")
 
 
-@pytest.mark.parametrize("fault", ["worker-sigkill", "worker-sigstop", "broker-sigkill"])
+FAULTS = ["worker-sigkill", "worker-sigstop", "broker-sigkill", "poison", "hard-time-limit"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
 def test_fault_mid_load(fault, app, broker, start_worker, tmp_path):
     victim = start_worker(concurrency=3)
     start_worker(concurrency=3)
@@ -75,10 +78,17 @@ def test_fault_mid_load(fault, app, broker, start_worker, tmp_path):
         victim.signal(signal.SIGSTOP)
         time.sleep(4.0)  # the fault: frozen past the 3 s dead-after window
         victim.signal(signal.SIGCONT)
-    else:
+    elif fault == "broker-sigkill":
         broker.signal(signal.SIGKILL)
         broker.proc.wait(10)
         broker.restart()
+    elif fault == "poison":  # kills its process every time, on a busy key
+        bad = tasks.poison.delay("cust-1", str(tmp_path / "no-antidote"))
+        with pytest.raises(zq.TaskFailed, match="died 4 times"):
+            bad.get(timeout=60)
+    else:  # stuck past its hard time limit (1 s)
+        with pytest.raises(zq.TaskFailed, match="hard time limit"):
+            tasks.hard_limited.delay(60).get(timeout=30)
     _check(app, fault, keyed, unkeyed, str(tmp_path))
 
 
