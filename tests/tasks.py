@@ -161,3 +161,8 @@ def retry_once(key: str, seq: int, record_dir: str, countdown: float) -> str:
     if first:
         raise zq.Retry(countdown=countdown)
     return "second run"
+
+
+@app.task
+def blob(size: int) -> str:
+    return "x" * size

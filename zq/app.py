@@ -22,6 +22,7 @@ from typing import Any, TypeVar, overload
 
 from zq import protocol as p
 from zq.client import AsyncResult, Client
+from zq.security import ClientCurve
 from zq.timers import backoff
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -125,9 +126,23 @@ class Task:
 class App:
     """A zq application: the tasks it registers and the broker it talks to."""
 
-    def __init__(self, name: str = "zq", *, broker: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str = "zq",
+        *,
+        broker: str | None = None,
+        curve_secret: str | None = None,
+        broker_key: str | None = None,
+    ) -> None:
+        """``broker`` defaults to ``$ZQ_BROKER``. For a CURVE broker, ``curve_secret`` is
+        this peer's ``.key_secret`` file and ``broker_key`` the broker's ``.key`` file
+        (defaults: ``$ZQ_CURVE_SECRET``, ``$ZQ_BROKER_KEY``)."""
         self.name = name
         self.broker = broker or default_broker()
+        self.curve_secret = curve_secret or os.environ.get("ZQ_CURVE_SECRET") or None
+        self.broker_key = broker_key or os.environ.get("ZQ_BROKER_KEY") or None
+        if (self.curve_secret is None) != (self.broker_key is None):
+            raise ValueError("CURVE needs both curve_secret and broker_key (or neither)")
         self.tasks: dict[str, Task] = {}
         self._client: Client | None = None
         self._client_pid = 0
@@ -222,9 +237,15 @@ class App:
             # A forked child must not use its parent's client (its I/O thread did not
             # survive the fork, and its ZeroMQ context must not cross one).
             if self._client is None or self._client_pid != os.getpid():
-                self._client = Client(self.broker)
+                self._client = Client(self.broker, curve=self.client_curve())
                 self._client_pid = os.getpid()
             return self._client
+
+    def client_curve(self) -> ClientCurve | None:
+        """The CURVE keys this app's peers use, or None for a plain broker."""
+        if self.curve_secret is None or self.broker_key is None:
+            return None
+        return ClientCurve.from_files(self.curve_secret, self.broker_key)
 
     def send_task(
         self,
@@ -260,12 +281,13 @@ class App:
         """The broker's view: workers, queue depths, keys in flight."""
         return self.client.status(timeout)
 
-    def close(self) -> None:
-        """Flush unaccepted submits and stop this process's client thread."""
+    def close(self, *, flush: bool = True) -> None:
+        """Stop this process's client thread, first giving unaccepted submits up to 5 s
+        to be accepted (``flush=False``: not waiting)."""
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
-            client.close()
+            client.close(flush_timeout=5.0 if flush else 0.0)
 
 
 def load_app(spec: str) -> App:

@@ -28,6 +28,7 @@ from zq.dispatch import Assignment, Dispatcher, Task
 from zq.errors import ProtocolError
 from zq.journal import Journal, NullJournal, open_journal
 from zq.results import ResultStore, Waiters
+from zq.security import Authorizer, load_pair, serve_with
 from zq.timers import TimerHeap
 
 log = logging.getLogger("zq.broker")
@@ -40,6 +41,10 @@ MAX_WAIT = 3600.0
 MAX_COUNTDOWN = 7 * 24 * 3600.0
 #: Seconds between sweeps of expired FETCH waits and of expired results in the journal.
 PURGE_EVERY = 10.0
+#: Messages a peer may have queued towards the broker before its sends block.
+ROUTER_RCVHWM = 1000
+#: Seconds between checks of the authorized-keys directory for changes.
+KEY_CHECK_EVERY = 1.0
 #: How many keys ``STATUS`` lists at most.
 STATUS_KEYS = 100
 
@@ -59,6 +64,16 @@ class BrokerSettings:
     #: Seconds to wait after a restart for a worker to re-attach the tasks it held
     #: (default: twice the dead-after window) before they are handed to others.
     reattach_grace: float | None = None
+    curve_secret: str | None = None  # the broker's .key_secret file: CURVE on
+    authorized_keys: str | None = None  # directory of the peers' public .key files
+    max_message_size: int = p.DEFAULT_MAX_MESSAGE  # bytes; larger ones cut the peer off
+    max_queued: int = 1_000_000  # accepted, unfinished tasks, in all queues together
+    max_queued_per_queue: int | None = None  # waiting tasks in one queue (default: max_queued)
+    max_results: int = 1_000_000  # results kept; past it the oldest are dropped (counted)
+
+    def __post_init__(self) -> None:
+        if (self.curve_secret is None) != (self.authorized_keys is None):
+            raise ValueError("CURVE needs both a secret key file and an authorized-keys directory")
 
 
 def default_pub_bind(bind: str) -> str:
@@ -92,7 +107,7 @@ class Broker:
         self.instance = uuid.uuid4().hex[:16]
         self.dispatch = Dispatcher(max_redeliveries=self.settings.max_redeliveries)
         self.dead_letters: dict[str, Task] = {}
-        self.results = ResultStore(self.settings.result_ttl)
+        self.results = ResultStore(self.settings.result_ttl, self.settings.max_results)
         self.waiters = Waiters()
         self.timers = TimerHeap()
         self.counters: Counter[str] = Counter()
@@ -112,15 +127,30 @@ class Broker:
         self._pub_out: list[list[Any]] = []
         self._acks: dict[bytes, list[str]] = {}  # worker -> DONE ids to acknowledge
         self._placeholders: dict[bytes, float] = {}  # worker id -> re-attach deadline
+        self.authorizer: Authorizer | None = None
+        self._reload_keys = False
+        self._next_key_check = 0.0
         self._next_purge = 0.0
 
     # -------------------------------------------------------------- lifecycle
 
     def bind(self) -> tuple[str, str]:
         """Bind both sockets; returns the actual (router, pub) endpoints."""
+        s = self.settings
         for sock in (self._router, self._pub):
             sock.linger = 0
-            sock.sndhwm = sock.rcvhwm = 0 if sock is self._router else 100_000
+        # Bounded buffers: a flooding peer is slowed down by its own full pipe, and a
+        # message over the size limit makes libzmq drop that peer's connection.
+        self._router.rcvhwm = ROUTER_RCVHWM
+        self._router.sndhwm = 100_000
+        self._router.maxmsgsize = s.max_message_size
+        self._pub.sndhwm = 100_000
+        self._pub.maxmsgsize = 4096  # it only ever receives subscriptions
+        if s.curve_secret is not None and s.authorized_keys is not None:
+            self.authorizer = Authorizer(self._ctx, s.authorized_keys)
+            keys = load_pair(s.curve_secret)
+            for sock in (self._router, self._pub):
+                serve_with(sock, keys)
         self._router.router_mandatory = False
         self._router.bind(self.settings.bind)
         self.endpoint = self._router.last_endpoint.decode()
@@ -137,6 +167,11 @@ class Broker:
         self._thread = threading.Thread(target=self.run, name="zq-broker", daemon=True)
         self._thread.start()
         return self
+
+    def reload_keys(self) -> None:
+        """Re-read the authorized keys at the next loop turn (safe from a signal handler)."""
+        self._reload_keys = True
+        os.write(self._wake_w, b"x")
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the loop to end (from any thread) and wait for it when it runs on a thread."""
@@ -190,6 +225,8 @@ class Broker:
 
     def _close(self) -> None:
         self.journal.close()
+        if self.authorizer is not None:
+            self.authorizer.stop()
         self._router.close(linger=0)
         self._pub.close(linger=0)
         self._ctx.term()
@@ -264,6 +301,7 @@ class Broker:
             "pub": self.pub_endpoint,
             "heartbeat": self.settings.heartbeat,
             "liveness": self.settings.liveness,
+            "max_message_size": self.settings.max_message_size,
         }
 
     def _on_submit(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
@@ -285,10 +323,15 @@ class Broker:
                 rejected[task_id] = reason
                 continue
             task_id = task_header["id"]
-            accepted.append(task_id)
             if task_id in self.dispatch.tasks or task_id in self.results:
+                accepted.append(task_id)
                 self.counters["duplicates"] += 1  # a resend: accepted once already
                 continue
+            full = self._full(task_header["queue"])
+            if full is not None:
+                rejected[task_id] = full
+                continue
+            accepted.append(task_id)
             task_header["client"] = client
             task = Task(task_id, task_header["queue"], task_header.get("key"), (task_header, body))
             if self.journal.durable:
@@ -301,6 +344,18 @@ class Broker:
             self.counters["rejected"] += len(rejected)
             self._send(ident, p.REJECTED, {"rejected": rejected})
         self._dispatched(out)
+
+    def _full(self, queue: str) -> str | None:
+        """Why the broker cannot take one more task for ``queue`` now, or None."""
+        s = self.settings
+        if len(self.dispatch.tasks) >= s.max_queued:
+            return (
+                f"broker full: {len(self.dispatch.tasks)} tasks unfinished (limit {s.max_queued})"
+            )
+        limit = s.max_queued_per_queue or s.max_queued
+        if self.dispatch.queued.get(queue, 0) >= limit:
+            return f"queue {queue!r} full: {limit} tasks waiting"
+        return None
 
     def _on_fetch(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         ids = header.get("ids")
@@ -354,6 +409,8 @@ class Broker:
             "keys": keys,
             "retrying": len(self.timers),
             "results": len(self.results),
+            "results_evicted": self.results.evicted,
+            "security": "curve" if self.authorizer is not None else "plain",
             "dead": len(self.dead_letters),
             "counters": dict(self.counters),
         }
@@ -627,6 +684,13 @@ class Broker:
                 )
                 self._dispatched(out)
         self.results.purge(now)
+        if self.authorizer is not None and (self._reload_keys or now >= self._next_key_check):
+            if self._reload_keys:
+                self.authorizer.reload()
+            else:
+                self.authorizer.reload_if_changed()
+            self._reload_keys = False
+            self._next_key_check = now + KEY_CHECK_EVERY
         if now >= self._next_purge:  # scans every wait: not on every tick
             self.waiters.purge(now)
             self.journal.purge_results()

@@ -16,6 +16,31 @@ from zq.app import DEFAULT_QUEUE, App, default_broker
 BROKER_HELP = "Broker address. [env ZQ_BROKER; default tcp://127.0.0.1:5555]"
 
 
+def _peer_curve_options(fn: Any) -> Any:
+    """--curve-secret and --broker-key, for commands that connect to a CURVE broker."""
+    fn = click.option(
+        "--broker-key",
+        envvar="ZQ_BROKER_KEY",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="The broker's public .key file, for a CURVE broker. [env ZQ_BROKER_KEY]",
+    )(fn)
+    return click.option(
+        "--curve-secret",
+        envvar="ZQ_CURVE_SECRET",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="This peer's .key_secret file, for a CURVE broker. [env ZQ_CURVE_SECRET]",
+    )(fn)
+
+
+def _app(name: str, broker: str, curve_secret: str | None, broker_key: str | None) -> App:
+    try:
+        return App(name, broker=broker, curve_secret=curve_secret, broker_key=broker_key)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def _broker_option(fn: Any) -> Any:
     return click.option(
         "--broker", envvar="ZQ_BROKER", default=default_broker, show_default=False, help=BROKER_HELP
@@ -158,6 +183,51 @@ def _stop_on_signals(stop: Any) -> None:
     "turns durability off. [env ZQ_JOURNAL; default: $ZQ_DATA_DIR, else "
     "~/.local/share/zq, /journal-PORT.db]",
 )
+@click.option(
+    "--curve-secret",
+    envvar="ZQ_CURVE_SECRET",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The broker's .key_secret file (zq keys generate): encrypt all traffic and accept "
+    "only peers in --authorized-keys. [env ZQ_CURVE_SECRET; default: plain and open]",
+)
+@click.option(
+    "--authorized-keys",
+    envvar="ZQ_AUTHORIZED_KEYS",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Directory of the public .key files of the clients and workers allowed in; "
+    "re-read when it changes or on SIGHUP. [env ZQ_AUTHORIZED_KEYS]",
+)
+@click.option(
+    "--max-message-size",
+    type=click.IntRange(min=1024),
+    default=4 * 1024 * 1024,
+    show_default=True,
+    help="Bytes in one message; a peer that sends more is disconnected, and clients and "
+    "workers refuse to send more.",
+)
+@click.option(
+    "--max-queued",
+    type=click.IntRange(min=1),
+    default=1_000_000,
+    show_default=True,
+    help="Accepted, unfinished tasks in all; past it a submit is REJECTED.",
+)
+@click.option(
+    "--max-queued-per-queue",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tasks waiting in one queue; past it a submit to that queue is REJECTED. "
+    "[default: --max-queued]",
+)
+@click.option(
+    "--max-results",
+    type=click.IntRange(min=1),
+    default=1_000_000,
+    show_default=True,
+    help="Results kept for FETCH; past it the oldest are dropped (and counted).",
+)
 def broker(
     bind: str,
     pub_bind: str | None,
@@ -166,11 +236,19 @@ def broker(
     result_ttl: float,
     prefetch: int,
     journal: str | None,
+    curve_secret: str | None,
+    authorized_keys: str | None,
+    max_message_size: int,
+    max_queued: int,
+    max_queued_per_queue: int | None,
+    max_results: int,
 ) -> None:
     """Run the broker: queues, customer-sticky routing, results. Stop with Ctrl-C/SIGTERM."""
     from zq.broker import Broker, BrokerSettings
     from zq.journal import default_journal_path
 
+    if (curve_secret is None) != (authorized_keys is None):
+        raise click.UsageError("--curve-secret and --authorized-keys go together")
     settings = BrokerSettings(
         bind=bind,
         pub_bind=pub_bind,
@@ -179,6 +257,12 @@ def broker(
         result_ttl=result_ttl,
         prefetch=prefetch,
         journal=journal or default_journal_path(bind),
+        curve_secret=curve_secret,
+        authorized_keys=authorized_keys,
+        max_message_size=max_message_size,
+        max_queued=max_queued,
+        max_queued_per_queue=max_queued_per_queue,
+        max_results=max_results,
     )
     b = Broker(settings)
     try:
@@ -186,6 +270,7 @@ def broker(
     except Exception as exc:  # zmq.ZMQError (address in use), a journal in use
         raise click.ClickException(f"cannot start the broker on {bind}: {exc}") from None
     _stop_on_signals(b.stop)
+    signal.signal(signal.SIGHUP, lambda *_: b.reload_keys())
     click.echo(f"zq broker listening on {endpoint} (results and events on {pub})")
     if b.journal.durable:
         click.echo(f"journal {b.journal.path}: accepted tasks and results survive a crash")
@@ -193,10 +278,13 @@ def broker(
         click.echo(
             "journal off (:memory:): accepted tasks and results are lost if the broker stops"
         )
-    click.echo(
-        "traffic is plain and open: anyone who reaches these ports can submit and "
-        "read tasks; bind to a trusted network"
-    )
+    if curve_secret:
+        click.echo(f"CURVE: traffic encrypted; only the keys in {authorized_keys} get in")
+    else:
+        click.echo(
+            "traffic is plain and open: anyone who reaches these ports can submit and "
+            "read tasks; bind to a trusted network, or use --curve-secret (docs/security.md)"
+        )
     b.run()
     click.echo("zq broker stopped")
 
@@ -204,6 +292,7 @@ def broker(
 @main.command()
 @click.argument("app_spec", metavar="MODULE[:APP]", default="zq.scoring")
 @_broker_option
+@_peer_curve_options
 @click.option(
     "-c",
     "--concurrency",
@@ -263,6 +352,8 @@ def broker(
 def worker(
     app_spec: str,
     broker: str,
+    curve_secret: str | None,
+    broker_key: str | None,
     concurrency: int | None,
     pool: str,
     queues: str,
@@ -281,8 +372,12 @@ def worker(
     sys.path.insert(0, os.getcwd())  # like `python -m`, so ./myapp.py is importable
     queue_list = tuple(q.strip() for q in queues.split(",") if q.strip())
     try:
+        curve = App(
+            "zq.worker", broker=broker, curve_secret=curve_secret, broker_key=broker_key
+        ).client_curve()
         settings = WorkerSettings(
             broker=broker,
+            curve=curve,
             concurrency=concurrency or os.cpu_count() or 1,
             pool=pool,
             queues=queue_list,
@@ -313,6 +408,7 @@ def _parse_value(text: str) -> Any:
 @click.argument("task_name", metavar="TASK")
 @click.argument("args", nargs=-1)
 @_broker_option
+@_peer_curve_options
 @click.option(
     "--kwargs",
     "kwargs_json",
@@ -330,6 +426,8 @@ def call(
     task_name: str,
     args: tuple[str, ...],
     broker: str,
+    curve_secret: str | None,
+    broker_key: str | None,
     kwargs_json: str,
     queue: str,
     key: str | None,
@@ -343,7 +441,7 @@ def call(
         kwargs = json.loads(kwargs_json)
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--kwargs") from None
-    app = App("zq.call", broker=broker)
+    app = _app("zq.call", broker, curve_secret, broker_key)
     res = app.send_task(task_name, [_parse_value(a) for a in args], kwargs, queue=queue, key=key)
     if no_wait:
         if not app.client.flush(timeout):
@@ -363,15 +461,18 @@ def call(
 
 @main.command()
 @_broker_option
+@_peer_curve_options
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 @click.option(
     "--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the broker."
 )
-def status(broker: str, as_json: bool, timeout: float) -> None:
+def status(
+    broker: str, curve_secret: str | None, broker_key: str | None, as_json: bool, timeout: float
+) -> None:
     """Show workers (host, pid, slots, in flight), queue depths and keys in flight."""
     from zq.errors import ZQError
 
-    app = App("zq.status", broker=broker)
+    app = _app("zq.status", broker, curve_secret, broker_key)
     try:
         info = app.status(timeout)
     except ZQError as exc:
@@ -446,6 +547,7 @@ def demo(
 
 @main.command()
 @_broker_option
+@_peer_curve_options
 @_order_options(orders=200, customers=20)
 @click.option(
     "--timeout",
@@ -456,6 +558,8 @@ def demo(
 )
 def client(
     broker: str,
+    curve_secret: str | None,
+    broker_key: str | None,
     orders: int,
     customers: int,
     min_work: float,
@@ -476,7 +580,7 @@ def client(
                 f"score {outcome['score']:.3f} (pid {outcome['pid']})"
             )
 
-    app = App("zq.client", broker=broker)
+    app = _app("zq.client", broker, curve_secret, broker_key)
     batch = make_orders(
         orders, customers, min_work=min_work, max_work=max(min_work, max_work), seed=seed
     )
@@ -494,11 +598,13 @@ def dead() -> None:
     """Dead letters: tasks given up on because the worker running them kept dying."""
 
 
-def _dead_letters(broker: str, requeue: list[str], timeout: float) -> dict[str, Any]:
+def _dead_letters(
+    broker: str, curve: tuple[str | None, str | None], requeue: list[str], timeout: float
+) -> dict[str, Any]:
     from zq import protocol
     from zq.errors import ZQError
 
-    app = App("zq.dead", broker=broker)
+    app = _app("zq.dead", broker, *curve)
     try:
         return app.client.request(protocol.DEAD_LETTERS, {"requeue": requeue}, timeout)
     except ZQError as exc:
@@ -509,12 +615,15 @@ def _dead_letters(broker: str, requeue: list[str], timeout: float) -> dict[str, 
 
 @dead.command("list")
 @_broker_option
+@_peer_curve_options
 @click.option(
     "--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the broker."
 )
-def dead_list(broker: str, timeout: float) -> None:
+def dead_list(
+    broker: str, curve_secret: str | None, broker_key: str | None, timeout: float
+) -> None:
     """List the dead letters: id, task name, queue, key, times its worker died."""
-    letters = _dead_letters(broker, [], timeout)["dead"]
+    letters = _dead_letters(broker, (curve_secret, broker_key), [], timeout)["dead"]
     for t in letters:
         click.echo(
             f"{t['id']}  {t['name']}  queue={t['queue']}  key={t['key']}  died={t['redeliveries']}"
@@ -525,13 +634,38 @@ def dead_list(broker: str, timeout: float) -> None:
 @dead.command("requeue")
 @click.argument("task_ids", metavar="ID...", nargs=-1, required=True)
 @_broker_option
+@_peer_curve_options
 @click.option(
     "--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the broker."
 )
-def dead_requeue(task_ids: tuple[str, ...], broker: str, timeout: float) -> None:
+def dead_requeue(
+    task_ids: tuple[str, ...],
+    broker: str,
+    curve_secret: str | None,
+    broker_key: str | None,
+    timeout: float,
+) -> None:
     """Queue dead letters again, under the same ids, with their redelivery count reset."""
-    requeued = _dead_letters(broker, list(task_ids), timeout)["requeued"]
+    curve = (curve_secret, broker_key)
+    requeued = _dead_letters(broker, curve, list(task_ids), timeout)["requeued"]
     for task_id in task_ids:
         click.echo(f"{task_id}: {'requeued' if task_id in requeued else 'not a dead letter'}")
     if len(requeued) != len(task_ids):
         sys.exit(1)
+
+
+@main.group()
+def keys() -> None:
+    """CURVE key pairs for the broker, its workers and its clients (docs/security.md)."""
+
+
+@keys.command("generate")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("name")
+def keys_generate(directory: str, name: str) -> None:
+    """Write NAME.key (public: hand it out) and NAME.key_secret (keep it, mode 0600)
+    to DIRECTORY."""
+    from zq.security import generate
+
+    public, secret = generate(directory, name)
+    click.echo(f"public key: {public}\nsecret key: {secret}")

@@ -30,6 +30,7 @@ import zmq
 from zq import protocol as p
 from zq.errors import BrokerUnavailable, ResultUnavailable, TaskFailed, TaskRejected
 from zq.errors import TimeoutError as ZQTimeoutError
+from zq.security import ClientCurve
 
 log = logging.getLogger("zq.client")
 
@@ -77,8 +78,12 @@ class Client:
         heartbeat: float = 1.0,
         liveness: int = 3,
         fetch_after: float = FETCH_AFTER,
+        curve: ClientCurve | None = None,
     ) -> None:
         self.broker = broker
+        self.curve = curve
+        #: The broker's limit on one message (from WELCOME; the default until then).
+        self.max_message_size = p.DEFAULT_MAX_MESSAGE
         self.id = uuid.uuid4().hex[:16]
         self.fetch_after = fetch_after
         self._heartbeat = heartbeat
@@ -101,7 +106,14 @@ class Client:
     # ------------------------------------------------------- caller threads
 
     def submit(self, header: dict[str, Any], payload: bytes) -> _Slot:
-        """Queue one task for the broker; returns the slot its result lands in."""
+        """Queue one task for the broker; returns the slot its result lands in.
+
+        Raises ValueError if the task is larger than the broker accepts in a message."""
+        if len(payload) > self.max_message_size - p.ENVELOPE:
+            raise ValueError(
+                f"task arguments of {len(payload)} bytes exceed the broker's message size "
+                f"limit ({self.max_message_size} bytes)"
+            )
         slot = self.slot(header["id"], mine=True)
         self._call("submit", header, payload)
         return slot
@@ -181,6 +193,8 @@ class Client:
         self._ctx = zmq.Context()
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.linger = 0
+        if self.curve is not None:
+            self.curve.apply(self._sub)
         self._sub.setsockopt(zmq.SUBSCRIBE, self.id.encode())
         self._pub_endpoint = ""
         self._broker_instance = ""
@@ -219,6 +233,8 @@ class Client:
             old.close(linger=0)
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.linger = 0
+        if self.curve is not None:
+            self.curve.apply(self._dealer)
         self._dealer.connect(self.broker)
         self._welcomed = False
         for future in self._requests.values():  # their answers went with the old socket
@@ -229,7 +245,15 @@ class Client:
         self._send(p.HELLO, {"client": self.id})
 
     def _send(self, command: bytes, header: dict[str, Any], *payload: Any) -> None:
-        self._dealer.send_multipart(p.message(p.CLIENT, command, header, *payload), copy=False)
+        """Send without ever blocking the I/O thread. With no connection to send on (the
+        broker refused our handshake) or a full queue, the message is dropped: submits
+        and FETCH waits are sent again after the reconnect, heartbeats need not be."""
+        try:
+            self._dealer.send_multipart(
+                p.message(p.CLIENT, command, header, *payload), zmq.NOBLOCK, copy=False
+            )
+        except zmq.Again:
+            return
         self._last_sent = time.monotonic()
 
     def _drain(self, sock: zmq.Socket, handle: Any) -> None:
@@ -270,10 +294,33 @@ class Client:
         self._settle_flushes()
 
     def _send_submits(self, items: list[tuple[dict[str, Any], bytes]]) -> None:
-        for start in range(0, len(items), SUBMIT_BATCH):
-            chunk = items[start : start + SUBMIT_BATCH]
-            header = {"client": self.id, "tasks": [h for h, _ in chunk]}
-            self._send(p.SUBMIT, header, *[body for _, body in chunk])
+        """SUBMIT in batches of at most SUBMIT_BATCH tasks and half the size limit."""
+        budget = self.max_message_size // 2
+        chunk: list[tuple[dict[str, Any], bytes]] = []
+        size = 0
+        for item in items:
+            if len(item[1]) > self.max_message_size - p.ENVELOPE:
+                # Queued before the broker told us its limit: sending it would only get
+                # this connection cut, again and again. Refuse it here.
+                reason = (
+                    f"arguments of {len(item[1])} bytes exceed the broker's message "
+                    f"size limit ({self.max_message_size} bytes)"
+                )
+                self._unacked.pop(item[0]["id"], None)
+                self._update(item[0]["id"], p.REJECTED_STATE, {"reason": reason}, None)
+                continue
+            if chunk and (len(chunk) == SUBMIT_BATCH or size + len(item[1]) > budget):
+                self._send_submit(chunk)
+                chunk, size = [], 0
+            chunk.append(item)
+            size += len(item[1]) + p.ENVELOPE
+        if chunk:
+            self._send_submit(chunk)
+        self._settle_flushes()
+
+    def _send_submit(self, chunk: list[tuple[dict[str, Any], bytes]]) -> None:
+        header = {"client": self.id, "tasks": [h for h, _ in chunk]}
+        self._send(p.SUBMIT, header, *[body for _, body in chunk])
 
     def _settle_flushes(self) -> None:
         if not self._unacked:
@@ -317,6 +364,7 @@ class Client:
             self._pub_endpoint = pub
         self._heartbeat = float(header.get("heartbeat", self._heartbeat))
         self._liveness = int(header.get("liveness", self._liveness))
+        self.max_message_size = int(header.get("max_message_size", self.max_message_size))
         if self._broker_instance and header.get("broker") != self._broker_instance:
             log.warning("broker %s restarted; sending unacknowledged work again", self.broker)
         self._broker_instance = header.get("broker", "")

@@ -94,6 +94,11 @@ EVENT_PREFIX = b"@"
 
 #: Headers larger than this are refused before decoding.
 MAX_HEADER_BYTES = 64 * 1024
+#: The broker's default limit on one message (``zq broker --max-message-size``); peers
+#: assume it until the broker's WELCOME says otherwise.
+DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
+#: Room to leave in a message for the frames and header around a payload.
+ENVELOPE = MAX_HEADER_BYTES
 
 _EXT_DATETIME = 1
 _EXT_DATE = 2

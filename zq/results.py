@@ -26,8 +26,10 @@ class Result:
 class ResultStore:
     """Results by task id, dropped ``ttl`` seconds after they were stored."""
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, max_items: int | None = None) -> None:
         self.ttl = ttl
+        self.max_items = max_items
+        self.evicted = 0  # dropped before their TTL because the store was full
         # With one TTL for all, insertion order is expiry order: purging pops the front.
         self._items: OrderedDict[str, Result] = OrderedDict()
 
@@ -41,6 +43,9 @@ class ResultStore:
         result = Result(state, header, payload, now + self.ttl)
         self._items.pop(task_id, None)
         self._items[task_id] = result
+        if self.max_items is not None and len(self._items) > self.max_items:
+            self._items.popitem(last=False)  # the oldest: first to expire anyway
+            self.evicted += 1
         return result
 
     def discard(self, task_id: str) -> None:

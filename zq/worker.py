@@ -27,6 +27,7 @@ from zq import protocol as p
 from zq.app import App, default_broker, load_app
 from zq.errors import ProtocolError
 from zq.pool import Limits, ProcessPool, ThreadPool
+from zq.security import ClientCurve
 
 log = logging.getLogger("zq.worker")
 
@@ -43,6 +44,7 @@ class WorkerSettings:
     liveness: int = 3
     limits: Limits = field(default_factory=Limits)
     shutdown_timeout: float = 30.0  # on stop(), seconds running tasks may take to finish
+    curve: ClientCurve | None = None  # keys for a CURVE broker
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -70,6 +72,8 @@ class Worker:
         self._deliveries: dict[str, int | None] = {}  # running task id -> its delivery
         self._draining_until: float | None = None
         self._announced_drain = False
+        self._max_message = p.DEFAULT_MAX_MESSAGE  # the broker's limit, from WELCOME
+        self._dropped = 0  # malformed messages from the broker, dropped
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
@@ -172,6 +176,8 @@ class Worker:
             self._dealer.close(linger=0)
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.linger = 0
+        if self.settings.curve is not None:
+            self.settings.curve.apply(self._dealer)
         self._dealer.connect(self.settings.broker)
         self._last_recv = time.monotonic()
         self._ready()
@@ -204,8 +210,16 @@ class Worker:
         return held
 
     def _send(self, command: bytes, header: dict[str, Any], *payload: Any) -> None:
+        """Send without ever blocking the supervisor (it must keep fencing and ticking).
+        Dropped when there is no connection to send on: DONEs wait in the outbox and
+        READY is said again after the reconnect."""
         assert self._dealer is not None
-        self._dealer.send_multipart(p.message(p.WORKER, command, header, *payload), copy=False)
+        try:
+            self._dealer.send_multipart(
+                p.message(p.WORKER, command, header, *payload), zmq.NOBLOCK, copy=False
+            )
+        except zmq.Again:
+            return
         self._last_sent = time.monotonic()
 
     def _drain_broker(self) -> None:
@@ -217,38 +231,47 @@ class Worker:
                 return
             self._last_recv = self._heard = time.monotonic()
             try:
-                _, command, header, payload = p.parse(frames)
-            except ProtocolError as exc:
+                self._handle(*p.parse(frames))
+            except (ProtocolError, ValueError, TypeError, AttributeError) as exc:
+                self._dropped += 1
                 log.warning("dropped a malformed message from the broker: %s", exc)
-                continue
-            if command == p.TASK:
-                if not payload:
-                    log.warning("dropped TASK %s without a payload", header.get("id"))
-                    continue
-                self._on_task(header, payload[0])
-            elif command == p.ACCEPTED:
-                for task_id in header.get("ids", ()):
-                    self._outbox.pop(task_id, None)
-            elif command == p.WELCOME:
-                self._awaiting_welcome = False
-                for done_header, body in self._outbox.values():
-                    self._send(p.DONE, done_header, body)
-                self._heartbeat = float(header.get("heartbeat", self._heartbeat))
-                self._liveness = int(header.get("liveness", self._liveness))
-                self.pool.set_fence(_fence_after(self._heartbeat))
-            elif command == p.ERROR:
-                if header.get("code") == "unknown-worker":
-                    if self._awaiting_welcome:
-                        continue
+
+    def _handle(self, tag: bytes, command: bytes, header: dict[str, Any], payload: list) -> None:
+        if command == p.TASK:
+            if not payload:
+                raise ProtocolError("TASK without a payload")
+            self._on_task(header, payload[0])
+        elif command == p.ACCEPTED:
+            for task_id in header.get("ids", ()):
+                self._outbox.pop(task_id, None)
+        elif command == p.WELCOME:
+            heartbeat = float(header.get("heartbeat", self._heartbeat))
+            liveness = int(header.get("liveness", self._liveness))
+            max_message = int(header.get("max_message_size", self._max_message))
+            if not (0 < heartbeat < 3600 and 1 < liveness < 1000 and max_message > p.ENVELOPE):
+                raise ProtocolError(f"implausible WELCOME {header!r:.200}")
+            self._heartbeat, self._liveness, self._max_message = heartbeat, liveness, max_message
+            self.pool.set_fence(_fence_after(heartbeat))
+            self._awaiting_welcome = False
+            for done_header, body in self._outbox.values():
+                self._send(p.DONE, done_header, body)
+        elif command == p.ERROR:
+            if header.get("code") == "unknown-worker":
+                if not self._awaiting_welcome:
                     log.warning("broker does not know this worker (any more); saying READY")
                     self._ready()
-                else:
-                    log.error("broker reported an error: %s", header.get("reason"))
+            else:
+                log.error("broker reported an error: %s", header.get("reason"))
 
     def _on_task(self, header: dict[str, Any], payload: bytes) -> None:
         task_id, delivery = header.get("id"), header.get("delivery")
-        if not isinstance(task_id, str):
-            log.warning("dropped a TASK without an id")
+        if not (
+            isinstance(task_id, str)
+            and isinstance(header.get("name"), str)
+            and (delivery is None or isinstance(delivery, int))
+        ):
+            self._dropped += 1
+            log.warning("dropped a TASK with a bad header (id, name or delivery)")
         elif task_id in self._outbox:
             # Sent again (the broker lost our DONE's delivery): the result is here already.
             done_header, body = self._outbox[task_id]
@@ -267,6 +290,18 @@ class Worker:
             self._send(p.STARTED, {"id": event[1], "delivery": self._deliveries.get(event[1])})
         elif event[0] == "done":
             _, task_id, state, body, runtime, extra = event
+            if len(body) > self._max_message - p.ENVELOPE:
+                # Sent as is, it would make the broker drop this connection (again and
+                # again, from the outbox): fail the task with the reason instead.
+                state, extra = p.FAILURE, {}
+                body = p.encode(
+                    {
+                        "type": "zq.ResultTooLarge",
+                        "traceback": "",
+                        "message": f"the result is {len(body)} bytes; the broker accepts "
+                        f"{self._max_message} per message",
+                    }
+                )
             header = {
                 "id": task_id,
                 "state": state,
