@@ -1,0 +1,212 @@
+"""Keyed scheduling efficiency: makespan of a keyed workload against its ideal bound.
+
+A seeded workload of sleeps (log-uniform between 10 and 500 ms) spread uniformly over
+``keys`` keys, about ``work`` seconds of sleep in all, runs on ``workers`` worker
+processes of ``slots`` thread slots each. The client submits every task at once and
+waits for all results.
+
+* **makespan**: first submit to last result received, in this process.
+* **ideal bound**: ``max(total work / slots, longest key's total work)``; no schedule
+  can beat it (tasks of one key run one at a time, in order). The work is what the
+  tasks measured themselves (their sleep plus its overshoot).
+* **FIFO bound**: the same workload on a zero-overhead simulation of zq's policy
+  (ready lanes first come first served, a key's next task queued behind the lanes
+  already ready), so the gap splits into policy (FIFO vs bound) and overhead
+  (zq vs FIFO).
+* **utilisation**: total work / (slots x makespan).
+
+The task records also give a check of the promise itself: no two runs of one key
+overlap and a key's tasks start in submission order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import math
+import random
+import time
+from collections import defaultdict, deque
+from typing import Any
+
+from bench.common import (
+    Row,
+    gather,
+    median,
+    start_broker,
+    start_client,
+    start_worker,
+    wait_for_workers,
+)
+
+TARGET_OVER_IDEAL = 0.05
+SHORTEST, LONGEST = 0.010, 0.500
+
+
+def workload(work: float, keys: int, seed: int) -> list[tuple[str, float]]:
+    """(key, seconds) in submission order, adding up to about ``work`` seconds."""
+    rng = random.Random(seed)
+    tasks: list[tuple[str, float]] = []
+    total = 0.0
+    while total < work:
+        seconds = round(math.exp(rng.uniform(math.log(SHORTEST), math.log(LONGEST))), 4)
+        tasks.append((f"k{rng.randrange(keys):03d}", seconds))
+        total += seconds
+    return tasks
+
+
+def ideal_bound(tasks: list[tuple[str, float]], slots: int) -> float:
+    """``max(total / slots, longest key's total)``."""
+    per_key: dict[str, float] = defaultdict(float)
+    for key, seconds in tasks:
+        per_key[key] += seconds
+    return max(sum(per_key.values()) / slots, max(per_key.values()))
+
+
+def fifo_makespan(tasks: list[tuple[str, float]], slots: int) -> float:
+    """The makespan of zq's policy with zero overhead: an event simulation.
+
+    Keys' lanes enter a FIFO of ready lanes when their head may run; a free slot takes
+    the first ready lane's head; when a task ends its lane, if not empty, rejoins the
+    FIFO at the back."""
+    lanes: dict[str, deque[float]] = defaultdict(deque)
+    ready: deque[str] = deque()
+    for key, seconds in tasks:
+        if not lanes[key]:
+            ready.append(key)
+        lanes[key].append(seconds)
+    running: list[tuple[float, str]] = []  # (end, key) heap
+    now = 0.0
+    free = slots
+    while ready or running:
+        while free and ready:
+            key = ready.popleft()
+            heapq.heappush(running, (now + lanes[key][0], key))
+            free -= 1
+        now, key = heapq.heappop(running)
+        free += 1
+        lanes[key].popleft()
+        if lanes[key]:
+            ready.append(key)
+    return now
+
+
+def violations(records: list[dict[str, Any]], order: dict[str, list[int]]) -> int:
+    """Runs of one key that overlap or start out of submission order."""
+    by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for index, record in enumerate(records):
+        by_key[record["key"]].append({**record, "seq": index})
+    bad = 0
+    for key, runs in by_key.items():
+        runs.sort(key=lambda r: r["start"])
+        bad += sum(b["start"] < a["end"] for a, b in zip(runs, runs[1:], strict=False))
+        bad += [r["seq"] for r in runs] != order[key]
+    return bad
+
+
+def one_round(app: Any, tasks: list[tuple[str, float]], slots: int) -> dict[str, Any]:
+    """Submit the workload at once, wait for all of it; the round's figures."""
+    start = time.perf_counter()
+    results = [app.send_task("bench.keyed_sleep", (k, s), key=k) for k, s in tasks]
+    records = gather(results, timeout=10 * sum(s for _, s in tasks) / slots + 30)
+    makespan = time.perf_counter() - start
+    measured = [(r["key"], r["end"] - r["start"]) for r in records]
+    work = sum(s for _, s in measured)
+    ideal = ideal_bound(measured, slots)
+    fifo = fifo_makespan(measured, slots)
+    order: dict[str, list[int]] = defaultdict(list)
+    for index, (key, _) in enumerate(tasks):
+        order[key].append(index)
+    return {
+        "makespan_s": makespan,
+        "ideal_s": ideal,
+        "fifo_s": fifo,
+        "work_s": work,
+        "over_ideal": makespan / ideal - 1,
+        "over_fifo": makespan / fifo - 1,
+        "utilisation": work / (slots * makespan),
+        "key_violations": violations(records, order),
+        "workers_used": len({r["pid"] for r in records}),
+    }
+
+
+def run(
+    *,
+    work: float,
+    keys: int,
+    workers: int,
+    slots: int,
+    repeats: int,
+    seed: int = 7,
+    log: Any = print,
+) -> tuple[dict[str, Any], list[Row]]:
+    """``repeats`` rounds of the same workload on one broker and ``workers`` workers."""
+    tasks = workload(work, keys, seed)
+    total_slots = workers * slots
+    with contextlib.ExitStack() as stack:
+        broker = start_broker(stack, False)
+        for _ in range(workers):
+            start_worker(stack, broker.endpoint, pool="thread", concurrency=slots)
+        app = start_client(stack, broker.endpoint)
+        wait_for_workers(app, workers)
+        app.send_task("bench.keyed_sleep", ("warm-up", 0.01), key="warm-up").get(timeout=10)
+        rounds = [one_round(app, tasks, total_slots) for _ in range(repeats)]
+    summary = {k: median([r[k] for r in rounds]) for k in rounds[0]}
+    log(
+        f"  keyed: makespan {summary['makespan_s']:.2f}s, ideal {summary['ideal_s']:.2f}s "
+        f"(+{summary['over_ideal']:.1%}), FIFO policy {summary['fifo_s']:.2f}s, "
+        f"utilisation {summary['utilisation']:.0%}"
+    )
+    result = {
+        "tasks": len(tasks),
+        "keys": keys,
+        "nominal_work_s": sum(s for _, s in tasks),
+        "slots": total_slots,
+        "workers": workers,
+        "rounds": rounds,
+        **summary,
+    }
+    over = summary["over_ideal"]
+    rows = [
+        Row(
+            "keyed",
+            f"makespan ({len(tasks)} tasks, {keys} keys, {total_slots} slots)",
+            summary["makespan_s"],
+            "s",
+            note=f"ideal bound {summary['ideal_s']:.2f} s",
+            samples=[r["makespan_s"] for r in rounds],
+        ),
+        Row(
+            "keyed",
+            "makespan over ideal bound",
+            over * 100,
+            "%",
+            target=f"<= {TARGET_OVER_IDEAL:.0%}",
+            met=over <= TARGET_OVER_IDEAL,
+            samples=[r["over_ideal"] * 100 for r in rounds],
+        ),
+        Row(
+            "keyed",
+            "makespan over zero-overhead FIFO policy",
+            summary["over_fifo"] * 100,
+            "%",
+            note=f"FIFO policy {summary['fifo_s']:.2f} s",
+            samples=[r["over_fifo"] * 100 for r in rounds],
+        ),
+        Row(
+            "keyed",
+            "worker utilisation",
+            summary["utilisation"] * 100,
+            "%",
+            samples=[r["utilisation"] * 100 for r in rounds],
+        ),
+        Row(
+            "keyed",
+            "key exclusivity/order violations",
+            sum(r["key_violations"] for r in rounds),
+            "",
+            target="0",
+            met=not any(r["key_violations"] for r in rounds),
+        ),
+    ]
+    return result, rows

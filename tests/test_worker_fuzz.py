@@ -1,0 +1,141 @@
+"""Hostile input to a worker: a fake broker throws random and mutated frames at a real
+worker process; the worker must survive them and still run a legitimate task."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zq import protocol as p
+from zq.testing import WorkerProcess
+
+
+class FakeBroker:
+    """A bare ROUTER the worker connects to, speaking just enough ZQ/1."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.endpoint = self.sock.last_endpoint.decode()
+        self.worker = b""
+
+    def recv(self, timeout: float = 5.0) -> tuple[bytes, dict]:
+        assert self.sock.poll(timeout * 1000), "the worker went silent"
+        frames = self.sock.recv_multipart()
+        self.worker = frames[0]
+        _, command, header, _ = p.parse(frames[1:])
+        return command, header
+
+    def send(self, *frames: bytes) -> None:
+        self.sock.send_multipart([self.worker, *frames])
+
+    def expect(self, command: bytes, task_id: str | None = None, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got, header = self.recv(max(0.01, deadline - time.monotonic()))
+            if got == p.HEARTBEAT:
+                self.send(p.BROKER, p.HEARTBEAT, p.pack_header({}))
+            if got == p.DONE:  # acknowledge, so the worker's outbox lets go of it
+                self.send(p.BROKER, p.ACCEPTED, p.pack_header({"ids": [header.get("id")]}))
+            if got == command and (task_id is None or header.get("id") == task_id):
+                return header
+        raise AssertionError(f"no {p.COMMAND_NAMES[command]} from the worker")
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[tuple[FakeBroker, WorkerProcess]]:
+    broker = FakeBroker()
+    worker = WorkerProcess("tests.tasks", broker.endpoint, pool="thread", concurrency=1)
+    try:
+        broker.expect(p.READY)
+        welcome = {
+            "broker": "fake",
+            "heartbeat": 1.0,
+            "liveness": 3,
+            "max_message_size": p.DEFAULT_MAX_MESSAGE,
+            "pub": "tcp://127.0.0.1:9",
+        }
+        broker.send(p.BROKER, p.WELCOME, p.pack_header(welcome))
+        yield broker, worker
+    finally:
+        worker.close()
+        broker.close()
+
+
+def _run_a_task(broker: FakeBroker, task_id: str, delivery: int) -> dict:
+    header = {
+        "id": task_id,
+        "name": "tests.tasks.add",
+        "queue": "default",
+        "client": "ab",
+        "delivery": delivery,
+    }
+    broker.send(p.BROKER, p.TASK, p.pack_header(header), p.encode([[2, 3], {}]))
+    return broker.expect(p.DONE, task_id)
+
+
+_commands = st.sampled_from(sorted(p.COMMAND_NAMES)) | st.binary(min_size=1, max_size=2)
+_fields = st.sampled_from(
+    [
+        "id",
+        "name",
+        "delivery",
+        "heartbeat",
+        "liveness",
+        "ids",
+        "code",
+        "max_message_size",
+        "queue",
+        "key",
+    ]
+)
+_values = (
+    st.none()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
+    | st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3)
+)
+_headers = st.dictionaries(_fields, _values, max_size=5).map(p.pack_header) | st.binary(max_size=30)
+_messages = st.one_of(
+    st.lists(st.binary(max_size=40), max_size=5),
+    st.tuples(
+        st.sampled_from([p.BROKER, b"ZQ1X"]), _commands, _headers, st.binary(max_size=40)
+    ).map(list),
+)
+
+
+_examples = itertools.count(1)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(batch=st.lists(_messages, min_size=1, max_size=10))
+def test_worker_survives_random_frames_and_keeps_working(fake, batch):
+    broker, worker = fake
+    for frames in batch:
+        if frames:
+            broker.send(*frames)
+    assert worker.proc.poll() is None, "the worker died"
+    n = next(_examples)
+    if n % 25 == 0:  # a legitimate task still runs, now and then
+        assert _run_a_task(broker, f"legit-{n}", 1)["state"] == "SUCCESS"
+
+
+def test_worker_still_runs_tasks_after_the_fuzzing(fake):
+    broker, worker = fake
+    done = _run_a_task(broker, "after-fuzz", 7)
+    assert done["state"] == "SUCCESS" and done["delivery"] == 7
+    assert worker.proc.poll() is None
