@@ -193,6 +193,7 @@ class Client:
         self._ctx = zmq.Context()
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.linger = 0
+        self._sub.maxmsgsize = p.PEER_MAX_MESSAGE
         if self.curve is not None:
             self.curve.apply(self._sub)
         self._sub.setsockopt(zmq.SUBSCRIBE, self.id.encode())
@@ -233,6 +234,7 @@ class Client:
             old.close(linger=0)
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.linger = 0
+        self._dealer.maxmsgsize = p.PEER_MAX_MESSAGE
         if self.curve is not None:
             self.curve.apply(self._dealer)
         self._dealer.connect(self.broker)

@@ -97,6 +97,9 @@ MAX_HEADER_BYTES = 64 * 1024
 #: The broker's default limit on one message (``zq broker --max-message-size``); peers
 #: assume it until the broker's WELCOME says otherwise.
 DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
+#: What clients and workers accept in one message from the broker (MAXMSGSIZE on their
+#: sockets): a generous cap, since they learn the broker's own limit only after connecting.
+PEER_MAX_MESSAGE = 256 * 1024 * 1024
 #: Room to leave in a message for the frames and header around a payload.
 ENVELOPE = MAX_HEADER_BYTES
 

@@ -176,6 +176,7 @@ class Worker:
             self._dealer.close(linger=0)
         self._dealer = self._ctx.socket(zmq.DEALER)
         self._dealer.linger = 0
+        self._dealer.maxmsgsize = p.PEER_MAX_MESSAGE
         if self.settings.curve is not None:
             self.settings.curve.apply(self._dealer)
         self._dealer.connect(self.settings.broker)
