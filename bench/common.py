@@ -8,6 +8,7 @@ was started with) in a ``finally`` whatever happens; every wait has a deadline.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import queue
@@ -112,6 +113,15 @@ class Proc:
             f"its last output:\n{''.join(self.output)}"
         )
 
+    def terminate(self, timeout: float) -> None:
+        """SIGTERM the process (graceful stop), wait up to ``timeout`` s, then kill."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        self.kill()
+
     def kill(self) -> None:
         """SIGKILL the process group led by our pid, then reap the process."""
         if self.proc is None:
@@ -169,9 +179,9 @@ def start_worker(
 
 
 def start_client(stack: contextlib.ExitStack, endpoint: str) -> zq.App:
-    """A client App for ``endpoint``, closed (without waiting) with the stack."""
+    """A client App for ``endpoint``, closed with the stack (before its processes end)."""
     app = zq.App("bench-client", broker=endpoint)
-    stack.callback(app.close, flush=False)
+    stack.callback(app.close)
     return app
 
 
@@ -211,6 +221,55 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time of every live process in process group ``pgid`` (a :class:`Proc` and,
+    e.g., a worker's pool children), from /proc/*/stat."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # it ended meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            total += (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return total
+
+
+class CpuMeter:
+    """CPU seconds spent by process groups (our children: each leads its own) and by
+    single processes (this one), summed over ``start()``/``stop()`` intervals."""
+
+    def __init__(self, groups: dict[str, int], processes: dict[str, int]) -> None:
+        self.readers: dict[str, Callable[[], float]] = {
+            **{name: functools.partial(group_cpu_seconds, pid) for name, pid in groups.items()},
+            **{name: functools.partial(cpu_seconds, pid) for name, pid in processes.items()},
+        }
+        self.totals = dict.fromkeys(self.readers, 0.0)
+        self._start: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._start = {name: read() for name, read in self.readers.items()}
+
+    def stop(self) -> None:
+        for name, read in self.readers.items():
+            self.totals[name] += read() - self._start[name]
+
+    def per_task_us(self, tasks: int) -> dict[str, float]:
+        """Microseconds of CPU per task, per process and in all."""
+        out = {name: 1e6 * seconds / tasks for name, seconds in self.totals.items()}
+        out["total"] = sum(out.values())
+        return out
+
+
+def describe_cpu(per_task: dict[str, float]) -> str:
+    """``CPU/task: broker 120 us + ...`` for a table note."""
+    parts = [f"{name} {us:.0f}" for name, us in per_task.items() if name != "total"]
+    return f"CPU us/task: {' + '.join(parts)} = {per_task['total']:.0f}"
+
+
 # ----------------------------------------------------------------- statistics
 
 
@@ -237,6 +296,17 @@ def repeat(times: int, run: Callable[[], float]) -> list[float]:
 # -------------------------------------------------------------------- machine
 
 
+def _git(*args: str) -> str:
+    """Output of a git command in the repository, or "" if git is unavailable."""
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 def machine() -> dict[str, Any]:
     """Where the figures come from: cores, CPU model, load, Python, pyzmq, libzmq, msgpack."""
     import msgpack
@@ -248,6 +318,7 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    load: list[str] = []
     with contextlib.suppress(OSError):
         load = Path("/proc/loadavg").read_text().split()[:3]
     return {
@@ -260,6 +331,8 @@ def machine() -> dict[str, Any]:
         "msgpack": ".".join(map(str, msgpack.version)),
         "zq": zq.__version__,
         "loadavg_at_start": " ".join(load),
+        "zq_commit": _git("rev-parse", "--short", "HEAD"),
+        "zq_uncommitted_changes": bool(_git("status", "--porcelain", "--", "zq")),
         "tmpdir": tempfile.gettempdir(),
     }
 

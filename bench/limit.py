@@ -15,6 +15,7 @@ Run as a child: ``python -m bench.limit forwarder`` or ``python -m bench.limit e
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from bench.common import LOOPBACK, Proc, Row, median, percentile
+from bench.common import LOOPBACK, CpuMeter, Proc, Row, describe_cpu, median, percentile
 
 _PORTS = re.compile(r"^forwarder (\S+) (\S+)$")
 _ECHO_READY = re.compile(r"^echo ready$")
@@ -98,6 +99,7 @@ class Pipeline:
             Proc([sys.executable, "-m", "bench.limit", "echo", back], "echo")
         )
         echo_proc.wait_line(_ECHO_READY, 20)
+        self.cpu = CpuMeter({"forwarder": fwd.pid, "echo": echo_proc.pid}, {"client": os.getpid()})
         self.ctx = zmq.Context()
         stack.callback(self.ctx.term)
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -152,7 +154,12 @@ def run(
     """Measure the limit: pipelined tasks/s (median of ``repeats``), one-at-a-time latency."""
     pipe = Pipeline(stack)
     pipe.pipelined(min(tasks, 2000), window)  # warm-up
-    rates = [pipe.pipelined(tasks, window) for _ in range(repeats)]
+    rates = []
+    for _ in range(repeats):
+        pipe.cpu.start()
+        rates.append(pipe.pipelined(tasks, window))
+        pipe.cpu.stop()
+    cpu = pipe.cpu.per_task_us(tasks * repeats)
     for _ in range(50):
         pipe.round_trip()
     latencies = [pipe.round_trip() * 1000 for _ in range(samples)]
@@ -161,12 +168,20 @@ def run(
         "tasks_per_s_samples": rates,
         "latency_ms_p50": percentile(latencies, 50),
         "latency_ms_p99": percentile(latencies, 99),
+        "cpu_us_per_task": cpu,
         "tasks": tasks,
         "window": window,
         "latency_samples": samples,
     }
     rows = [
-        Row("limit", "pipelined throughput", result["tasks_per_s"], "tasks/s", samples=rates),
+        Row(
+            "limit",
+            "pipelined throughput",
+            result["tasks_per_s"],
+            "tasks/s",
+            note=describe_cpu(cpu),
+            samples=rates,
+        ),
         Row("limit", "round trip p50", result["latency_ms_p50"], "ms"),
         Row("limit", "round trip p99", result["latency_ms_p99"], "ms"),
     ]

@@ -166,7 +166,8 @@ class Client:
         """Give unaccepted submits up to ``flush_timeout`` seconds, then stop the thread."""
         if self._closing or not self._thread.is_alive():
             return
-        if not self.flush(flush_timeout):
+        flushed = self.flush(flush_timeout) if flush_timeout > 0 else not self._unacked
+        if not flushed:
             log.warning("closing with tasks the broker has not accepted")
         self._closing = True
         self._wake()

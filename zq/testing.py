@@ -97,6 +97,14 @@ class _Process:
                 return match
         raise AssertionError(f"{self.args} never printed {pattern.pattern!r}:\n{''.join(seen)}")
 
+    def _started(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        """Wait for the start-up line; a process that never prints it is killed."""
+        try:
+            return self.read_until(pattern, timeout)
+        except BaseException:
+            self.close()
+            raise
+
     def _drain(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         with contextlib.suppress(OSError, ValueError):
@@ -171,7 +179,7 @@ class BrokerProcess(_Process):
 
     def start(self) -> BrokerProcess:
         super().start()
-        match = self.read_until(_LISTENING, 20)
+        match = self._started(_LISTENING, 20)
         self.endpoint, self.pub_endpoint = match.group(1), match.group(2)
         return self
 
@@ -221,7 +229,7 @@ class WorkerProcess(_Process):
 
     def start(self) -> WorkerProcess:
         super().start()
-        self.read_until(_WORKER_STARTED, 30)
+        self._started(_WORKER_STARTED, 30)
         return self
 
 
