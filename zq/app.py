@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import threading
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
@@ -264,7 +263,11 @@ class App:
         ):
             raise ValueError(f"task_id must be a string of 1..{p.MAX_ID_LEN} characters")
         payload = p.encode([list(args), kwargs or {}])  # TypeError here, in the caller
-        header: dict[str, Any] = {"id": task_id or uuid.uuid4().hex, "name": name, "queue": queue}
+        header: dict[str, Any] = {
+            "id": task_id or os.urandom(16).hex(),
+            "name": name,
+            "queue": queue,
+        }
         if key is not None:
             header["key"] = str(key)
         if ignore_result:

@@ -41,6 +41,8 @@ MAX_WAIT = 3600.0
 MAX_COUNTDOWN = 7 * 24 * 3600.0
 #: Seconds between sweeps of expired FETCH waits and of expired results in the journal.
 PURGE_EVERY = 10.0
+#: Payloads up to this many bytes are kept as bytes rather than zero-copy frames.
+SMALL_PAYLOAD = 4096
 #: Messages a peer may have queued towards the broker before its sends block.
 ROUTER_RCVHWM = 1000
 #: Seconds between checks of the authorized-keys directory for changes.
@@ -333,6 +335,10 @@ class Broker:
                 continue
             accepted.append(task_id)
             task_header["client"] = client
+            if len(body) <= SMALL_PAYLOAD:
+                # A zero-copy frame would keep its share of libzmq's receive buffer
+                # alive for as long as the task waits; a small payload is cheaper copied.
+                body = body.bytes
             task = Task(task_id, task_header["queue"], task_header.get("key"), (task_header, body))
             if self.journal.durable:
                 self.journal.task_accepted(task_id, p.pack_header(task_header), _bytes(body))

@@ -99,6 +99,8 @@ class Client:
         self._requests: dict[int, concurrent.futures.Future[dict[str, Any]]] = {}
         self._next_req = 0
         self._closing = False
+        self._wake_pending = False
+        self._state_queries = 0  # callers waiting in query_state (notified on updates)
         self._thread = threading.Thread(target=self._run, name="zq-client", daemon=True)
         self._thread.start()
         atexit.register(self.close)
@@ -134,11 +136,16 @@ class Client:
         """Ask the broker for a task's state now; returns it (PENDING if not known)."""
         with self._lock:
             seq = slot.seq
-        self._call("query", slot.id)
-        with self._changed:
-            if not self._changed.wait_for(lambda: slot.seq != seq, timeout):
-                raise BrokerUnavailable(f"no answer from {self.broker} within {timeout}s")
-            return slot.state
+            self._state_queries += 1
+        try:
+            self._call("query", slot.id)
+            with self._changed:
+                if not self._changed.wait_for(lambda: slot.seq != seq, timeout):
+                    raise BrokerUnavailable(f"no answer from {self.broker} within {timeout}s")
+                return slot.state
+        finally:
+            with self._lock:
+                self._state_queries -= 1
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The broker's STATUS snapshot (workers, queues, keys in flight, counters)."""
@@ -184,6 +191,12 @@ class Client:
         self._wake()
 
     def _wake(self) -> None:
+        # One write per batch of commands, not per command: the I/O thread clears the
+        # flag before it drains the queue, so whatever was queued after is seen either
+        # by that drain or by the wake-up the next caller sends.
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         # A full pipe means the I/O thread is already awake; a closed one, that it ended.
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"x")
@@ -215,6 +228,7 @@ class Client:
                     poller.register(dealer, zmq.POLLIN)
                 events = dict(poller.poll(self._heartbeat * 250))
                 if self._wake_r in events:
+                    self._wake_pending = False
                     os.read(self._wake_r, 4096)
                     self._drain_commands()
                 if self._dealer in events:
@@ -408,7 +422,8 @@ class Client:
             if slot is None:
                 return
             slot.seq += 1
-            self._changed.notify_all()
+            if self._state_queries:
+                self._changed.notify_all()
             if slot.done.is_set() or (only_if is not None and slot.state != only_if):
                 return
             if state == p.PENDING and slot.state != p.PENDING:
