@@ -325,7 +325,11 @@ class Broker:
                 rejected[task_id] = reason
                 continue
             task_id = task_header["id"]
-            if task_id in self.dispatch.tasks or task_id in self.results:
+            if (
+                task_id in self.dispatch.tasks
+                or task_id in self.results
+                or (task_id in self.dead_letters)
+            ):
                 accepted.append(task_id)
                 self.counters["duplicates"] += 1  # a resend: accepted once already
                 continue
@@ -588,15 +592,17 @@ class Broker:
             raise ProtocolError("DEAD_LETTERS 'requeue' must be a list of task ids")
         requeued, out = [], []
         for task_id in requeue:
-            task = self.dead_letters.pop(task_id, None)
-            if task is None:
-                continue
+            task = self.dead_letters.get(task_id)
+            if task is None or task_id in self.dispatch.tasks:
+                continue  # not a dead letter, or its id was submitted again meanwhile
+            del self.dead_letters[task_id]
             self.results.discard(task_id)
             self.journal.dead_dropped(task_id)
             self.journal.result_dropped(task_id)
             task_header, body = task.data
             task_header.pop("redeliveries", None)
             fresh = Task(task.id, task.queue, task.key, task.data)
+            fresh.delivery = task.delivery  # late reports about old runs stay stale
             if self.journal.durable:
                 self.journal.task_accepted(task_id, p.pack_header(task_header), _bytes(body))
             out += self.dispatch.submit(fresh)
@@ -691,10 +697,13 @@ class Broker:
                 self._dispatched(out)
         self.results.purge(now)
         if self.authorizer is not None and (self._reload_keys or now >= self._next_key_check):
-            if self._reload_keys:
-                self.authorizer.reload()
-            else:
-                self.authorizer.reload_if_changed()
+            try:
+                if self._reload_keys:
+                    self.authorizer.reload()
+                else:
+                    self.authorizer.reload_if_changed()
+            except Exception:  # a key file vanishing mid-scan must not stop the broker
+                log.exception("could not reload the authorized keys; keeping the old ones")
             self._reload_keys = False
             self._next_key_check = now + KEY_CHECK_EVERY
         if now >= self._next_purge:  # scans every wait: not on every tick

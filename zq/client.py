@@ -192,8 +192,8 @@ class Client:
 
     def _wake(self) -> None:
         # One write per batch of commands, not per command: the I/O thread clears the
-        # flag before it drains the queue, so whatever was queued after is seen either
-        # by that drain or by the wake-up the next caller sends.
+        # flag after reading the pipe and before it drains the queue, so whatever was
+        # queued is seen either by that drain or by the wake-up the next caller sends.
         if self._wake_pending:
             return
         self._wake_pending = True
@@ -228,8 +228,11 @@ class Client:
                     poller.register(dealer, zmq.POLLIN)
                 events = dict(poller.poll(self._heartbeat * 250))
                 if self._wake_r in events:
-                    self._wake_pending = False
+                    # Read first, then clear: a caller that saw the flag set queued its
+                    # command before the clear, so the drain below takes it; one that
+                    # sees it clear writes a new byte. (The other order lost wake-ups.)
                     os.read(self._wake_r, 4096)
+                    self._wake_pending = False
                     self._drain_commands()
                 if self._dealer in events:
                     self._drain(self._dealer, self._on_reply)

@@ -93,14 +93,20 @@ class Authorizer:
         self.reload()
 
     def _current_stamp(self) -> tuple[float, int]:
-        entries = list(os.scandir(self.directory))
-        newest = max([e.stat().st_mtime for e in entries] + [os.stat(self.directory).st_mtime])
-        return newest, len(entries)
+        newest, count = os.stat(self.directory).st_mtime, 0
+        for entry in os.scandir(self.directory):
+            count += 1
+            try:  # a file can vanish between the listing and the stat (a revocation)
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+            except OSError:
+                newest = float("inf")  # changed under us: look again next time
+        return newest, count
 
     def reload(self) -> int:
         """Read the directory's public keys again; returns how many are authorized."""
-        self._stamp = self._current_stamp()
+        stamp = self._current_stamp()
         self._auth.configure_curve(domain="*", location=self.directory)
+        self._stamp = stamp
         count = sum(1 for p in Path(self.directory).glob("*.key"))
         log.info("authorized keys: %d in %s", count, self.directory)
         return count

@@ -71,6 +71,7 @@ class Worker:
         self._outbox: dict[str, tuple[dict[str, Any], bytes]] = {}
         self._deliveries: dict[str, int | None] = {}  # running task id -> its delivery
         self._draining_until: float | None = None
+        self._closed = False
         self._announced_drain = False
         self._max_message = p.DEFAULT_MAX_MESSAGE  # the broker's limit, from WELCOME
         self._dropped = 0  # malformed messages from the broker, dropped
@@ -81,10 +82,13 @@ class Worker:
         """Stop gracefully: take no new tasks, let running ones finish (up to the
         shutdown timeout), hand the rest back. A second call stops at once. Safe from a
         signal handler or another thread."""
-        if self._draining_until is None and self._running:
+        if self._draining_until is None:
+            # Also before run() got going: it then drains (and stops) at once.
             self._draining_until = time.monotonic() + self.settings.shutdown_timeout
         else:
             self._running = False
+        if self._closed:
+            return  # run() has ended; its wake-up pipe is gone
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
 
@@ -128,6 +132,7 @@ class Worker:
                 self._send(p.DISCONNECT, {})
                 self._dealer.close(linger=500)
             self._ctx.term()
+            self._closed = True
             os.close(self._wake_r)
             os.close(self._wake_w)
 
