@@ -11,14 +11,12 @@ import contextlib
 import functools
 import os
 import platform
-import queue
 import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import zq
+from zq.testing import OutputReader
 
 #: The repository root: children run here, so ``bench.tasks`` is importable.
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,8 +60,12 @@ class Proc:
         self.name = name
         self.env = env or child_env()
         self.proc: subprocess.Popen[str] | None = None
-        self.output: deque[str] = deque(maxlen=200)
-        self._lines: queue.Queue[str | None] = queue.Queue(maxsize=10_000)
+        self._reader: OutputReader | None = None
+
+    @property
+    def output(self) -> deque[str]:
+        """Its last lines of output."""
+        return self._reader.lines if self._reader is not None else deque()
 
     @property
     def pid(self) -> int:
@@ -79,39 +82,23 @@ class Proc:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: pool children die with it
         )
-        threading.Thread(target=self._drain, name=f"{self.name}-out", daemon=True).start()
+        assert self.proc.stdout is not None
+        self._reader = OutputReader(self.proc.stdout, keep=200)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
 
-    def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        with contextlib.suppress(OSError, ValueError):
-            for line in self.proc.stdout:
-                self.output.append(line)
-                with contextlib.suppress(queue.Full):
-                    self._lines.put_nowait(line)
-        with contextlib.suppress(queue.Full):
-            self._lines.put_nowait(None)
-
     def wait_line(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
         """The first line of output matching ``pattern``; raises after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            match = pattern.search(line)
-            if match:
-                return match
-        raise RuntimeError(
-            f"{self.name} (pid {self.pid}) never printed {pattern.pattern!r}; "
-            f"its last output:\n{''.join(self.output)}"
-        )
+        assert self._reader is not None
+        match = self._reader.wait_for(pattern, timeout)
+        if match is None:
+            raise RuntimeError(
+                f"{self.name} (pid {self.pid}) never printed {pattern.pattern!r}; "
+                f"its last output:\n{''.join(self.output)}"
+            )
+        return match
 
     def terminate(self, timeout: float) -> None:
         """SIGTERM the process (graceful stop), wait up to ``timeout`` s, then kill."""

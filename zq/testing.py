@@ -28,7 +28,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import IO, Any
 
 _LISTENING = re.compile(r"listening on (\S+) \(results and events on (\S+)\)")
 _WORKER_STARTED = re.compile(r"^zq worker \S+ for ")
@@ -48,6 +48,44 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str = "conditio
         delay = min(delay * 2, 0.1)
 
 
+class OutputReader:
+    """Reads a child's output on a daemon thread from the start, so that a chatty child
+    never blocks on a full pipe: keeps its last lines in ``lines``, and lets a caller
+    wait for a line that matches."""
+
+    def __init__(self, stream: IO[str], keep: int = 2000) -> None:
+        self.lines: deque[str] = deque(maxlen=keep)
+        # Bounded: after start-up nobody may ever ask for them.
+        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=10_000)
+        self._stream = stream
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for line in self._stream:
+                self.lines.append(line)
+                with contextlib.suppress(queue.Full):
+                    self._queue.put_nowait(line)
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)  # end of output: the child exited
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str] | None:
+        """The next line matching ``pattern``; None after ``timeout`` s or at the end."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                return None
+            if line is None:
+                return None
+            match = pattern.search(line)
+            if match:
+                return match
+        return None
+
+
 class _Process:
     """A zq command run as a child process, killed by pid on close."""
 
@@ -55,8 +93,13 @@ class _Process:
         self.args = args
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
-        self.output: deque[str] = deque(maxlen=2000)  # the last lines it printed
-        self._reader: threading.Thread | None = None
+        self._reader: OutputReader | None = None
+        self._earlier: list[str] = []  # output of previous runs (before a restart)
+
+    @property
+    def output(self) -> list[str]:
+        """The last lines it printed (across restarts)."""
+        return self._earlier + list(self._reader.lines if self._reader else ())
 
     @property
     def pid(self) -> int:
@@ -71,31 +114,20 @@ class _Process:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        # Lines for read_until; bounded, since after start-up nobody may read them.
-        self._lines: queue.Queue[str | None] = queue.Queue(maxsize=10_000)
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
+        if self._reader is not None:
+            self._earlier += list(self._reader.lines)
+        assert self.proc.stdout is not None
+        self._reader = OutputReader(self.proc.stdout)
         return self
 
     def read_until(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        """Wait for a line of the process's output to match; raise with the output if not.
-
-        A daemon thread reads the output from the start (into ``output``, its last
-        lines), so a chatty process never blocks on a full pipe."""
-        seen: list[str] = []
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:  # the process closed its output: it exited
-                break
-            seen.append(line)
-            match = pattern.search(line)
-            if match:
-                return match
-        raise AssertionError(f"{self.args} never printed {pattern.pattern!r}:\n{''.join(seen)}")
+        """Wait for a line of the process's output to match; raise with the output if not."""
+        assert self._reader is not None
+        match = self._reader.wait_for(pattern, timeout)
+        if match is None:
+            said = "".join(self._reader.lines)
+            raise AssertionError(f"{self.args} never printed {pattern.pattern!r}:\n{said}")
+        return match
 
     def _started(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
         """Wait for the start-up line; a process that never prints it is killed."""
@@ -104,16 +136,6 @@ class _Process:
         except BaseException:
             self.close()
             raise
-
-    def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        with contextlib.suppress(OSError, ValueError):
-            for line in self.proc.stdout:
-                self.output.append(line)
-                with contextlib.suppress(queue.Full):
-                    self._lines.put_nowait(line)
-        with contextlib.suppress(queue.Full):
-            self._lines.put_nowait(None)
 
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
@@ -142,11 +164,11 @@ class _Process:
         if self._reader is not None:
             # EOF comes once the process and any children holding the pipe are gone;
             # closing the pipe under a blocked reader would wait for it anyway.
-            self._reader.join(5)
+            self._reader.thread.join(5)
         if (
             self.proc is not None
             and self.proc.stdout is not None
-            and not (self._reader is not None and self._reader.is_alive())
+            and not (self._reader is not None and self._reader.thread.is_alive())
         ):
             self.proc.stdout.close()
 
