@@ -492,10 +492,8 @@ class Broker:
             peer.wid, task_id, _delivery(header)
         ):
             self.counters["stale_started"] += 1
-            return
-        task_header = self.dispatch.tasks[task_id].data[0]
-        topic = (task_header["client"] + task_id).encode()
-        self._publish(topic, p.STARTED, p.pack_header({"id": task_id, "state": p.STARTED_STATE}))
+        # Not published: a message per task that no client needs (status asks the
+        # broker), and about a fifth of the broker's sends per task.
 
     def _on_done(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
         peer = self._worker(ident)
