@@ -140,8 +140,7 @@ class App:
         self.broker = broker or default_broker()
         self.curve_secret = curve_secret or os.environ.get("ZQ_CURVE_SECRET") or None
         self.broker_key = broker_key or os.environ.get("ZQ_BROKER_KEY") or None
-        if (self.curve_secret is None) != (self.broker_key is None):
-            raise ValueError("CURVE needs both curve_secret and broker_key (or neither)")
+        self._curve = ClientCurve.from_files(self.curve_secret, self.broker_key)
         self.tasks: dict[str, Task] = {}
         self._client: Client | None = None
         self._client_pid = 0
@@ -236,15 +235,9 @@ class App:
             # A forked child must not use its parent's client (its I/O thread did not
             # survive the fork, and its ZeroMQ context must not cross one).
             if self._client is None or self._client_pid != os.getpid():
-                self._client = Client(self.broker, curve=self.client_curve())
+                self._client = Client(self.broker, curve=self._curve)
                 self._client_pid = os.getpid()
             return self._client
-
-    def client_curve(self) -> ClientCurve | None:
-        """The CURVE keys this app's peers use, or None for a plain broker."""
-        if self.curve_secret is None or self.broker_key is None:
-            return None
-        return ClientCurve.from_files(self.curve_secret, self.broker_key)
 
     def send_task(
         self,

@@ -247,23 +247,24 @@ def broker(
     from zq.broker import Broker, BrokerSettings
     from zq.journal import default_journal_path
 
-    if (curve_secret is None) != (authorized_keys is None):
-        raise click.UsageError("--curve-secret and --authorized-keys go together")
-    settings = BrokerSettings(
-        bind=bind,
-        pub_bind=pub_bind,
-        heartbeat=heartbeat,
-        liveness=liveness,
-        result_ttl=result_ttl,
-        prefetch=prefetch,
-        journal=journal or default_journal_path(bind),
-        curve_secret=curve_secret,
-        authorized_keys=authorized_keys,
-        max_message_size=max_message_size,
-        max_queued=max_queued,
-        max_queued_per_queue=max_queued_per_queue,
-        max_results=max_results,
-    )
+    try:
+        settings = BrokerSettings(
+            bind=bind,
+            pub_bind=pub_bind,
+            heartbeat=heartbeat,
+            liveness=liveness,
+            result_ttl=result_ttl,
+            prefetch=prefetch,
+            journal=journal or default_journal_path(bind),
+            curve_secret=curve_secret,
+            authorized_keys=authorized_keys,
+            max_message_size=max_message_size,
+            max_queued=max_queued,
+            max_queued_per_queue=max_queued_per_queue,
+            max_results=max_results,
+        )
+    except ValueError as exc:  # e.g. --curve-secret without --authorized-keys
+        raise click.UsageError(str(exc)) from None
     b = Broker(settings)
     try:
         endpoint, pub = b.bind()
@@ -367,14 +368,13 @@ def worker(
 
     Time limits and child replacement apply to the process pool only."""
     from zq.pool import Limits
+    from zq.security import ClientCurve
     from zq.worker import Worker, WorkerSettings
 
     sys.path.insert(0, os.getcwd())  # like `python -m`, so ./myapp.py is importable
     queue_list = tuple(q.strip() for q in queues.split(",") if q.strip())
     try:
-        curve = App(
-            "zq.worker", broker=broker, curve_secret=curve_secret, broker_key=broker_key
-        ).client_curve()
+        curve = ClientCurve.from_files(curve_secret, broker_key)
         settings = WorkerSettings(
             broker=broker,
             curve=curve,

@@ -118,9 +118,7 @@ class Dispatcher:
         if task.key is None:
             self._make_ready(task, None, out)
             return out
-        lane = self.lanes.get(task.key)
-        if lane is None:
-            lane = self.lanes[task.key] = Lane(task.key)
+        lane = self._lane(task.key)
         lane.waiting.append(task)
         if lane.running is None and not lane.in_ready:
             self._make_ready(lane, self._affinity.get(task.key), out)
@@ -268,26 +266,27 @@ class Dispatcher:
         slots, no queues), so its key stays busy until the worker says READY again
         (and re-attaches it) or is given up on with :meth:`remove_worker`. Restore the
         held tasks first, then the waiting ones in the order they were accepted."""
-        if task.retrying:  # waiting out a retry delay: holds its key, on no worker
-            self.tasks[task.id] = task
-            if task.key is not None:
-                self.lanes.setdefault(task.key, Lane(task.key)).running = task
-            return
-        if worker_id is None:
+        if worker_id is None and not task.retrying:
             self.submit(task)
+            return
+        self.tasks[task.id] = task
+        if task.key is not None:
+            self._lane(task.key).running = task  # held: by a worker, or a retry delay
+        if worker_id is None:  # waiting out a retry delay, on no worker
             return
         worker = self.workers.get(worker_id)
         if worker is None:
             worker = WorkerState(worker_id, (), 0)
             self._register(worker)
-        self.tasks[task.id] = task
         task.worker = worker_id
         worker.running[task.id] = task
-        if task.key is not None:
-            lane = self.lanes.get(task.key)
-            if lane is None:
-                lane = self.lanes[task.key] = Lane(task.key)
-            lane.running = task
+
+    def _lane(self, key: str) -> Lane:
+        """The lane of ``key``, made if it has none."""
+        lane = self.lanes.get(key)
+        if lane is None:
+            lane = self.lanes[key] = Lane(key)
+        return lane
 
     def remove_worker(
         self, worker_id: bytes, *, counts: bool = True

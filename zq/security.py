@@ -70,7 +70,13 @@ class ClientCurve:
     broker_key: bytes
 
     @classmethod
-    def from_files(cls, secret_file: str, broker_key_file: str) -> ClientCurve:
+    def from_files(cls, secret_file: str | None, broker_key_file: str | None) -> ClientCurve | None:
+        """The keys in these files; None if neither is given (a plain broker).
+        ValueError if only one is."""
+        if (secret_file is None) != (broker_key_file is None):
+            raise ValueError("CURVE needs both a secret key file and the broker's key (or neither)")
+        if secret_file is None or broker_key_file is None:
+            return None
         return cls(load_pair(secret_file), load_public(broker_key_file))
 
     def apply(self, sock: zmq.Socket) -> None:
