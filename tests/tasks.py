@@ -166,3 +166,9 @@ def retry_once(key: str, seq: int, record_dir: str, countdown: float) -> str:
 @app.task
 def blob(size: int) -> str:
     return "x" * size
+
+
+@app.task
+def stamp(label: str) -> list[Any]:
+    """Return when it ran: [label, time.time()] (for start-order checks)."""
+    return [label, time.time()]

@@ -13,8 +13,11 @@
 
 from __future__ import annotations
 
+import datetime as _dt
+import math
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
@@ -103,10 +106,18 @@ class Task:
         queue: str | None = None,
         key: Any = None,
         task_id: str | None = None,
+        countdown: float | None = None,
+        eta: _dt.datetime | None = None,
+        expires: float | _dt.datetime | None = None,
+        priority: int | None = None,
     ) -> AsyncResult:
         """Send the task with options: ``queue`` and ``key`` override the task's own.
 
-        Raises :class:`TypeError` here, in the caller, if an argument cannot be encoded.
+        ``countdown`` (seconds) or ``eta`` (a datetime) hold the task in the broker
+        until then; ``expires`` (seconds from now, or a datetime) ends it EXPIRED if no
+        worker has started it by then; ``priority`` 0..9 (9 first, default 0) orders
+        the tasks waiting in one queue. Raises :class:`TypeError` here, in the caller,
+        if an argument cannot be encoded, :class:`ValueError` for a bad option.
         """
         kwargs = kwargs or {}
         if key is None and self.key is not None:
@@ -119,6 +130,10 @@ class Task:
             key=key,
             task_id=task_id,
             ignore_result=self.ignore_result,
+            countdown=countdown,
+            eta=eta,
+            expires=expires,
+            priority=priority,
         )
 
 
@@ -249,8 +264,13 @@ class App:
         key: Any = None,
         task_id: str | None = None,
         ignore_result: bool = False,
+        countdown: float | None = None,
+        eta: _dt.datetime | None = None,
+        expires: float | _dt.datetime | None = None,
+        priority: int | None = None,
     ) -> AsyncResult:
-        """Send a task by name, registered here or not (e.g. from ``zq call``)."""
+        """Send a task by name, registered here or not (e.g. from ``zq call``); the
+        options are those of :meth:`Task.apply_async`."""
         if task_id is not None and not (
             isinstance(task_id, str) and 0 < len(task_id) <= p.MAX_ID_LEN
         ):
@@ -260,6 +280,7 @@ class App:
             "id": task_id or os.urandom(16).hex(),
             "name": name,
             "queue": queue,
+            **timing(countdown=countdown, eta=eta, expires=expires, priority=priority),
         }
         if key is not None:
             header["key"] = str(key)
@@ -284,6 +305,59 @@ class App:
             client, self._client = self._client, None
         if client is not None:
             client.close(flush_timeout=5.0 if flush else 0.0)
+
+
+def timing(
+    *,
+    countdown: float | None = None,
+    eta: _dt.datetime | None = None,
+    expires: float | _dt.datetime | None = None,
+    priority: int | None = None,
+) -> dict[str, Any]:
+    """The header fields for these options: ``eta`` and ``expires`` as Unix times.
+
+    Times are taken from this machine's clock, so keep the clocks of a cluster in
+    step (NTP). Raises :class:`ValueError` for a bad value."""
+    fields: dict[str, Any] = {}
+    if countdown is not None and eta is not None:
+        raise ValueError("give countdown or eta, not both")
+    if countdown is not None:
+        fields["eta"] = time.time() + _seconds("countdown", countdown)
+    elif eta is not None:
+        fields["eta"] = _unix_time("eta", eta)
+    if expires is not None:
+        if isinstance(expires, _dt.datetime):
+            fields["expires"] = _unix_time("expires", expires)
+        else:
+            fields["expires"] = time.time() + _seconds("expires", expires)
+    if priority is not None:
+        if type(priority) is not int or not p.MIN_PRIORITY <= priority <= p.MAX_PRIORITY:
+            raise ValueError(
+                f"priority must be an integer {p.MIN_PRIORITY}..{p.MAX_PRIORITY}, got {priority!r}"
+            )
+        if priority:
+            fields["priority"] = priority
+    return fields
+
+
+def _seconds(name: str, value: Any) -> float:
+    if isinstance(value, _dt.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+    return float(value)
+
+
+def _unix_time(name: str, value: Any) -> float:
+    """A datetime as a Unix time; a naive one is local time, as in ``datetime.timestamp``."""
+    if not isinstance(value, _dt.datetime):
+        raise ValueError(f"{name} must be a datetime, got {type(value).__name__}")
+    stamp = value.timestamp()
+    if not 0 <= stamp < p.MAX_TIMESTAMP:
+        raise ValueError(f"{name} is out of range: {value!r}")
+    return stamp
 
 
 def load_app(spec: str) -> App:

@@ -50,6 +50,11 @@ KEY_CHECK_EVERY = 1.0
 #: How many keys ``STATUS`` lists at most.
 STATUS_KEYS = 100
 
+# What a timer in the broker's heap is for: (kind, task id).
+_RETRY = "retry"  # a retry delay ran out: back to the head of the task's lane
+_ETA = "eta"  # a scheduled task's time came: into its queue
+_EXPIRE = "expire"  # a task not started by now ends EXPIRED
+
 
 @dataclass(frozen=True, kw_only=True)
 class BrokerSettings:
@@ -109,6 +114,7 @@ class Broker:
         self.instance = uuid.uuid4().hex[:16]
         self.dispatch = Dispatcher(max_redeliveries=self.settings.max_redeliveries)
         self.dead_letters: dict[str, Task] = {}
+        self.scheduled: dict[str, Task] = {}  # accepted, waiting for their ETA
         self.results = ResultStore(self.settings.result_ttl, self.settings.max_results)
         self.waiters = Waiters()
         self.timers = TimerHeap()
@@ -325,11 +331,7 @@ class Broker:
                 rejected[task_id] = reason
                 continue
             task_id = task_header["id"]
-            if (
-                task_id in self.dispatch.tasks
-                or task_id in self.results
-                or (task_id in self.dead_letters)
-            ):
+            if self._known(task_id):
                 accepted.append(task_id)
                 self.counters["duplicates"] += 1  # a resend: accepted once already
                 continue
@@ -343,10 +345,10 @@ class Broker:
                 # A zero-copy frame would keep its share of libzmq's receive buffer
                 # alive for as long as the task waits; a small payload is cheaper copied.
                 body = body.bytes
-            task = Task(task_id, task_header["queue"], task_header.get("key"), (task_header, body))
+            task = _task(task_id, task_header, body)
             if self.journal.durable:
                 self.journal.task_accepted(task_id, p.pack_header(task_header), _bytes(body))
-            out += self.dispatch.submit(task)
+            self._admit(task, out)
         self.counters["accepted"] += len(accepted)
         if accepted:
             self._send(ident, p.ACCEPTED, {"ids": accepted})
@@ -355,13 +357,49 @@ class Broker:
             self._send(ident, p.REJECTED, {"rejected": rejected})
         self._dispatched(out)
 
+    def _known(self, task_id: str) -> bool:
+        """True if the id was accepted already (a resent SUBMIT is a duplicate)."""
+        return (
+            task_id in self.dispatch.tasks
+            or task_id in self.scheduled
+            or task_id in self.results
+            or task_id in self.dead_letters
+        )
+
+    def _unfinished(self) -> int:
+        return len(self.dispatch.tasks) + len(self.scheduled)
+
+    def _admit(self, task: Task, out: list[Assignment]) -> None:
+        """An accepted task goes to its queue, or waits for its ETA; one whose expiry
+        time has passed ends EXPIRED at once."""
+        header = task.data[0]
+        now, wall = time.monotonic(), time.time()
+        expires = header.get("expires")
+        if expires is not None:
+            if expires <= wall:
+                self._end_unrun(task, p.EXPIRED, "it expired before a worker started it")
+                return
+            self.timers.add(now + (expires - wall), (_EXPIRE, task.id))
+        eta = header.get("eta")
+        if eta is not None and eta > wall:
+            self.scheduled[task.id] = task
+            self.timers.add(now + (eta - wall), (_ETA, task.id))
+            return
+        out += self.dispatch.submit(task)
+
+    def _end_unrun(self, task: Task, state: str, why: str) -> None:
+        """Finish a task that no worker holds (expired, revoked) without running it."""
+        self.counters[state.lower()] += 1
+        kind = "zq.Expired" if state == p.EXPIRED else "zq.Revoked"
+        body = p.encode({"type": kind, "message": f"task {task.id} {why}", "traceback": ""})
+        self._finish(task, state, p.pack_header({"id": task.id, "state": state}), body)
+
     def _full(self, queue: str) -> str | None:
         """Why the broker cannot take one more task for ``queue`` now, or None."""
         s = self.settings
-        if len(self.dispatch.tasks) >= s.max_queued:
-            return (
-                f"broker full: {len(self.dispatch.tasks)} tasks unfinished (limit {s.max_queued})"
-            )
+        unfinished = self._unfinished()
+        if unfinished >= s.max_queued:
+            return f"broker full: {unfinished} tasks unfinished (limit {s.max_queued})"
         limit = s.max_queued_per_queue or s.max_queued
         if self.dispatch.queued.get(queue, 0) >= limit:
             return f"queue {queue!r} full: {limit} tasks waiting"
@@ -387,6 +425,8 @@ class Broker:
 
     def _state_of(self, task_id: str) -> str:
         task = self.dispatch.tasks.get(task_id)
+        if task is None and task_id in self.scheduled:
+            return p.QUEUED
         if task is None:
             result = self.results.get(task_id)
             return result.state if result is not None else p.PENDING
@@ -417,7 +457,9 @@ class Broker:
             "queues": {q: n for q, n in self.dispatch.queued.items() if n},
             "keys_in_flight": sum(1 for _ in self.dispatch.keys_in_flight()),
             "keys": keys,
-            "retrying": len(self.timers),
+            "retrying": sum(1 for t in self.dispatch.tasks.values() if t.retrying),
+            "scheduled": len(self.scheduled),
+            "timers": len(self.timers),
             "results": len(self.results),
             "results_evicted": self.results.evicted,
             "security": "curve" if self.authorizer is not None else "plain",
@@ -499,7 +541,7 @@ class Broker:
         peer = self._worker(ident)
         task_id, state = header.get("id"), header.get("state")
         if not isinstance(task_id, str) or state not in _DONE_STATES:
-            raise ProtocolError("DONE needs 'id' and 'state' SUCCESS, FAILURE, RETRY or LOST")
+            raise ProtocolError(f"DONE needs 'id' and a 'state' in {', '.join(_DONE_STATES)}")
         # Acknowledged (after the commit) whatever happens here, so the worker's outbox
         # lets go of it: a DONE is only ever sent again after a reconnect.
         self._acks.setdefault(ident, []).append(task_id)
@@ -535,19 +577,37 @@ class Broker:
             self.counters["stale_done"] += 1
         else:
             self.counters["retried"] += 1
-            self.timers.add(time.monotonic() + countdown, task_id)
+            self.timers.add(time.monotonic() + countdown, (_RETRY, task_id))
             self.journal.task_retrying(task_id, task.retries, time.time() + countdown)
             head = p.pack_header({"id": task_id, "state": p.RETRY, "countdown": countdown})
             self._publish((task.data[0]["client"] + task_id).encode(), p.STARTED, head)
         self._dispatched(out)
 
     def _release_due(self, now: float) -> None:
-        """Retry delays that ran out: the tasks go back to the head of their lanes."""
-        for task_id in self.timers.due(now):
-            task = self.dispatch.tasks.get(task_id)
-            if task is not None and task.retrying:
-                self.journal.task_retrying(task_id, task.retries, None)
-                self._dispatched(self.dispatch.release(task_id))
+        """Timers whose time came: retry delays run out (the task goes back to the head
+        of its lane), ETAs come (into the queue), expiry times pass."""
+        for kind, task_id in self.timers.due(now):
+            if kind == _RETRY:
+                task = self.dispatch.tasks.get(task_id)
+                if task is not None and task.retrying:
+                    self.journal.task_retrying(task_id, task.retries, None)
+                    self._dispatched(self.dispatch.release(task_id))
+            elif kind == _ETA:
+                task = self.scheduled.pop(task_id, None)
+                if task is not None:
+                    self._dispatched(self.dispatch.submit(task))
+            elif kind == _EXPIRE:
+                self._expire(task_id)
+
+    def _expire(self, task_id: str) -> None:
+        """End a task EXPIRED if it has not started (a running task runs on)."""
+        task = self.scheduled.pop(task_id, None)
+        out: list[Assignment] = []
+        if task is None:
+            task, out = self.dispatch.cancel(task_id)
+        if task is not None:
+            self._end_unrun(task, p.EXPIRED, "expired before a worker started it")
+        self._dispatched(out)
 
     def _finish(self, task: Task, state: str, head: bytes, body: Any) -> None:
         """Store a final result (journal too), publish it, answer the FETCH waits."""
@@ -598,8 +658,9 @@ class Broker:
             self.journal.dead_dropped(task_id)
             self.journal.result_dropped(task_id)
             task_header, body = task.data
-            task_header.pop("redeliveries", None)
-            fresh = Task(task.id, task.queue, task.key, task.data)
+            for field in ("redeliveries", "expires", "eta"):  # run it now, whatever it said
+                task_header.pop(field, None)
+            fresh = _task(task.id, task_header, body)
             fresh.delivery = task.delivery  # late reports about old runs stay stale
             if self.journal.durable:
                 self.journal.task_accepted(task_id, p.pack_header(task_header), _bytes(body))
@@ -727,18 +788,23 @@ class Broker:
         held, waiting = [], []
         for stored in self.journal.tasks():
             header = p.unpack_header(stored.header)
-            task = Task(stored.id, header["queue"], header.get("key"), (header, stored.payload))
+            task = _task(stored.id, header, stored.payload)
             task.redeliveries, task.retries = stored.redeliveries, stored.retries
             task.delivery = stored.delivery
             if stored.eta is not None:
                 task.retrying = True
-                self.timers.add(now + (stored.eta - wall), task.id)
-            (held if stored.worker else waiting).append((task, stored.worker))
-        for task, worker in held + waiting:
+                self.timers.add(now + (stored.eta - wall), (_RETRY, task.id))
+            (held if stored.worker or task.retrying else waiting).append((task, stored.worker))
+        for task, worker in held:
             self.dispatch.restore(task, worker.encode() if worker else None)
+            if task.data[0].get("expires") is not None:  # in case it comes back unstarted
+                self.timers.add(now + (task.data[0]["expires"] - wall), (_EXPIRE, task.id))
+        for task, _ in waiting:
+            self._admit(task, [])  # no worker is connected yet: nothing is assigned
+        held = [(t, w) for t, w in held if w]
         for stored in self.journal.dead():
             header = p.unpack_header(stored.header)
-            task = Task(stored.id, header["queue"], header.get("key"), (header, stored.payload))
+            task = _task(stored.id, header, stored.payload)
             task.redeliveries = stored.redeliveries
             self.dead_letters[task.id] = task
         grace = self.settings.reattach_grace
@@ -777,7 +843,14 @@ def _bytes(frame: Any) -> bytes:
     return frame if isinstance(frame, bytes) else frame.bytes
 
 
-_DONE_STATES = (p.SUCCESS, p.FAILURE, p.RETRY, p.LOST)
+_DONE_STATES = (p.SUCCESS, p.FAILURE, p.RETRY, p.LOST, p.EXPIRED, p.REVOKED)
+
+
+def _task(task_id: str, header: dict[str, Any], body: Any) -> Task:
+    """The scheduler's view of an accepted task (header checked by check_task_header)."""
+    return Task(
+        task_id, header["queue"], header.get("key"), (header, body), header.get("priority", 0)
+    )
 
 
 def _delivery(header: dict[str, Any]) -> int | None:

@@ -492,7 +492,10 @@ def status(
         )
     queues = info["queues"] or {}
     click.echo("queued: " + (", ".join(f"{q}={n}" for q, n in queues.items()) or "none"))
-    click.echo(f"waiting to retry: {info.get('retrying', 0)}; dead letters: {info.get('dead', 0)}")
+    click.echo(
+        f"scheduled (ETA): {info.get('scheduled', 0)}; waiting to retry: "
+        f"{info.get('retrying', 0)}; dead letters: {info.get('dead', 0)}"
+    )
     keys = info["keys"]
     more = info["keys_in_flight"] - len(keys)
     click.echo(

@@ -299,7 +299,13 @@ class Client:
                 header, payload = command[1], command[2]
                 self._unacked[header["id"]] = (header, payload)
                 batch.append((header, payload))
-            elif kind == "watch":
+                continue
+            if batch and self._welcomed:
+                # Keep the caller's order: a status query right after delay() must
+                # reach the broker after the SUBMIT, not before it.
+                self._send_submits(batch)
+                batch = []
+            if kind == "watch":
                 self._watched.setdefault(command[1], 0.0)  # due now, unless already asked
             elif kind == "query":
                 self._send(p.FETCH, {"ids": [command[1]], "wait": 0})

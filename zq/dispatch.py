@@ -11,6 +11,9 @@ return. The rules (DESIGN.md section 3):
    slot, else to the worker with the most free slots.
 4. **No head-of-line blocking**: a task whose key is busy waits in its key's lane,
    not in the queue; only lanes whose head may run sit in a queue's ready deque.
+5. **Priority**: within a queue, a ready task of priority 9 goes before one of 8, and
+   so on down to 0 (the default); equal priorities go first in, first out. A lane
+   waits at the priority of its head task: a key's order is never overtaken.
 
 Credit: a worker has ``capacity`` slots (concurrency + prefetch) and is sent at most
 that many tasks at once. Invariant: a queue's ready deque is non-empty only while
@@ -36,6 +39,8 @@ class Task:
         "delivery",
         "id",
         "key",
+        "priority",
+        "progress",
         "queue",
         "redeliveries",
         "retries",
@@ -44,11 +49,15 @@ class Task:
         "worker",
     )
 
-    def __init__(self, id: str, queue: str, key: str | None = None, data: Any = None) -> None:
+    def __init__(
+        self, id: str, queue: str, key: str | None = None, data: Any = None, priority: int = 0
+    ) -> None:
         self.id = id
         self.queue = queue
         self.key = key
         self.data = data
+        self.priority = priority  # 0..9, higher first within its queue
+        self.progress: Any = None  # the latest progress report of the run in progress
         self.worker: bytes | None = None  # the worker holding it, None while queued
         self.started = False
         self.redeliveries = 0  # times handed back because its worker (process) died
@@ -92,6 +101,67 @@ Assignment = tuple[bytes, Task]
 _Entry = Task | Lane  # what a ready deque holds: an unkeyed task, or a lane whose head may run
 
 
+def _priority(entry: _Entry) -> int:
+    return entry.waiting[0].priority if isinstance(entry, Lane) else entry.priority
+
+
+class ReadyQueue:
+    """One queue's ready entries: a FIFO per priority level, highest level first.
+
+    Most queues use one level, so the levels present are kept sorted in a short list
+    and a pop looks at its first element only."""
+
+    __slots__ = ("_levels", "_order")
+
+    def __init__(self) -> None:
+        self._levels: dict[int, deque[_Entry]] = {}
+        self._order: list[int] = []  # the levels present, highest first
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self._levels.values())
+
+    def __bool__(self) -> bool:
+        return bool(self._order)
+
+    def __iter__(self) -> Iterator[_Entry]:
+        for level in self._order:
+            yield from self._levels[level]
+
+    def _level(self, priority: int) -> deque[_Entry]:
+        fifo = self._levels.get(priority)
+        if fifo is None:
+            fifo = self._levels[priority] = deque()
+            self._order.append(priority)
+            self._order.sort(reverse=True)
+        return fifo
+
+    def push(self, entry: _Entry, front: bool = False) -> None:
+        fifo = self._level(_priority(entry))
+        if front:
+            fifo.appendleft(entry)
+        else:
+            fifo.append(entry)
+
+    def pop(self) -> _Entry:
+        level = self._order[0]
+        fifo = self._levels[level]
+        entry = fifo.popleft()
+        if not fifo:
+            self._drop_level(level)
+        return entry
+
+    def remove(self, entry: _Entry, priority: int) -> None:
+        """Take ``entry`` out (O(position): cancelled tasks are mostly near the front)."""
+        fifo = self._levels[priority]
+        fifo.remove(entry)
+        if not fifo:
+            self._drop_level(priority)
+
+    def _drop_level(self, level: int) -> None:
+        del self._levels[level]
+        self._order.remove(level)
+
+
 class Dispatcher:
     """The broker's scheduling state. Every mutator returns the assignments to send."""
 
@@ -103,7 +173,7 @@ class Dispatcher:
         self.tasks: dict[str, Task] = {}  # every queued or assigned task, by id
         self.workers: dict[bytes, WorkerState] = {}
         self.lanes: dict[str, Lane] = {}  # keys with a waiting or running task
-        self.ready: dict[str, deque[_Entry]] = {}
+        self.ready: dict[str, ReadyQueue] = {}
         self.queued: dict[str, int] = {}  # tasks waiting (in deques or lanes) per queue
         self._by_queue: dict[str, dict[bytes, WorkerState]] = {}
         self._affinity: OrderedDict[str, bytes] = OrderedDict()
@@ -150,6 +220,41 @@ class Dispatcher:
         out: list[Assignment] = []
         self._requeue([task], out, handed_back=False)
         return out
+
+    def cancel(self, task_id: str) -> tuple[Task | None, list[Assignment]]:
+        """Remove a task that waits for a worker (queued, or waiting out a retry delay),
+        e.g. revoked or expired. Returns the task, or None if it is unknown or a worker
+        holds it, and the assignments that follow (its key's next task may now run)."""
+        task = self.tasks.get(task_id)
+        if task is None or task.worker is not None:
+            return None, []
+        out: list[Assignment] = []
+        if task.retrying:  # holds its key, and is in no queue
+            task.retrying = False
+            self._release(task, None, out)
+            return task, out
+        del self.tasks[task_id]
+        self._unqueue(task)
+        if task.key is None:
+            self._drop_ready(task.queue, task, task.priority)
+            return task, out
+        lane = self.lanes[task.key]
+        was_head = lane.waiting[0] is task
+        lane.waiting.remove(task)
+        if was_head and lane.in_ready:
+            self._drop_ready(task.queue, lane, task.priority)
+            lane.in_ready = False
+            if lane.waiting:
+                self._make_ready(lane, self._affinity.get(task.key), out, front=True)
+        if not lane.waiting and lane.running is None:
+            del self.lanes[task.key]
+        return task, out
+
+    def _drop_ready(self, queue: str, entry: _Entry, priority: int) -> None:
+        ready = self.ready[queue]
+        ready.remove(entry, priority)
+        if not ready:
+            del self.ready[queue]
 
     def started(self, worker_id: bytes, task_id: str, delivery: int | None = None) -> bool:
         """Mark a task started; False if ``worker_id`` does not hold it."""
@@ -351,13 +456,10 @@ class Dispatcher:
                 out.append(self._assign(worker, entry))
                 return
             if ready is None:
-                ready = self.ready[queue] = deque()
+                ready = self.ready[queue] = ReadyQueue()
         if isinstance(entry, Lane):
             entry.in_ready = True
-        if front:
-            ready.appendleft(entry)
-        else:
-            ready.append(entry)
+        ready.push(entry, front)
 
     def _pick_worker(self, queue: str, preferred: bytes | None) -> WorkerState | None:
         members = self._by_queue.get(queue)
@@ -385,7 +487,7 @@ class Dispatcher:
         for queue in queues:
             ready = self.ready.get(queue)
             if ready:
-                entry = ready.popleft()
+                entry = ready.pop()
                 if not ready:
                     del self.ready[queue]
                 return entry
@@ -402,10 +504,13 @@ class Dispatcher:
         task.worker = worker.id
         task.delivery += 1
         worker.running[task.id] = task
+        self._unqueue(task)
+        return worker.id, task
+
+    def _unqueue(self, task: Task) -> None:
         self.queued[task.queue] -= 1
         if not self.queued[task.queue]:
             del self.queued[task.queue]
-        return worker.id, task
 
     def _remember(self, key: str, worker_id: bytes) -> None:
         self._affinity[key] = worker_id

@@ -37,6 +37,7 @@ SUBMIT = b"\x02"
 FETCH = b"\x03"
 STATUS = b"\x05"
 DEAD_LETTERS = b"\x06"  # list or requeue dead letters; the reply has the same command
+REVOKE = b"\x07"  # client: revoke tasks (reply: REVOKE); broker -> worker: stop a run
 # Broker -> client
 WELCOME = b"\x11"
 ACCEPTED = b"\x12"
@@ -61,6 +62,7 @@ COMMAND_NAMES = {
     FETCH: "FETCH",
     STATUS: "STATUS",
     DEAD_LETTERS: "DEAD_LETTERS",
+    REVOKE: "REVOKE",
     WELCOME: "WELCOME",
     ACCEPTED: "ACCEPTED",
     REJECTED: "REJECTED",
@@ -86,7 +88,9 @@ REJECTED_STATE = "REJECTED"
 DEAD = "DEAD"  # given up on: the worker running it died too many times (a dead letter)
 LOST = "LOST"  # in a worker's DONE only: the process running the task died
 RETRY = "RETRY"  # the task asked to run again; the broker holds it for its countdown
-FINAL_STATES = frozenset({SUCCESS, FAILURE, REJECTED_STATE, DEAD})
+EXPIRED = "EXPIRED"  # not started before its ``expires`` time
+REVOKED = "REVOKED"  # revoked before it ran, or stopped while running (terminate)
+FINAL_STATES = frozenset({SUCCESS, FAILURE, REJECTED_STATE, DEAD, EXPIRED, REVOKED})
 
 #: Events published on the XPUB under topics that start with this byte; results go
 #: under ``client_id + task_id``, and client ids are hex, so they never collide.
@@ -211,6 +215,9 @@ MAX_ID_LEN = 64
 MAX_NAME_LEN = 200
 MAX_QUEUE_LEN = 100
 MAX_KEY_LEN = 256
+MIN_PRIORITY, MAX_PRIORITY = 0, 9
+#: ``eta`` and ``expires`` are Unix times (seconds) before this (the year 2286).
+MAX_TIMESTAMP = 1e10
 
 _TEXT_FIELDS = (
     ("id", MAX_ID_LEN, True),
@@ -236,4 +243,13 @@ def check_task_header(header: Any) -> str | None:
             return f"{field}: length must be 1..{limit}, got {len(value)}"
     if not isinstance(header.get("ignore_result", False), bool):
         return "ignore_result: must be a boolean"
+    priority = header.get("priority", 0)
+    if type(priority) is not int or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        return f"priority: must be an integer {MIN_PRIORITY}..{MAX_PRIORITY}, got {priority!r:.20}"
+    for field in ("eta", "expires"):
+        value = header.get(field)
+        if value is not None and (
+            type(value) not in (int, float) or not 0 <= value < MAX_TIMESTAMP
+        ):
+            return f"{field}: must be a Unix time in seconds, got {value!r:.40}"
     return None

@@ -289,6 +289,13 @@ class Worker:
             self._deliveries[task_id] = delivery
         else:
             self._deliveries[task_id] = delivery
+            expires = header.get("expires")
+            if isinstance(expires, (int, float)) and expires <= time.time():
+                # It waited past its expiry time on the way here (prefetch, or clocks).
+                why = f"task {task_id} expired before this worker started it"
+                body = p.encode({"type": "zq.Expired", "message": why, "traceback": ""})
+                self._on_pool_event(("done", task_id, p.EXPIRED, body, 0.0, {}))
+                return
             self.pool.submit(header, payload)
 
     def _on_pool_event(self, event: tuple[Any, ...]) -> None:
