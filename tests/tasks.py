@@ -172,3 +172,23 @@ def blob(size: int) -> str:
 def stamp(label: str) -> list[Any]:
     """Return when it ran: [label, time.time()] (for start-order checks)."""
     return [label, time.time()]
+
+
+@app.task
+def progressing(steps: int, pause: float, gate: str = "") -> int:
+    """Report progress ``steps`` times; with ``gate``, wait for that file before ending."""
+    me = zq.current_task()
+    for i in range(steps):
+        me.progress(i + 1, steps, note=f"step {i + 1}")
+        time.sleep(pause)
+    while gate and not Path(gate).exists():
+        time.sleep(0.02)
+    return steps
+
+
+@app.task
+def pid_sleep(seconds: float, pid_file: str) -> int:
+    """Write this process's pid to ``pid_file``, then sleep."""
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return os.getpid()

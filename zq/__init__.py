@@ -15,6 +15,7 @@
 from zq.app import App, Task
 from zq.broker import Broker, BrokerSettings
 from zq.client import AsyncResult
+from zq.context import TaskContext, current_task
 from zq.errors import (
     BrokerUnavailable,
     ProtocolError,
@@ -42,6 +43,7 @@ __all__ = [
     "Retry",
     "SoftTimeLimitExceeded",
     "Task",
+    "TaskContext",
     "TaskError",
     "TaskFailed",
     "TaskRejected",
@@ -50,4 +52,5 @@ __all__ = [
     "WorkerSettings",
     "ZQError",
     "__version__",
+    "current_task",
 ]

@@ -294,6 +294,14 @@ class App:
         """A handle on a task sent by any process, by its id."""
         return AsyncResult(task_id, self.client)
 
+    def revoke(
+        self, task_ids: str | list[str], *, terminate: bool = False, timeout: float = 5.0
+    ) -> dict[str, str]:
+        """Revoke tasks by id (see :meth:`zq.AsyncResult.revoke`); returns each id's
+        outcome: ``revoked``, ``terminating``, ``running``, ``finished`` or ``unknown``."""
+        ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
+        return self.client.revoke(ids, terminate=terminate, timeout=timeout)
+
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The broker's view: workers, queue depths, keys in flight."""
         return self.client.status(timeout)

@@ -420,8 +420,12 @@ class Broker:
                 continue
             if wait:
                 self.waiters.add(task_id, ident, deadline)
-            else:
-                self._send(ident, p.RESULT, {"id": task_id, "state": self._state_of(task_id)})
+                continue
+            reply = {"id": task_id, "state": self._state_of(task_id)}
+            task = self.dispatch.tasks.get(task_id)
+            if task is not None and task.progress is not None:
+                reply["progress"] = task.progress
+            self._send(ident, p.RESULT, reply)
 
     def _state_of(self, task_id: str) -> str:
         task = self.dispatch.tasks.get(task_id)
@@ -433,6 +437,48 @@ class Broker:
         if task.retrying:
             return p.RETRY
         return p.STARTED_STATE if task.started else p.QUEUED
+
+    def _on_revoke(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
+        """Revoke tasks: a waiting one ends REVOKED at once; a running one is stopped
+        only with ``terminate`` (its worker kills the process running it and reports
+        REVOKED). The reply says what became of each id."""
+        ids = header.get("ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ProtocolError("REVOKE needs 'ids' (list of task ids)")
+        terminate = header.get("terminate", False) is True
+        reply: dict[str, list[str]] = {
+            "revoked": [],
+            "terminating": [],
+            "running": [],
+            "finished": [],
+            "unknown": [],
+        }
+        out: list[Assignment] = []
+        for task_id in ids:
+            task = self.scheduled.pop(task_id, None)
+            if task is None:
+                task, more = self.dispatch.cancel(task_id)
+                out += more
+            if task is not None:
+                self._end_unrun(task, p.REVOKED, "was revoked before it ran")
+                reply["revoked"].append(task_id)
+                continue
+            task = self.dispatch.tasks.get(task_id)
+            if task is not None and task.worker is not None:
+                if terminate:
+                    peer = self.by_wid.get(task.worker)
+                    if peer is not None:  # else a placeholder: it comes back or is lost
+                        self._send(peer.ident, p.REVOKE, {"id": task_id, "delivery": task.delivery})
+                    reply["terminating"].append(task_id)
+                else:
+                    reply["running"].append(task_id)
+            elif task_id in self.results:
+                reply["finished"].append(task_id)
+            else:
+                reply["unknown"].append(task_id)
+        self.counters["revoke_requests"] += 1
+        self._send(ident, p.REVOKE, {**reply, "req": header.get("req")})
+        self._dispatched(out)
 
     def _on_status(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         self._send(ident, p.STATUS, {**self.status(), "req": header.get("req")})
@@ -536,6 +582,21 @@ class Broker:
             self.counters["stale_started"] += 1
         # Not published: a message per task that no client needs (status asks the
         # broker), and about a fifth of the broker's sends per task.
+
+    def _on_progress(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
+        """A running task reported progress: keep the latest, publish it to its client."""
+        peer = self._worker(ident)
+        task_id, info = header.get("id"), header.get("progress")
+        if not isinstance(task_id, str) or not isinstance(info, dict):
+            raise ProtocolError("PROGRESS needs 'id' and 'progress' (a map)")
+        task = self.dispatch.held(peer.wid, task_id, _delivery(header))
+        if task is None:
+            self.counters["stale_progress"] += 1
+            return
+        task.started = True
+        task.progress = {k: info.get(k) for k in ("done", "total", "note")}
+        head = {"id": task_id, "state": p.STARTED_STATE, "progress": task.progress}
+        self._publish((task.data[0]["client"] + task_id).encode(), p.PROGRESS, p.pack_header(head))
 
     def _on_done(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
         peer = self._worker(ident)
@@ -829,10 +890,12 @@ class Broker:
         (p.CLIENT, p.FETCH): _on_fetch,
         (p.CLIENT, p.STATUS): _on_status,
         (p.CLIENT, p.DEAD_LETTERS): _on_dead_letters,
+        (p.CLIENT, p.REVOKE): _on_revoke,
         (p.CLIENT, p.HEARTBEAT): _on_client_heartbeat,
         (p.CLIENT, p.DISCONNECT): _on_client_disconnect,
         (p.WORKER, p.READY): _on_ready,
         (p.WORKER, p.STARTED): _on_started,
+        (p.WORKER, p.PROGRESS): _on_progress,
         (p.WORKER, p.DONE): _on_done,
         (p.WORKER, p.HEARTBEAT): _on_worker_heartbeat,
         (p.WORKER, p.DISCONNECT): _on_worker_disconnect,
@@ -854,7 +917,7 @@ def _task(task_id: str, header: dict[str, Any], body: Any) -> Task:
 
 
 def _delivery(header: dict[str, Any]) -> int | None:
-    """The delivery a worker's report is about (see Dispatcher._held)."""
+    """The delivery a worker's report is about (see Dispatcher.held)."""
     value = header.get("delivery")
     return value if isinstance(value, int) else None
 

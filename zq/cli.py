@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -39,6 +41,32 @@ def _app(name: str, broker: str, curve_secret: str | None, broker_key: str | Non
         return App(name, broker=broker, curve_secret=curve_secret, broker_key=broker_key)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _session(
+    name: str, broker: str, curve_secret: str | None, broker_key: str | None
+) -> Iterator[App]:
+    """An App for one command: a broker that does not answer is a clean error."""
+    from zq.errors import ZQError
+
+    app = _app(name, broker, curve_secret, broker_key)
+    try:
+        yield app
+    except ZQError as exc:
+        raise click.ClickException(f"{exc} (is a broker running at {broker}?)") from None
+    finally:
+        app.close()
+
+
+def _timeout_option(fn: Any) -> Any:
+    return click.option(
+        "--timeout",
+        type=float,
+        default=5.0,
+        show_default=True,
+        help="Seconds to wait for the broker.",
+    )(fn)
 
 
 def _broker_option(fn: Any) -> Any:
@@ -460,25 +488,26 @@ def call(
 
 
 @main.command()
+@click.argument("task_id", metavar="[ID]", required=False)
 @_broker_option
 @_peer_curve_options
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
-@click.option(
-    "--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the broker."
-)
+@_timeout_option
 def status(
-    broker: str, curve_secret: str | None, broker_key: str | None, as_json: bool, timeout: float
+    task_id: str | None,
+    broker: str,
+    curve_secret: str | None,
+    broker_key: str | None,
+    as_json: bool,
+    timeout: float,
 ) -> None:
-    """Show workers (host, pid, slots, in flight), queue depths and keys in flight."""
-    from zq.errors import ZQError
-
-    app = _app("zq.status", broker, curve_secret, broker_key)
-    try:
+    """Show workers (host, pid, slots, in flight), queue depths and keys in flight; or,
+    given a task ID, that task's state, latest progress and outcome."""
+    if task_id is not None:
+        _task_status(task_id, broker, (curve_secret, broker_key), as_json)
+        return
+    with _session("zq.status", broker, curve_secret, broker_key) as app:
         info = app.status(timeout)
-    except ZQError as exc:
-        raise click.ClickException(f"{exc} (is a broker running at {broker}?)") from None
-    finally:
-        app.close()
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
@@ -506,6 +535,67 @@ def status(
     click.echo(
         "counters: " + (", ".join(f"{k}={v}" for k, v in sorted(counters.items())) or "none")
     )
+
+
+def _task_status(
+    task_id: str, broker: str, curve: tuple[str | None, str | None], as_json: bool
+) -> None:
+    from zq.errors import TaskError
+
+    with _session("zq.status", broker, *curve) as app:
+        res = app.AsyncResult(task_id)
+        state = res.status
+        progress = res.progress
+        outcome: Any = None
+        if res.ready_here():
+            try:
+                outcome = res.get(timeout=0)
+            except TaskError as exc:
+                outcome = str(exc)
+    if as_json:
+        info = {"id": task_id, "state": state, "progress": progress, "outcome": outcome}
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"{task_id}: {state}")
+    if progress:
+        total = progress.get("total")
+        note = progress.get("note")
+        click.echo(
+            f"progress: {progress.get('done')}"
+            + (f"/{total}" if total is not None else "")
+            + (f" ({note})" if note else "")
+        )
+    if outcome is not None:
+        click.echo(f"outcome: {outcome!r}" if state == "SUCCESS" else f"outcome: {outcome}")
+
+
+@main.command()
+@click.argument("task_ids", metavar="ID...", nargs=-1, required=True)
+@_broker_option
+@_peer_curve_options
+@click.option(
+    "--terminate",
+    is_flag=True,
+    help="Also stop tasks already running: their worker kills the process running each "
+    "(process pool only).",
+)
+@_timeout_option
+def revoke(
+    task_ids: tuple[str, ...],
+    broker: str,
+    curve_secret: str | None,
+    broker_key: str | None,
+    terminate: bool,
+    timeout: float,
+) -> None:
+    """Revoke tasks: a waiting task ends REVOKED and never runs; a running one runs on
+    unless --terminate. Prints each id's outcome; exits 1 if any id was unknown."""
+    with _session("zq.revoke", broker, curve_secret, broker_key) as app:
+        outcomes = app.revoke(list(task_ids), terminate=terminate, timeout=timeout)
+    for task_id in task_ids:
+        click.echo(f"{task_id}: {outcomes.get(task_id, 'unknown')}")
+    if "unknown" in outcomes.values():
+        sys.exit(1)
 
 
 @main.command()
@@ -605,23 +695,15 @@ def _dead_letters(
     broker: str, curve: tuple[str | None, str | None], requeue: list[str], timeout: float
 ) -> dict[str, Any]:
     from zq import protocol
-    from zq.errors import ZQError
 
-    app = _app("zq.dead", broker, *curve)
-    try:
+    with _session("zq.dead", broker, *curve) as app:
         return app.client.request(protocol.DEAD_LETTERS, {"requeue": requeue}, timeout)
-    except ZQError as exc:
-        raise click.ClickException(f"{exc} (is a broker running at {broker}?)") from None
-    finally:
-        app.close()
 
 
 @dead.command("list")
 @_broker_option
 @_peer_curve_options
-@click.option(
-    "--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the broker."
-)
+@_timeout_option
 def dead_list(
     broker: str, curve_secret: str | None, broker_key: str | None, timeout: float
 ) -> None:
@@ -638,9 +720,7 @@ def dead_list(
 @click.argument("task_ids", metavar="ID...", nargs=-1, required=True)
 @_broker_option
 @_peer_curve_options
-@click.option(
-    "--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait for the broker."
-)
+@_timeout_option
 def dead_requeue(
     task_ids: tuple[str, ...],
     broker: str,

@@ -53,6 +53,7 @@ class _Slot:
         "id",
         "mine",
         "payload",
+        "progress",
         "seq",
         "state",
     )
@@ -63,6 +64,7 @@ class _Slot:
         self.state = p.PENDING
         self.header: dict[str, Any] = {}
         self.payload: Any = None
+        self.progress: dict[str, Any] | None = None  # the latest report of a running task
         self.seq = 0  # bumped on every update, for waiters of a state query
         self.done = threading.Event()
         self.done_at = 0.0  # wall-clock time this process learnt the final state
@@ -150,6 +152,17 @@ class Client:
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The broker's STATUS snapshot (workers, queues, keys in flight, counters)."""
         return self.request(p.STATUS, {}, timeout)
+
+    def revoke(
+        self, task_ids: list[str], *, terminate: bool = False, timeout: float = 5.0
+    ) -> dict[str, str]:
+        """Revoke tasks by id (see :meth:`AsyncResult.revoke`); returns id -> outcome."""
+        reply = self.request(p.REVOKE, {"ids": list(task_ids), "terminate": terminate}, timeout)
+        return {
+            task_id: outcome
+            for outcome in ("revoked", "terminating", "running", "finished", "unknown")
+            for task_id in reply.get(outcome, ())
+        }
 
     def request(self, command: bytes, header: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send a command the broker answers with the same command and our ``req``."""
@@ -371,7 +384,7 @@ class Client:
             self._settle_flushes()
         elif command == p.RESULT:
             self._on_result(header, payload)
-        elif command in (p.STATUS, p.DEAD_LETTERS):
+        elif command in (p.STATUS, p.DEAD_LETTERS, p.REVOKE):
             future = self._requests.pop(header.get("req"), None)
             if future is not None:
                 future.set_result(header)
@@ -406,7 +419,7 @@ class Client:
         _, header, payload = frames[1], p.unpack_header(frames[2]), frames[3:]
         if frames[1] == p.RESULT:
             self._on_result(header, payload)
-        elif frames[1] == p.STARTED:  # STARTED or RETRY: progress, never final
+        elif frames[1] in (p.STARTED, p.PROGRESS):  # STARTED, RETRY or progress: not final
             state = header.get("state", p.STARTED_STATE)
             if state in (p.STARTED_STATE, p.RETRY):
                 self._update(header.get("id", ""), state, header, None)
@@ -431,6 +444,8 @@ class Client:
             if slot is None:
                 return
             slot.seq += 1
+            if isinstance(header.get("progress"), dict):
+                slot.progress = header["progress"]
             if self._state_queries:
                 self._changed.notify_all()
             if slot.done.is_set() or (only_if is not None and slot.state != only_if):
@@ -553,6 +568,22 @@ class AsyncResult:
         if propagate:
             raise error
         return error
+
+    @property
+    def progress(self) -> dict[str, Any] | None:
+        """The latest progress report of the running task (``{"done", "total", "note"}``,
+        see :func:`zq.current_task`), asked of the broker; None if none came yet."""
+        if not self._slot.done.is_set():
+            self._client.query_state(self._slot, timeout=5.0)
+        return self._slot.progress
+
+    def revoke(self, *, terminate: bool = False, timeout: float = 5.0) -> str:
+        """Revoke the task: if it waits (queued, scheduled, waiting to retry) it ends
+        REVOKED and never runs. If it runs, ``terminate=True`` has its worker kill the
+        process running it (that run only; process pool) and it ends REVOKED;
+        without ``terminate`` it runs on. Returns what the broker did: ``revoked``,
+        ``terminating``, ``running``, ``finished`` or ``unknown``."""
+        return self._client.revoke([self.id], terminate=terminate, timeout=timeout)[self.id]
 
     @property
     def date_done(self) -> float | None:

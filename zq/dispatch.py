@@ -205,6 +205,7 @@ class Dispatcher:
         task, worker = taken
         task.worker = None
         task.started = False
+        task.progress = None
         task.retrying = True
         task.retries += 1
         out: list[Assignment] = []
@@ -258,7 +259,7 @@ class Dispatcher:
 
     def started(self, worker_id: bytes, task_id: str, delivery: int | None = None) -> bool:
         """Mark a task started; False if ``worker_id`` does not hold it."""
-        task = self._held(worker_id, task_id, delivery)
+        task = self.held(worker_id, task_id, delivery)
         if task is None:
             return False
         task.started = True
@@ -308,14 +309,14 @@ class Dispatcher:
         self, worker_id: bytes, task_id: str, delivery: int | None
     ) -> tuple[Task, WorkerState] | None:
         """Remove a task from the worker holding it under that delivery, if it does."""
-        task = self._held(worker_id, task_id, delivery)
+        task = self.held(worker_id, task_id, delivery)
         if task is None:
             return None
         worker = self.workers[worker_id]
         del worker.running[task_id]
         return task, worker
 
-    def _held(self, worker_id: bytes, task_id: str, delivery: int | None) -> Task | None:
+    def held(self, worker_id: bytes, task_id: str, delivery: int | None) -> Task | None:
         """The task if ``worker_id`` holds it under this delivery (None: any delivery).
 
         A delivery number tells a report about the current assignment from a late one
@@ -429,6 +430,7 @@ class Dispatcher:
         for task in reversed(lost):
             task.worker = None
             task.started = False
+            task.progress = None
             task.redeliveries += handed_back
             if task.redeliveries > self.max_redeliveries:
                 self.dead.append(task)

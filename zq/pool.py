@@ -25,11 +25,13 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from zq import protocol as p
 from zq.app import App, Task, load_app
+from zq.context import TaskContext, running
 from zq.errors import Retry, SoftTimeLimitExceeded
 
 Event = tuple[Any, ...]
@@ -41,8 +43,14 @@ FENCED_EXIT = 70
 FENCE_POLL = 0.1
 
 
-def execute(app: App, header: dict[str, Any], payload: bytes) -> Outcome:
-    """Run one task of ``app``: (state, encoded value or failure info, DONE header extras)."""
+def execute(
+    app: App,
+    header: dict[str, Any],
+    payload: bytes,
+    report: Callable[[dict[str, Any]], None] | None = None,
+) -> Outcome:
+    """Run one task of ``app``: (state, encoded value or failure info, DONE header extras).
+    ``report`` carries the task's progress reports (see :func:`zq.current_task`)."""
     name = header.get("name", "")
     task = app.tasks.get(name)
     if task is None:
@@ -57,7 +65,8 @@ def execute(app: App, header: dict[str, Any], payload: bytes) -> Outcome:
         )
     try:
         args, kwargs = p.decode(payload)
-        value = task.fn(*args, **kwargs)
+        with running(TaskContext(header, report)):
+            value = task.fn(*args, **kwargs)
     except Exception as exc:
         return _failed(task, header, exc)
     try:
@@ -138,13 +147,18 @@ def _child_main(
             return
         if header.get("key") is not None:
             keyed.set()
-        conn.send_bytes(p.encode(["started", header["id"]]))
+        task_id = header["id"]
+        conn.send_bytes(p.encode(["started", task_id]))
         soft, _ = limits.for_task(app, header.get("name", ""))
         start = time.monotonic()
         if soft:
             signal.setitimer(signal.ITIMER_REAL, soft)
+
+        def report(info: dict[str, Any], task_id: str = task_id) -> None:
+            conn.send_bytes(p.encode(["progress", task_id, info]))
+
         try:
-            state, body, extra = execute(app, header, payload)
+            state, body, extra = execute(app, header, payload, report)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
         runtime = time.monotonic() - start
@@ -169,12 +183,13 @@ def _fence(heard: Any, fence_after: Any, parent: int, keyed: threading.Event) ->
 
 
 class _Child:
-    __slots__ = ("conn", "deadline", "hard", "proc", "task")
+    __slots__ = ("conn", "deadline", "hard", "proc", "started", "task")
 
     def __init__(self, proc: Any, conn: Any) -> None:
         self.proc = proc
         self.conn = conn
         self.task: str | None = None
+        self.started = 0.0  # when it was given its task
         self.deadline: float | None = None  # when the hard time limit kills it
         self.hard = 0.0
 
@@ -235,26 +250,40 @@ class ProcessPool:
         events: list[Event] = []
         for fd, child in list(self._children.items()):
             if child.deadline is not None and now >= child.deadline and child.task is not None:
-                child.proc.kill()
-                task, child.task = child.task, None
-                self._bury(fd, child)
                 reason = (
                     f"the hard time limit ({child.hard:g}s) was exceeded; the process "
                     "running the task was killed and replaced"
                 )
-                events.append(
-                    (
-                        "done",
-                        task,
-                        p.FAILURE,
-                        _failure("zq.TimeLimitExceeded", reason),
-                        child.hard,
-                        {},
-                    )
-                )
+                events.append(self._kill(fd, child, p.FAILURE, "zq.TimeLimitExceeded", reason))
         if events:
             self._feed()
         return events
+
+    def terminate(self, task_id: str) -> Event | None:
+        """Stop ``task_id`` (revoke with terminate): kill the child process running it
+        (the one the supervisor gave it to, and no other) or drop it from the backlog.
+        Returns its DONE event (REVOKED), or None if it is not here."""
+        for fd, child in list(self._children.items()):
+            if child.task == task_id:
+                pid = child.proc.pid
+                why = f"revoked: the process running it (pid {pid}) was killed and replaced"
+                event = self._kill(fd, child, p.REVOKED, "zq.Revoked", why)
+                self._feed()
+                return event
+        for item in self._backlog:
+            if item[0]["id"] == task_id:
+                self._backlog.remove(item)
+                why = "revoked before it started"
+                return ("done", task_id, p.REVOKED, _failure("zq.Revoked", why), 0.0, {})
+        return None
+
+    def _kill(self, fd: int, child: _Child, state: str, kind: str, why: str) -> Event:
+        """Kill a child for a reason of ours (its task is not LOST) and replace it."""
+        child.proc.kill()
+        task, child.task = child.task, None
+        self._bury(fd, child)
+        runtime = time.monotonic() - child.started
+        return ("done", task, state, _failure(kind, why), runtime, {})
 
     def submit(self, header: dict[str, Any], payload: bytes) -> None:
         self._backlog.append((header, payload))
@@ -275,6 +304,7 @@ class ProcessPool:
                 self._feed()  # the replacement can take it (its pipe buffers until it runs)
                 return
             child.task = header["id"]
+            child.started = time.monotonic()
             _, hard = self.limits.for_task(self.app, header.get("name", ""))
             child.hard = hard or 0.0
             child.deadline = time.monotonic() + hard if hard else None
@@ -352,10 +382,15 @@ class ThreadPool:
             if job is None:
                 return
             header, payload = job
-            self._emit(("started", header["id"]))
+            task_id = header["id"]
+            self._emit(("started", task_id))
             start = time.monotonic()
-            state, body, extra = execute(self.app, header, payload)
-            self._emit(("done", header["id"], state, body, time.monotonic() - start, extra))
+
+            def report(info: dict[str, Any], task_id: str = task_id) -> None:
+                self._emit(("progress", task_id, info))
+
+            state, body, extra = execute(self.app, header, payload, report)
+            self._emit(("done", task_id, state, body, time.monotonic() - start, extra))
 
     def _emit(self, event: Event) -> None:
         self._events.put(event)
@@ -373,6 +408,10 @@ class ThreadPool:
 
     def tick(self, heard: float) -> list[Event]:
         return []
+
+    def terminate(self, task_id: str) -> Event | None:
+        """Threads cannot be killed: a running task runs to its end (use the process pool)."""
+        return None
 
     def submit(self, header: dict[str, Any], payload: bytes) -> None:
         self._running[header["id"]] = None

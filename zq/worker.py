@@ -250,6 +250,8 @@ class Worker:
         elif command == p.ACCEPTED:
             for task_id in header.get("ids", ()):
                 self._outbox.pop(task_id, None)
+        elif command == p.REVOKE:
+            self._on_revoke(header.get("id"), header.get("delivery"))
         elif command == p.WELCOME:
             heartbeat = float(header.get("heartbeat", self._heartbeat))
             liveness = int(header.get("liveness", self._liveness))
@@ -298,9 +300,27 @@ class Worker:
                 return
             self.pool.submit(header, payload)
 
+    def _on_revoke(self, task_id: Any, delivery: Any) -> None:
+        """Stop a run the broker revoked, if it is that very run (same delivery)."""
+        if not isinstance(task_id, str) or task_id not in self._deliveries:
+            return  # it ended meanwhile: its DONE is on its way
+        if delivery is not None and self._deliveries[task_id] != delivery:
+            return  # about an earlier assignment of the same task
+        event = self.pool.terminate(task_id)
+        if event is None:
+            log.warning("cannot stop task %s: a thread pool runs tasks to their end", task_id)
+            return
+        log.info("task %s revoked and stopped", task_id)
+        self._on_pool_event(event)
+
     def _on_pool_event(self, event: tuple[Any, ...]) -> None:
         if event[0] == "started":
             self._send(p.STARTED, {"id": event[1], "delivery": self._deliveries.get(event[1])})
+        elif event[0] == "progress":
+            task_id = event[1]
+            if task_id in self._deliveries:
+                delivery = self._deliveries[task_id]
+                self._send(p.PROGRESS, {"id": task_id, "delivery": delivery, "progress": event[2]})
         elif event[0] == "done":
             _, task_id, state, body, runtime, extra = event
             if len(body) > self._max_message - p.ENVELOPE:
