@@ -192,3 +192,26 @@ def pid_sleep(seconds: float, pid_file: str) -> int:
     Path(pid_file).write_text(str(os.getpid()))
     time.sleep(seconds)
     return os.getpid()
+
+
+@app.task
+def mul(x: float, y: float) -> float:
+    return x * y
+
+
+@app.task
+def total(values: list[float], offset: float = 0) -> float:
+    return sum(values) + offset
+
+
+@app.task
+def fail_with(_previous: Any, message: str) -> None:
+    """A chain step that fails (it takes the previous step's result)."""
+    raise ValueError(message)
+
+
+@app.task
+def touch(previous: Any, path: str) -> Any:
+    """A chain step that leaves a file behind, so a test can tell that it ran."""
+    Path(path).write_text(json.dumps(previous))
+    return previous

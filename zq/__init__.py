@@ -14,6 +14,7 @@
 
 from zq.app import App, Task
 from zq.broker import Broker, BrokerSettings
+from zq.canvas import GroupResult, Signature, chain, chord, group
 from zq.client import AsyncResult
 from zq.context import TaskContext, current_task
 from zq.errors import (
@@ -38,9 +39,11 @@ __all__ = [
     "Broker",
     "BrokerSettings",
     "BrokerUnavailable",
+    "GroupResult",
     "ProtocolError",
     "ResultUnavailable",
     "Retry",
+    "Signature",
     "SoftTimeLimitExceeded",
     "Task",
     "TaskContext",
@@ -52,5 +55,8 @@ __all__ = [
     "WorkerSettings",
     "ZQError",
     "__version__",
+    "chain",
+    "chord",
     "current_task",
+    "group",
 ]

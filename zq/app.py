@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 from zq import protocol as p
+from zq.canvas import Signature
 from zq.client import AsyncResult, Client
 from zq.security import ClientCurve
 from zq.timers import backoff
@@ -97,6 +98,14 @@ class Task:
     def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
         """Send the task to a worker with these arguments; returns at once."""
         return self.apply_async(args, kwargs)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A signature for workflows; in a chain it gets the previous result first."""
+        return Signature(self, args, kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An immutable signature: it ignores the previous step's result."""
+        return Signature(self, args, kwargs, immutable=True)
 
     def apply_async(
         self,
@@ -330,14 +339,14 @@ def timing(
     if countdown is not None and eta is not None:
         raise ValueError("give countdown or eta, not both")
     if countdown is not None:
-        fields["eta"] = time.time() + _seconds("countdown", countdown)
+        fields["eta"] = time.time() + seconds("countdown", countdown)
     elif eta is not None:
         fields["eta"] = _unix_time("eta", eta)
     if expires is not None:
         if isinstance(expires, _dt.datetime):
             fields["expires"] = _unix_time("expires", expires)
         else:
-            fields["expires"] = time.time() + _seconds("expires", expires)
+            fields["expires"] = time.time() + seconds("expires", expires)
     if priority is not None:
         if type(priority) is not int or not p.MIN_PRIORITY <= priority <= p.MAX_PRIORITY:
             raise ValueError(
@@ -348,9 +357,10 @@ def timing(
     return fields
 
 
-def _seconds(name: str, value: Any) -> float:
+def seconds(name: str, value: Any) -> float:
+    """``value`` (a number or a timedelta) as seconds >= 0; ValueError names ``name``."""
     if isinstance(value, _dt.timedelta):
-        value = value.total_seconds()
+        value = value.totalseconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a number of seconds, got {value!r}")
     if value < 0:

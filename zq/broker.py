@@ -30,6 +30,7 @@ from zq.journal import Journal, NullJournal, open_journal
 from zq.results import ResultStore, Waiters
 from zq.security import Authorizer, load_pair, serve_with
 from zq.timers import TimerHeap
+from zq.workflow import Graph, check_links
 
 log = logging.getLogger("zq.broker")
 
@@ -115,6 +116,8 @@ class Broker:
         self.dispatch = Dispatcher(max_redeliveries=self.settings.max_redeliveries)
         self.dead_letters: dict[str, Task] = {}
         self.scheduled: dict[str, Task] = {}  # accepted, waiting for their ETA
+        self.graph = Graph()  # accepted, waiting for their parents (workflows)
+        self.inputs: dict[str, list[Any]] = {}  # task id -> its parents' result bodies
         self.results = ResultStore(self.settings.result_ttl, self.settings.max_results)
         self.waiters = Waiters()
         self.timers = TimerHeap()
@@ -323,7 +326,11 @@ class Broker:
         rejected: dict[str, str] = {}
         out: list[Assignment] = []
         for index, (task_header, body) in enumerate(zip(tasks, payload, strict=True)):
-            reason = p.check_task_header(task_header)
+            reason = p.check_task_header(task_header) or check_links(task_header)
+            if reason is None:
+                unknown = [i for i in task_header.get("after", ()) if not self._known(i)]
+                if unknown:
+                    reason = f"after: unknown task {unknown[0]!r}"
             if reason is not None:
                 task_id = task_header.get("id") if isinstance(task_header, dict) else None
                 if not isinstance(task_id, str) or not 0 < len(task_id) <= p.MAX_ID_LEN:
@@ -348,7 +355,7 @@ class Broker:
             task = _task(task_id, task_header, body)
             if self.journal.durable:
                 self.journal.task_accepted(task_id, p.pack_header(task_header), _bytes(body))
-            self._admit(task, out)
+            self._enter(task, out)
         self.counters["accepted"] += len(accepted)
         if accepted:
             self._send(ident, p.ACCEPTED, {"ids": accepted})
@@ -362,12 +369,65 @@ class Broker:
         return (
             task_id in self.dispatch.tasks
             or task_id in self.scheduled
+            or task_id in self.graph
             or task_id in self.results
             or task_id in self.dead_letters
         )
 
     def _unfinished(self) -> int:
-        return len(self.dispatch.tasks) + len(self.scheduled)
+        return len(self.dispatch.tasks) + len(self.scheduled) + len(self.graph)
+
+    def _enter(self, task: Task, out: list[Assignment]) -> None:
+        """An accepted task waits for its parents (``after``), or is admitted now."""
+        after = task.data[0].get("after")
+        if after is None:
+            self._admit(task, out)
+            return
+        unfinished = []
+        for parent in after:
+            result = self.results.get(parent)
+            if result is not None and result.state != p.SUCCESS:
+                self._fail_dependent(task, parent, result.state, result.payload)
+                return
+            if result is None:
+                if (
+                    parent not in self.dispatch.tasks
+                    and parent not in self.scheduled
+                    and (parent not in self.graph)
+                ):
+                    why = f"its parent task {parent} is not known (its result expired?)"
+                    self._end_unrun(task, p.FAILURE, why)
+                    return
+                unfinished.append(parent)
+        if unfinished:
+            self.graph.add(task.id, task, unfinished)
+        else:
+            self._release_waiting(task, out)
+
+    def _release_waiting(self, task: Task, out: list[Assignment]) -> None:
+        """Every parent succeeded: take their results along, and admit the task."""
+        header = task.data[0]
+        args_from = header.get("args_from")
+        if args_from is not None:
+            bodies = []
+            for parent in args_from:
+                result = self.results.get(parent)
+                if result is None:
+                    why = f"the result of its parent task {parent} is no longer kept"
+                    self._end_unrun(task, p.FAILURE, why)
+                    return
+                bodies.append(result.payload)
+            self.inputs[task.id] = bodies
+        countdown = header.get("countdown")
+        if countdown is not None:  # a workflow step's countdown starts when it is released
+            header["eta"] = time.time() + countdown
+        self._admit(task, out)
+
+    def _fail_dependent(self, task: Task, parent: str, state: str, body: Any) -> None:
+        """A parent did not succeed: the task ends with the parent's outcome."""
+        self.counters["workflow_cancelled"] += 1
+        head = p.pack_header({"id": task.id, "state": state, "cause": parent})
+        self._finish(task, state, head, body)
 
     def _admit(self, task: Task, out: list[Assignment]) -> None:
         """An accepted task goes to its queue, or waits for its ETA; one whose expiry
@@ -429,7 +489,7 @@ class Broker:
 
     def _state_of(self, task_id: str) -> str:
         task = self.dispatch.tasks.get(task_id)
-        if task is None and task_id in self.scheduled:
+        if task is None and (task_id in self.scheduled or task_id in self.graph):
             return p.QUEUED
         if task is None:
             result = self.results.get(task_id)
@@ -455,7 +515,7 @@ class Broker:
         }
         out: list[Assignment] = []
         for task_id in ids:
-            task = self.scheduled.pop(task_id, None)
+            task = self.scheduled.pop(task_id, None) or self.graph.remove(task_id)
             if task is None:
                 task, more = self.dispatch.cancel(task_id)
                 out += more
@@ -671,7 +731,26 @@ class Broker:
         self._dispatched(out)
 
     def _finish(self, task: Task, state: str, head: bytes, body: Any) -> None:
-        """Store a final result (journal too), publish it, answer the FETCH waits."""
+        """Store a final result (journal too), publish it, answer the FETCH waits; then
+        release the tasks that waited for it, or end them too if it failed (a loop, not
+        recursion: a chain may be thousands of steps long)."""
+        ending = [(task, state, head, body)]
+        while ending:
+            task, state, head, body = ending.pop()
+            self._store_final(task, state, head, body)
+            released, failed = self.graph.finished(task.id, state == p.SUCCESS)
+            for child in failed:
+                self.counters["workflow_cancelled"] += 1
+                child_head = p.pack_header({"id": child.id, "state": state, "cause": task.id})
+                ending.append((child, state, child_head, body))
+            if released:
+                out: list[Assignment] = []
+                for child in released:
+                    self._release_waiting(child, out)
+                self._dispatched(out)
+
+    def _store_final(self, task: Task, state: str, head: bytes, body: Any) -> None:
+        self.inputs.pop(task.id, None)
         task_header = task.data[0]
         ignored = task_header.get("ignore_result", False)
         if ignored:
@@ -768,9 +847,11 @@ class Broker:
     def _dispatched(self, assignments: list[Assignment]) -> None:
         """Send the TASKs a scheduling decision made; bury the tasks it gave up on."""
         if self.dispatch.dead:
-            for task in self.dispatch.dead:
+            # Taken first: burying finishes tasks, which may release workflow steps
+            # and so come back here.
+            dead, self.dispatch.dead = self.dispatch.dead, []
+            for task in dead:
                 self._bury(task)
-            self.dispatch.dead.clear()
         now = time.monotonic()
         for wid, task in assignments:
             peer = self.by_wid[wid]
@@ -780,7 +861,7 @@ class Broker:
             if task.retries:
                 task_header["retries"] = task.retries
             task_header["delivery"] = task.delivery
-            self._send(peer.ident, p.TASK, task_header, body)
+            self._send(peer.ident, p.TASK, task_header, body, *self.inputs.get(task.id, ()))
             self.journal.task_assigned(task.id, wid.decode(), task.redeliveries, task.delivery)
             peer.last_sent = now
         self.counters["dispatched"] += len(assignments)
@@ -860,8 +941,10 @@ class Broker:
             self.dispatch.restore(task, worker.encode() if worker else None)
             if task.data[0].get("expires") is not None:  # in case it comes back unstarted
                 self.timers.add(now + (task.data[0]["expires"] - wall), (_EXPIRE, task.id))
+        for task, _ in held:
+            self._replay_inputs(task)
         for task, _ in waiting:
-            self._admit(task, [])  # no worker is connected yet: nothing is assigned
+            self._enter(task, [])  # no worker is connected yet: nothing is assigned
         held = [(t, w) for t, w in held if w]
         for stored in self.journal.dead():
             header = p.unpack_header(stored.header)
@@ -883,6 +966,13 @@ class Broker:
                 len(self._placeholders),
                 grace,
             )
+
+    def _replay_inputs(self, task: Task) -> None:
+        """A held workflow step gets its parents' results again (for a re-run)."""
+        args_from = task.data[0].get("args_from")
+        if args_from is not None:
+            results = [self.results.get(parent) for parent in args_from]
+            self.inputs[task.id] = [r.payload if r is not None else b"" for r in results]
 
     _HANDLERS = {
         (p.CLIENT, p.HELLO): _on_hello,

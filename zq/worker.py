@@ -25,6 +25,7 @@ import zmq
 
 from zq import protocol as p
 from zq.app import App, default_broker, load_app
+from zq.canvas import with_inputs
 from zq.errors import ProtocolError
 from zq.pool import Limits, ProcessPool, ThreadPool
 from zq.security import ClientCurve
@@ -246,7 +247,7 @@ class Worker:
         if command == p.TASK:
             if not payload:
                 raise ProtocolError("TASK without a payload")
-            self._on_task(header, payload[0])
+            self._on_task(header, payload[0], payload[1:])
         elif command == p.ACCEPTED:
             for task_id in header.get("ids", ()):
                 self._outbox.pop(task_id, None)
@@ -271,7 +272,7 @@ class Worker:
             else:
                 log.error("broker reported an error: %s", header.get("reason"))
 
-    def _on_task(self, header: dict[str, Any], payload: bytes) -> None:
+    def _on_task(self, header: dict[str, Any], payload: bytes, inputs: list[bytes]) -> None:
         task_id, delivery = header.get("id"), header.get("delivery")
         if not (
             isinstance(task_id, str)
@@ -298,6 +299,14 @@ class Worker:
                 body = p.encode({"type": "zq.Expired", "message": why, "traceback": ""})
                 self._on_pool_event(("done", task_id, p.EXPIRED, body, 0.0, {}))
                 return
+            if "pass" in header:  # a workflow step: its parents' results come first
+                try:
+                    payload = with_inputs(header, payload, inputs)
+                except Exception as exc:  # fail the task: dropping it would lose it
+                    why = f"could not give it its parents' results: {exc}"
+                    body = p.encode({"type": "zq.BadInput", "message": why, "traceback": ""})
+                    self._on_pool_event(("done", task_id, p.FAILURE, body, 0.0, {}))
+                    return
             self.pool.submit(header, payload)
 
     def _on_revoke(self, task_id: Any, delivery: Any) -> None:
