@@ -25,6 +25,7 @@ from typing import Any, TypeVar, overload
 from zq import protocol as p
 from zq.canvas import Signature
 from zq.client import AsyncResult, Client
+from zq.schedule import Schedule
 from zq.security import ClientCurve
 from zq.timers import backoff
 
@@ -166,6 +167,7 @@ class App:
         self.broker_key = broker_key or os.environ.get("ZQ_BROKER_KEY") or None
         self._curve = ClientCurve.from_files(self.curve_secret, self.broker_key)
         self.tasks: dict[str, Task] = {}
+        self.schedules: dict[str, Schedule] = {}  # periodic tasks, fired by the broker
         self._client: Client | None = None
         self._client_pid = 0
         self._lock = threading.Lock()
@@ -251,6 +253,50 @@ class App:
             return task
 
         return register(fn) if fn is not None else register
+
+    def periodic(
+        self,
+        *,
+        every: float | _dt.timedelta | None = None,
+        cron: str | None = None,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        key: str | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+    ) -> Callable[[Any], Task]:
+        """Run a task on a schedule: ``every`` seconds (or a timedelta), or on a ``cron``
+        expression (``"*/5 * * * *"``, in the broker's local time)::
+
+            @app.periodic(every=60, key="cleanup")
+            @app.task
+            def cleanup(): ...
+
+        Workers announce the app's schedules; the broker fires them (so never twice,
+        however many workers run) and journals each fire. With a ``key``, a run is
+        skipped while the previous one has not ended. ``name`` defaults to the task
+        name. Decorates a task (or a plain function, which it registers as a task).
+        """
+        interval = None if every is None else seconds("every", every)
+        payload = p.encode([list(args), kwargs or {}])  # TypeError here, at import
+
+        def register(target: Any) -> Task:
+            task = target if isinstance(target, Task) else self.task(target)
+            schedule = Schedule(
+                name=name or task.name,
+                task=task.name,
+                every=interval,
+                cron=cron,
+                payload=payload,
+                key=None if key is None else str(key),
+                queue=queue or task.queue,
+            )
+            if schedule.name in self.schedules:
+                raise ValueError(f"periodic schedule {schedule.name!r} is already declared")
+            self.schedules[schedule.name] = schedule
+            return task
+
+        return register
 
     @property
     def client(self) -> Client:

@@ -28,6 +28,7 @@ from zq.dispatch import Assignment, Dispatcher, Task
 from zq.errors import ProtocolError
 from zq.journal import Journal, NullJournal, open_journal
 from zq.results import ResultStore, Waiters
+from zq.schedule import Entry, Schedule, first_fire, following
 from zq.security import Authorizer, load_pair, serve_with
 from zq.timers import TimerHeap
 from zq.workflow import Graph, check_links
@@ -55,6 +56,10 @@ STATUS_KEYS = 100
 _RETRY = "retry"  # a retry delay ran out: back to the head of the task's lane
 _ETA = "eta"  # a scheduled task's time came: into its queue
 _EXPIRE = "expire"  # a task not started by now ends EXPIRED
+_PERIODIC = "periodic"  # (kind, schedule name): a periodic schedule may be due
+
+#: The client id periodic tasks are sent under (results go to topics nobody reads).
+PERIODIC_CLIENT = "zq-periodic"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +123,7 @@ class Broker:
         self.scheduled: dict[str, Task] = {}  # accepted, waiting for their ETA
         self.graph = Graph()  # accepted, waiting for their parents (workflows)
         self.inputs: dict[str, list[Any]] = {}  # task id -> its parents' result bodies
+        self.periodic: dict[str, Entry] = {}  # schedule name -> its state
         self.results = ResultStore(self.settings.result_ttl, self.settings.max_results)
         self.waiters = Waiters()
         self.timers = TimerHeap()
@@ -619,6 +625,7 @@ class Broker:
             ",".join(queues),
         )
         self._event(b"worker.online", info)
+        self._declare(header.get("periodic", []))
         # A draining worker (stopping gracefully) keeps its tasks but gets no more.
         capacity = 0 if header.get("draining") else concurrency + self.settings.prefetch
         self._dispatched(self.dispatch.add_worker(wkey, queues, capacity, running))
@@ -719,6 +726,94 @@ class Broker:
                     self._dispatched(self.dispatch.submit(task))
             elif kind == _EXPIRE:
                 self._expire(task_id)
+            elif kind == _PERIODIC:
+                self._fire(task_id)
+
+    # -------------------------------------------------------------- periodic
+
+    def _declare(self, items: Any) -> None:
+        """Schedules a worker's app declares: new or changed ones are (re)armed."""
+        if not isinstance(items, list):
+            raise ProtocolError("READY 'periodic' must be a list of schedules")
+        for item in items:
+            try:
+                schedule = Schedule.from_wire(item)
+            except ValueError as exc:
+                self.counters["bad_schedules"] += 1
+                log.warning("ignored a periodic schedule a worker declared: %s", exc)
+                continue
+            entry = self.periodic.get(schedule.name)
+            if entry is not None and entry.schedule == schedule:
+                continue  # the usual case: every worker declares the same schedules
+            if entry is not None:
+                log.info("periodic schedule %s changed: %s", schedule.name, schedule.describe())
+            last, last_task = (entry.last, entry.last_task) if entry else (None, None)
+            self._arm(Entry(schedule, last, last_task))
+            definition = p.pack_header(schedule.to_wire())
+            self.journal.schedule_stored(schedule.name, definition, last, last_task)
+
+    def _arm(self, entry: Entry) -> None:
+        wall = time.time()
+        entry.next = first_fire(entry.schedule, entry.last, wall)
+        self.periodic[entry.schedule.name] = entry
+        self.timers.add(time.monotonic() + (entry.next - wall), (_PERIODIC, entry.schedule.name))
+
+    def _fire(self, name: str) -> None:
+        """Send a schedule's task if it is due (else the timer is a stale one)."""
+        entry = self.periodic.get(name)
+        wall = time.time()
+        if entry is None or entry.next > wall + 0.001:
+            return
+        schedule, due = entry.schedule, entry.next
+        entry.next = following(schedule, due, wall)
+        self.timers.add(time.monotonic() + (entry.next - wall), (_PERIODIC, name))
+        previous = entry.last_task
+        if schedule.key is not None and previous is not None and self._unfinished_id(previous):
+            # Its previous run still waits or runs: per-key exclusivity would queue this
+            # one behind it; skipping keeps a slow task from piling up runs.
+            entry.skipped += 1
+            self.counters["periodic_skipped"] += 1
+            return
+        full = self._full(schedule.queue)
+        if full is not None:
+            self.counters["periodic_skipped"] += 1
+            log.warning("periodic %s not fired: %s", name, full)
+            return
+        task_id = os.urandom(16).hex()
+        header: dict[str, Any] = {
+            "id": task_id,
+            "name": schedule.task,
+            "queue": schedule.queue,
+            "client": PERIODIC_CLIENT,
+            "periodic": name,
+        }
+        if schedule.key is not None:
+            header["key"] = schedule.key
+        entry.last, entry.last_task = due, task_id
+        if self.journal.durable:
+            self.journal.task_accepted(task_id, p.pack_header(header), schedule.payload)
+        self.journal.schedule_fired(name, due, task_id)
+        self.counters["periodic_fired"] += 1
+        out: list[Assignment] = []
+        self._admit(_task(task_id, header, schedule.payload), out)
+        self._dispatched(out)
+
+    def _unfinished_id(self, task_id: str) -> bool:
+        return task_id in self.dispatch.tasks or task_id in self.scheduled
+
+    def _on_periodic(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
+        """List the periodic schedules; ``remove`` names ones to forget."""
+        remove = header.get("remove", [])
+        if not isinstance(remove, list) or not all(isinstance(n, str) for n in remove):
+            raise ProtocolError("PERIODIC 'remove' must be a list of schedule names")
+        removed = []
+        for name in remove:
+            if self.periodic.pop(name, None) is not None:
+                self.journal.schedule_dropped(name)
+                removed.append(name)
+        listing = [entry.listing() for entry in self.periodic.values()]
+        reply = {"req": header.get("req"), "periodic": listing, "removed": removed}
+        self._send(ident, p.PERIODIC, reply)
 
     def _expire(self, task_id: str) -> None:
         """End a task EXPIRED if it has not started (a running task runs on)."""
@@ -946,6 +1041,13 @@ class Broker:
         for task, _ in waiting:
             self._enter(task, [])  # no worker is connected yet: nothing is assigned
         held = [(t, w) for t, w in held if w]
+        for stored_schedule in self.journal.schedules():
+            try:
+                schedule = Schedule.from_wire(p.unpack_header(stored_schedule.definition))
+            except (ValueError, ProtocolError) as exc:
+                log.warning("dropped periodic schedule %s: %s", stored_schedule.name, exc)
+                continue
+            self._arm(Entry(schedule, stored_schedule.last, stored_schedule.last_task))
         for stored in self.journal.dead():
             header = p.unpack_header(stored.header)
             task = _task(stored.id, header, stored.payload)
@@ -981,6 +1083,7 @@ class Broker:
         (p.CLIENT, p.STATUS): _on_status,
         (p.CLIENT, p.DEAD_LETTERS): _on_dead_letters,
         (p.CLIENT, p.REVOKE): _on_revoke,
+        (p.CLIENT, p.PERIODIC): _on_periodic,
         (p.CLIENT, p.HEARTBEAT): _on_client_heartbeat,
         (p.CLIENT, p.DISCONNECT): _on_client_disconnect,
         (p.WORKER, p.READY): _on_ready,

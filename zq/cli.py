@@ -599,6 +599,49 @@ def revoke(
 
 
 @main.command()
+@_broker_option
+@_peer_curve_options
+@click.option(
+    "--remove",
+    "remove",
+    multiple=True,
+    metavar="NAME",
+    help="Forget this schedule (e.g. one renamed in the code); may be repeated.",
+)
+@_timeout_option
+def periodic(
+    broker: str,
+    curve_secret: str | None,
+    broker_key: str | None,
+    remove: tuple[str, ...],
+    timeout: float,
+) -> None:
+    """List the periodic schedules the broker fires: name, task, schedule, last and
+    next fire times, runs skipped because the previous keyed run had not ended."""
+    import datetime as dt
+
+    from zq import protocol
+
+    with _session("zq.periodic", broker, curve_secret, broker_key) as app:
+        reply = app.client.request(protocol.PERIODIC, {"remove": list(remove)}, timeout)
+    for name in remove:
+        click.echo(f"{name}: {'removed' if name in reply['removed'] else 'no such schedule'}")
+
+    def when(stamp: float | None) -> str:
+        if stamp is None:
+            return "never"
+        return dt.datetime.fromtimestamp(stamp).astimezone().isoformat(timespec="seconds")
+
+    for entry in sorted(reply["periodic"], key=lambda e: e["next"]):
+        click.echo(
+            f"{entry['name']}  {entry['task']}  {entry['schedule']}  queue={entry['queue']}"
+            f"  key={entry['key']}  last={when(entry['last'])}  next={when(entry['next'])}"
+            f"  skipped={entry['skipped']}"
+        )
+    click.echo(f"{len(reply['periodic'])} schedule(s)")
+
+
+@main.command()
 @_order_options(orders=300, customers=30)
 @click.option(
     "--workers",

@@ -384,7 +384,7 @@ class Client:
             self._settle_flushes()
         elif command == p.RESULT:
             self._on_result(header, payload)
-        elif command in (p.STATUS, p.DEAD_LETTERS, p.REVOKE):
+        elif command in (p.STATUS, p.DEAD_LETTERS, p.REVOKE, p.PERIODIC):  # request replies
             future = self._requests.pop(header.get("req"), None)
             if future is not None:
                 future.set_result(header)

@@ -426,7 +426,10 @@ class Dispatcher:
     def _requeue(self, lost: list[Task], out: list[Assignment], handed_back: bool = True) -> None:
         """Put tasks back at the head of their lanes (or queues). ``handed_back``: their
         worker died under them, which counts towards making them dead letters."""
-        # Reversed so that appendleft keeps the tasks' relative order.
+        # Reversed so that pushing to the front keeps the tasks' relative order; all are
+        # pushed before any is assigned, so the free slots go to the highest priority
+        # and oldest of them (assigning while pushing gave a slot to the last one).
+        touched: set[str] = set()
         for task in reversed(lost):
             task.worker = None
             task.started = False
@@ -437,13 +440,18 @@ class Dispatcher:
                 self._release(task, None, out)
                 continue
             self.queued[task.queue] = self.queued.get(task.queue, 0) + 1
+            touched.add(task.queue)
             if task.key is None:
-                self._make_ready(task, None, out, front=True)
+                self._push_ready(task, front=True)
                 continue
             lane = self.lanes[task.key]
             lane.running = None
             lane.waiting.appendleft(task)
-            self._make_ready(lane, None, out, front=True)
+            self._push_ready(lane, front=True)
+        for queue in touched:
+            for worker in list(self._by_queue.get(queue, {}).values()):
+                if worker.free > 0:
+                    self._pump(worker, out)
 
     # ---------------------------------------------------------------- routing
 
@@ -457,8 +465,14 @@ class Dispatcher:
             if worker is not None:
                 out.append(self._assign(worker, entry))
                 return
-            if ready is None:
-                ready = self.ready[queue] = ReadyQueue()
+        self._push_ready(entry, front)
+
+    def _push_ready(self, entry: _Entry, front: bool = False) -> None:
+        """Put an entry in its queue's ready structure (no worker is picked here)."""
+        queue = entry.waiting[0].queue if isinstance(entry, Lane) else entry.queue
+        ready = self.ready.get(queue)
+        if ready is None:
+            ready = self.ready[queue] = ReadyQueue()
         if isinstance(entry, Lane):
             entry.in_ready = True
         ready.push(entry, front)

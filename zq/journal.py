@@ -48,6 +48,12 @@ CREATE TABLE IF NOT EXISTS dead (
     redeliveries INTEGER NOT NULL,
     died REAL NOT NULL             -- wall-clock time it was given up on
 );
+CREATE TABLE IF NOT EXISTS schedules (
+    name TEXT PRIMARY KEY,
+    definition BLOB NOT NULL,      -- the schedule as declared, msgpack
+    last REAL,                     -- wall clock of its last fire, NULL if never
+    last_task TEXT                 -- the id of the task it fired last
+);
 """
 
 _INSERT_TASK = "INSERT OR IGNORE INTO tasks (id, header, payload) VALUES (?, ?, ?)"
@@ -58,6 +64,17 @@ _PUT_RESULT = "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)"
 _DELETE_RESULT = "DELETE FROM results WHERE id = ?"
 _PUT_DEAD = "INSERT OR REPLACE INTO dead VALUES (?, ?, ?, ?, ?)"
 _DELETE_DEAD = "DELETE FROM dead WHERE id = ?"
+_PUT_SCHEDULE = "INSERT OR REPLACE INTO schedules VALUES (?, ?, ?, ?)"
+_FIRED = "UPDATE schedules SET last = ?, last_task = ? WHERE name = ?"
+_DELETE_SCHEDULE = "DELETE FROM schedules WHERE name = ?"
+
+
+@dataclass(frozen=True)
+class StoredSchedule:
+    name: str
+    definition: bytes
+    last: float | None
+    last_task: str | None
 
 
 @dataclass(frozen=True)
@@ -133,6 +150,22 @@ class Journal:
 
     def dead_dropped(self, task_id: str) -> None:
         self._ops.append((_DELETE_DEAD, (task_id,)))
+
+    def schedule_stored(
+        self, name: str, definition: bytes, last: float | None, last_task: str | None
+    ) -> None:
+        self._ops.append((_PUT_SCHEDULE, (name, definition, last, last_task)))
+
+    def schedule_fired(self, name: str, last: float, last_task: str) -> None:
+        """Journaled in the same transaction as the task it fired: never fired twice."""
+        self._ops.append((_FIRED, (last, last_task, name)))
+
+    def schedule_dropped(self, name: str) -> None:
+        self._ops.append((_DELETE_SCHEDULE, (name,)))
+
+    def schedules(self) -> Iterator[StoredSchedule]:
+        for row in self._db.execute("SELECT name, definition, last, last_task FROM schedules"):
+            yield StoredSchedule(*row)
 
     def commit(self) -> int:
         """Write every buffered change in one transaction; returns how many."""
@@ -222,6 +255,20 @@ class NullJournal:
 
     def dead_dropped(self, task_id: str) -> None:
         pass
+
+    def schedule_stored(
+        self, name: str, definition: bytes, last: float | None, last_task: str | None
+    ) -> None:
+        pass
+
+    def schedule_fired(self, name: str, last: float, last_task: str) -> None:
+        pass
+
+    def schedule_dropped(self, name: str) -> None:
+        pass
+
+    def schedules(self) -> Iterator[StoredSchedule]:
+        return iter(())
 
     def commit(self) -> int:
         return 0

@@ -38,6 +38,7 @@ FETCH = b"\x03"
 STATUS = b"\x05"
 DEAD_LETTERS = b"\x06"  # list or requeue dead letters; the reply has the same command
 REVOKE = b"\x07"  # client: revoke tasks (reply: REVOKE); broker -> worker: stop a run
+PERIODIC = b"\x08"  # list periodic schedules, or remove some; the reply has the same command
 # Broker -> client
 WELCOME = b"\x11"
 ACCEPTED = b"\x12"
@@ -63,6 +64,7 @@ COMMAND_NAMES = {
     STATUS: "STATUS",
     DEAD_LETTERS: "DEAD_LETTERS",
     REVOKE: "REVOKE",
+    PERIODIC: "PERIODIC",
     WELCOME: "WELCOME",
     ACCEPTED: "ACCEPTED",
     REJECTED: "REJECTED",

@@ -205,6 +205,7 @@ class Worker:
                 "tasks": sorted(self.app.tasks),
                 "running": self._held(),
                 "draining": self._draining_until is not None,
+                "periodic": [schedule.to_wire() for schedule in self.app.schedules.values()],
             },
         )
 
