@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from zq.testing import wait_for
+
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ["broker", "worker", "call", "status", "demo", "client"]
+COMMANDS = ["broker", "worker", "call", "status", "demo", "client", "revoke", "periodic"]
 
 
 def run(*args: str, timeout: float = 30, **kwargs) -> subprocess.CompletedProcess:
@@ -61,6 +63,30 @@ def test_call_and_status_against_a_running_broker(broker, start_worker):
     assert f"pid={worker.pid}" in out.stdout and "slots=1" in out.stdout
     out = run("-m", "zq", "status", "--json", "--broker", broker.endpoint)
     assert json.loads(out.stdout)["counters"]["done"] == 2
+
+
+def test_revoke_and_task_status(app, broker, start_worker, tmp_path):
+    from tests import tasks
+
+    start_worker(pool="thread")
+    gate = tmp_path / "gate"
+    running = tasks.progressing.delay(3, 0.0, str(gate))
+    later = tasks.add.apply_async((1, 2), countdown=60)
+    wait_for(lambda: (running.progress or {}).get("done") == 3, 15, "progress 3/3")
+    out = run("-m", "zq", "status", running.id, "--broker", broker.endpoint)
+    assert out.returncode == 0, out.stderr
+    assert f"{running.id}: STARTED" in out.stdout and "progress: 3/3 (step 3)" in out.stdout
+
+    out = run("-m", "zq", "revoke", later.id, "nope", "--broker", broker.endpoint)
+    assert out.returncode == 1  # one id was unknown
+    assert f"{later.id}: revoked" in out.stdout and "nope: unknown" in out.stdout
+    out = run("-m", "zq", "status", later.id, "--json", "--broker", broker.endpoint)
+    assert json.loads(out.stdout)["state"] == "REVOKED"
+
+    gate.touch()
+    assert running.get(timeout=10) == 3
+    out = run("-m", "zq", "status", running.id, "--broker", broker.endpoint)
+    assert f"{running.id}: SUCCESS" in out.stdout and "outcome: 3" in out.stdout
 
 
 def test_status_without_a_broker_fails_clearly():
