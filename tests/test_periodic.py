@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 import time
@@ -123,3 +124,5 @@ def test_schedule_rules():
     app = zq.App("x")
     with pytest.raises(ValueError, match="cron"):
         app.periodic(cron="61 * * * *")(lambda: None)
+    task = app.periodic(every=dt.timedelta(minutes=5), args=(1,))(lambda x: x)
+    assert app.schedules[task.name].every == 300.0

@@ -92,3 +92,18 @@ def test_revoke_unknown_and_many(app, start_worker):
     done.get(timeout=10)
     outcomes = app.revoke([done.id, "no-such-task"])
     assert outcomes == {done.id: "finished", "no-such-task": "unknown"}
+
+
+def test_terminate_reaches_a_run_held_over_a_broker_restart(app, broker, start_worker, tmp_path):
+    start_worker(concurrency=1)
+    pid_file = tmp_path / "pid"
+    res = tasks.pid_sleep.delay(60, str(pid_file))
+    wait_for(lambda: pid_file.exists() and pid_file.read_text(), 15, "the long task started")
+    broker.kill()
+    broker.restart()
+    # Asked at once: the worker may not have re-attached the run yet (a placeholder
+    # holds it); the broker remembers the terminate and tells it when it does.
+    assert res.revoke(terminate=True) == "terminating"
+    with pytest.raises(zq.TaskFailed, match=r"zq\.Revoked"):
+        res.get(timeout=20)
+    wait_for(lambda: not _alive(int(pid_file.read_text())), 5, "the child process is gone")

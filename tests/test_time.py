@@ -24,6 +24,16 @@ def test_countdown_holds_the_task_in_the_broker(app, start_worker):
     assert ran - sent >= 1.5
 
 
+def test_countdown_and_expires_as_timedeltas(app, start_worker):
+    start_worker(pool="thread")
+    sent = time.time()
+    res = tasks.stamp.apply_async(
+        ("td",), countdown=dt.timedelta(seconds=0.5), expires=dt.timedelta(minutes=1)
+    )
+    _, ran = res.get(timeout=10)
+    assert ran - sent >= 0.5
+
+
 def test_eta_as_a_datetime(app, start_worker):
     start_worker(pool="thread")
     eta = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=1)

@@ -103,6 +103,14 @@ def test_a_keyed_step_that_takes_a_result_needs_a_key(app, tmp_path):
         tasks.add.s(1, 1).set(colour="red")
 
 
+def test_a_chord_too_wide_for_one_header_is_refused_in_the_caller(app):
+    from zq.workflow import MAX_PARENTS
+
+    members = [tasks.add.s(i, i) for i in range(MAX_PARENTS + 1)]
+    with pytest.raises(ValueError, match="at most"):
+        zq.chord(members, tasks.total.s()).apply_async()
+
+
 def test_a_workflow_completes_after_its_client_exits(app, broker, worker):
     script = textwrap.dedent(
         f"""

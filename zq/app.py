@@ -277,19 +277,20 @@ class App:
         skipped while the previous one has not ended. ``name`` defaults to the task
         name. Decorates a task (or a plain function, which it registers as a task).
         """
-        interval = None if every is None else seconds("every", every)
-        payload = p.encode([list(args), kwargs or {}])  # TypeError here, at import
+        fields = {
+            "every": None if every is None else seconds("every", every),
+            "cron": cron,
+            "payload": p.encode([list(args), kwargs or {}]),  # TypeError here, at import
+            "key": None if key is None else str(key),
+        }
+        Schedule(name=name or "-", task="-", **fields)  # ValueError now, before registering
+        if name is not None and name in self.schedules:
+            raise ValueError(f"periodic schedule {name!r} is already declared")
 
         def register(target: Any) -> Task:
             task = target if isinstance(target, Task) else self.task(target)
             schedule = Schedule(
-                name=name or task.name,
-                task=task.name,
-                every=interval,
-                cron=cron,
-                payload=payload,
-                key=None if key is None else str(key),
-                queue=queue or task.queue,
+                name=name or task.name, task=task.name, queue=queue or task.queue, **fields
             )
             if schedule.name in self.schedules:
                 raise ValueError(f"periodic schedule {schedule.name!r} is already declared")
@@ -406,7 +407,7 @@ def timing(
 def seconds(name: str, value: Any) -> float:
     """``value`` (a number or a timedelta) as seconds >= 0; ValueError names ``name``."""
     if isinstance(value, _dt.timedelta):
-        value = value.totalseconds()
+        value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a number of seconds, got {value!r}")
     if value < 0:

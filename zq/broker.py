@@ -124,6 +124,7 @@ class Broker:
         self.graph = Graph()  # accepted, waiting for their parents (workflows)
         self.inputs: dict[str, list[Any]] = {}  # task id -> its parents' result bodies
         self.periodic: dict[str, Entry] = {}  # schedule name -> its state
+        self._terminating: set[str] = set()  # running tasks revoked with terminate
         self.results = ResultStore(self.settings.result_ttl, self.settings.max_results)
         self.waiters = Waiters()
         self.timers = TimerHeap()
@@ -334,7 +335,7 @@ class Broker:
         for index, (task_header, body) in enumerate(zip(tasks, payload, strict=True)):
             reason = p.check_task_header(task_header) or check_links(task_header)
             if reason is None:
-                unknown = [i for i in task_header.get("after", ()) if not self._known(i)]
+                unknown = [i for i in task_header.get("after") or () if not self._known(i)]
                 if unknown:
                     reason = f"after: unknown task {unknown[0]!r}"
             if reason is not None:
@@ -454,9 +455,10 @@ class Broker:
         out += self.dispatch.submit(task)
 
     def _end_unrun(self, task: Task, state: str, why: str) -> None:
-        """Finish a task that no worker holds (expired, revoked) without running it."""
+        """Finish a task that no worker holds (expired, revoked, a workflow step that
+        cannot get its inputs) without running it."""
         self.counters[state.lower()] += 1
-        kind = "zq.Expired" if state == p.EXPIRED else "zq.Revoked"
+        kind = _UNRUN_KINDS[state]
         body = p.encode({"type": kind, "message": f"task {task.id} {why}", "traceback": ""})
         self._finish(task, state, p.pack_header({"id": task.id, "state": state}), body)
 
@@ -532,9 +534,10 @@ class Broker:
             task = self.dispatch.tasks.get(task_id)
             if task is not None and task.worker is not None:
                 if terminate:
-                    peer = self.by_wid.get(task.worker)
-                    if peer is not None:  # else a placeholder: it comes back or is lost
-                        self._send(peer.ident, p.REVOKE, {"id": task_id, "delivery": task.delivery})
+                    # Remembered until it ends: a worker that re-attaches it, or one it
+                    # is handed to, is told again (see _stop_if_terminating).
+                    self._terminating.add(task_id)
+                    self._stop_if_terminating(task)
                     reply["terminating"].append(task_id)
                 else:
                     reply["running"].append(task_id)
@@ -545,6 +548,14 @@ class Broker:
         self.counters["revoke_requests"] += 1
         self._send(ident, p.REVOKE, {**reply, "req": header.get("req")})
         self._dispatched(out)
+
+    def _stop_if_terminating(self, task: Task) -> None:
+        """Tell the worker holding ``task`` to stop it, if it was revoked with terminate
+        (a placeholder worker is told when it comes back)."""
+        if task.id in self._terminating and task.worker is not None:
+            peer = self.by_wid.get(task.worker)
+            if peer is not None:
+                self._send(peer.ident, p.REVOKE, {"id": task.id, "delivery": task.delivery})
 
     def _on_status(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         self._send(ident, p.STATUS, {**self.status(), "req": header.get("req")})
@@ -603,6 +614,8 @@ class Broker:
         names = header.get("tasks", [])
         if not isinstance(names, list):
             raise ProtocolError("READY 'tasks' must be a list of task names")
+        if not isinstance(header.get("periodic", []), list):
+            raise ProtocolError("READY 'periodic' must be a list of schedules")
         now = time.monotonic()
         wkey = wid.encode()
         same_conn = self.peers.get(ident)
@@ -629,6 +642,10 @@ class Broker:
         # A draining worker (stopping gracefully) keeps its tasks but gets no more.
         capacity = 0 if header.get("draining") else concurrency + self.settings.prefetch
         self._dispatched(self.dispatch.add_worker(wkey, queues, capacity, running))
+        for task_id in self._terminating & running.keys():  # re-attached, still to stop
+            task = self.dispatch.tasks.get(task_id)
+            if task is not None:
+                self._stop_if_terminating(task)
 
     def _worker(self, ident: bytes) -> _Peer:
         peer = self.peers.get(ident)
@@ -846,6 +863,7 @@ class Broker:
 
     def _store_final(self, task: Task, state: str, head: bytes, body: Any) -> None:
         self.inputs.pop(task.id, None)
+        self._terminating.discard(task.id)
         task_header = task.data[0]
         ignored = task_header.get("ignore_result", False)
         if ignored:
@@ -899,6 +917,7 @@ class Broker:
             fresh.delivery = task.delivery  # late reports about old runs stay stale
             if self.journal.durable:
                 self.journal.task_accepted(task_id, p.pack_header(task_header), _bytes(body))
+            self._gather_inputs(fresh)
             out += self.dispatch.submit(fresh)
             requeued.append(task_id)
         listing = [
@@ -957,6 +976,8 @@ class Broker:
                 task_header["retries"] = task.retries
             task_header["delivery"] = task.delivery
             self._send(peer.ident, p.TASK, task_header, body, *self.inputs.get(task.id, ()))
+            if self._terminating:
+                self._stop_if_terminating(task)  # handed on after a terminate: stop it there
             self.journal.task_assigned(task.id, wid.decode(), task.redeliveries, task.delivery)
             peer.last_sent = now
         self.counters["dispatched"] += len(assignments)
@@ -1037,7 +1058,7 @@ class Broker:
             if task.data[0].get("expires") is not None:  # in case it comes back unstarted
                 self.timers.add(now + (task.data[0]["expires"] - wall), (_EXPIRE, task.id))
         for task, _ in held:
-            self._replay_inputs(task)
+            self._gather_inputs(task)
         for task, _ in waiting:
             self._enter(task, [])  # no worker is connected yet: nothing is assigned
         held = [(t, w) for t, w in held if w]
@@ -1069,8 +1090,9 @@ class Broker:
                 grace,
             )
 
-    def _replay_inputs(self, task: Task) -> None:
-        """A held workflow step gets its parents' results again (for a re-run)."""
+    def _gather_inputs(self, task: Task) -> None:
+        """A workflow step held or queued again (replay, dead-letter requeue) gets its
+        parents' results back (for a re-run)."""
         args_from = task.data[0].get("args_from")
         if args_from is not None:
             results = [self.results.get(parent) for parent in args_from]
@@ -1098,6 +1120,9 @@ class Broker:
 def _bytes(frame: Any) -> bytes:
     return frame if isinstance(frame, bytes) else frame.bytes
 
+
+#: The failure type a task ended without running gets, by its state.
+_UNRUN_KINDS = {p.EXPIRED: "zq.Expired", p.REVOKED: "zq.Revoked", p.FAILURE: "zq.WorkflowError"}
 
 _DONE_STATES = (p.SUCCESS, p.FAILURE, p.RETRY, p.LOST, p.EXPIRED, p.REVOKED)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from zq import protocol as p
+from zq.workflow import MAX_PARENTS
 
 if TYPE_CHECKING:
     from zq.app import App, Task
@@ -145,6 +146,11 @@ class Signature(Canvas):
         )
         if key is not None:
             header["key"] = str(key)
+        if len(waits) > MAX_PARENTS:
+            raise ValueError(
+                f"{self!r} would wait for {len(waits)} tasks; a step may wait for at most "
+                f"{MAX_PARENTS} (split a larger chord into chords of groups)"
+            )
         if waits or values is not None:
             header["after"] = list(waits)
         if takes_input:

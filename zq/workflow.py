@@ -12,8 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-#: Most parents one task may wait for (a chord over a group of this many members).
-MAX_PARENTS = 10_000
+#: Most parents one task may wait for (a chord over a group of this many members):
+#: their ids, twice (``after``, ``args_from``), must fit in one 64 KiB task header.
+MAX_PARENTS = 800
+#: Longest countdown a workflow step may have (seconds; about 31 years).
+MAX_COUNTDOWN = 1e9
 
 
 class Graph:
@@ -64,23 +67,30 @@ def check_links(header: dict[str, Any]) -> str | None:
     """Why a task header's workflow fields are invalid, or None."""
     after = header.get("after")
     if after is None:
-        for field in ("args_from", "pass", "countdown"):
+        for field in ("after", "args_from", "pass", "countdown"):
             if field in header:
-                return f"{field}: only valid with 'after'"
+                return f"{field}: only valid with a list of parents in 'after'"
         return None
     if not isinstance(after, list) or not all(isinstance(i, str) for i in after):
         return "after: must be a list of task ids"
     if len(after) > MAX_PARENTS:
         return f"after: at most {MAX_PARENTS} parents, got {len(after)}"
     args_from = header.get("args_from")
-    if args_from is not None:
-        if not isinstance(args_from, list) or not set(args_from) <= set(after):
-            return "args_from: must be a list of ids from 'after'"
+    if args_from is None:
+        if "pass" in header:
+            return "pass: only valid with 'args_from'"
+    else:
+        if not isinstance(args_from, list) or not all(isinstance(i, str) for i in args_from):
+            return "args_from: must be a list of task ids"
+        if not set(args_from) <= set(after):
+            return "args_from: must name parents from 'after'"
         if header.get("pass") not in ("one", "list"):
             return "pass: must be 'one' or 'list' with 'args_from'"
         if header["pass"] == "one" and len(args_from) != 1:
             return "pass 'one' takes exactly one id in 'args_from'"
     countdown = header.get("countdown")
-    if countdown is not None and (type(countdown) not in (int, float) or not countdown >= 0):
-        return "countdown: must be a number of seconds >= 0"
+    if countdown is not None and (
+        type(countdown) not in (int, float) or not 0 <= countdown <= MAX_COUNTDOWN
+    ):
+        return f"countdown: must be a number of seconds 0..{MAX_COUNTDOWN:g}"
     return None
