@@ -148,16 +148,16 @@ class Worker:
                 for item in registered:
                     poller.register(item, zmq.POLLIN)
             events = dict(poller.poll(self._heartbeat * 250))
-            for event in self.pool.tick(self._heard):
-                self._on_pool_event(event)
+            self._on_pool_events(self.pool.tick(self._heard))
+            pool_events: list[tuple[Any, ...]] = []
             for item in events:
                 if item is self._dealer:
                     self._drain_broker()
                 elif item == self._wake_r:
                     os.read(self._wake_r, 4096)
                 else:
-                    for event in self.pool.on_readable(item):
-                        self._on_pool_event(event)
+                    pool_events += self.pool.on_readable(item)
+            self._on_pool_events(pool_events)
             self._on_tick(time.monotonic())
 
     def _drained(self, now: float) -> bool:
@@ -322,6 +322,16 @@ class Worker:
             return
         log.info("task %s revoked and stopped", task_id)
         self._on_pool_event(event)
+
+    def _on_pool_events(self, events: list[tuple[Any, ...]]) -> None:
+        """Report a turn's pool events; a task that started and ended within the turn
+        needs no STARTED (a short task: a message per task saved)."""
+        if not events:
+            return
+        ended = {event[1] for event in events if event[0] == "done"}
+        for event in events:
+            if event[0] != "started" or event[1] not in ended:
+                self._on_pool_event(event)
 
     def _on_pool_event(self, event: tuple[Any, ...]) -> None:
         if event[0] == "started":
