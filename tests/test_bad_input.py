@@ -373,3 +373,33 @@ def test_random_frames_never_stop_the_broker(raw, probe, frames):
     command, header = probe.recv_broker()
     assert command == p.WELCOME
     assert header["heartbeat"] > 0
+
+
+def test_a_bad_entry_in_a_done_batch_costs_that_entry_only(raw, raw_factory):
+    raw.send(p.message(p.WORKER, p.READY, READY))
+    assert raw.recv_broker()[0] == p.WELCOME
+    client = raw_factory()
+    client.send(submit([task_header("batched")], p.encode([[1, 2], {}])))
+    assert client.recv_broker()[0] == p.ACCEPTED
+    frames = raw.recv()
+    assert frames[1] == p.TASK
+    delivery = p.unpack_header(frames[2])["delivery"]
+    good = {"id": "batched", "state": p.SUCCESS, "delivery": delivery}
+    batch = {"done": [good, "not a map", {"id": "x", "state": "MAYBE"}]}
+    raw.send(p.message(p.WORKER, p.DONE, batch, p.encode(3), b"", b""))
+    replies = [raw.recv_broker() for _ in range(3)]
+    errors = [header for command, header in replies if command == p.ERROR]
+    assert len(errors) == 2
+    assert [header for command, header in replies if command == p.ACCEPTED] == [
+        {"ids": ["batched"]}
+    ]
+    client.send(p.message(p.CLIENT, p.FETCH, {"ids": ["batched"], "wait": 0}))
+    frames = client.recv()
+    assert p.unpack_header(frames[2])["state"] == p.SUCCESS and p.decode(frames[3]) == 3
+
+
+def test_a_done_batch_must_match_its_frames(raw):
+    raw.send(p.message(p.WORKER, p.READY, READY))
+    assert raw.recv_broker()[0] == p.WELCOME
+    raw.send(p.message(p.WORKER, p.DONE, {"done": [{"id": "a", "state": p.SUCCESS}]}))
+    raw.expect_error(r"one header per payload frame", timeout_ms=1000)

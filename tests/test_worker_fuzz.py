@@ -31,8 +31,24 @@ class FakeBroker:
         assert self.sock.poll(timeout * 1000), "the worker went silent"
         frames = self.sock.recv_multipart()
         self.worker = frames[0]
-        _, command, header, _ = p.parse(frames[1:])
+        _, command, header, self.payload = p.parse(frames[1:])
         return command, header
+
+    def dones(self, count: int, timeout: float = 10.0) -> dict[str, tuple[dict, bytes]]:
+        """Collect ``count`` task outcomes (single or batched DONEs), acknowledging them."""
+        found: dict[str, tuple[dict, bytes]] = {}
+        deadline = time.monotonic() + timeout
+        while len(found) < count:
+            assert time.monotonic() < deadline, f"only {len(found)} of {count} DONEs"
+            command, header = self.recv(max(0.01, deadline - time.monotonic()))
+            if command != p.DONE:
+                continue
+            entries = header.get("done", [header])
+            for entry, body in zip(entries, self.payload, strict=True):
+                found[entry["id"]] = (entry, body)
+            ids = [entry["id"] for entry in entries]
+            self.send(p.BROKER, p.ACCEPTED, p.pack_header({"ids": ids}))
+        return found
 
     def send(self, *frames: bytes) -> None:
         self.sock.send_multipart([self.worker, *frames])
@@ -43,10 +59,13 @@ class FakeBroker:
             got, header = self.recv(max(0.01, deadline - time.monotonic()))
             if got == p.HEARTBEAT:
                 self.send(p.BROKER, p.HEARTBEAT, p.pack_header({}))
+            entries = header.get("done", [header]) if got == p.DONE else [header]
             if got == p.DONE:  # acknowledge, so the worker's outbox lets go of it
-                self.send(p.BROKER, p.ACCEPTED, p.pack_header({"ids": [header.get("id")]}))
-            if got == command and (task_id is None or header.get("id") == task_id):
-                return header
+                ids = [entry.get("id") for entry in entries]
+                self.send(p.BROKER, p.ACCEPTED, p.pack_header({"ids": ids}))
+            for entry in entries:
+                if got == command and (task_id is None or entry.get("id") == task_id):
+                    return entry
         raise AssertionError(f"no {p.COMMAND_NAMES[command]} from the worker")
 
     def close(self) -> None:
@@ -132,6 +151,32 @@ def test_worker_survives_random_frames_and_keeps_working(fake, batch):
     n = next(_examples)
     if n % 25 == 0:  # a legitimate task still runs, now and then
         assert _run_a_task(broker, f"legit-{n}", 1)["state"] == "SUCCESS"
+
+
+def test_worker_runs_a_batch_of_tasks_from_one_message(fake):
+    """TASK with several tasks: each has its payload frame and its input frames."""
+    broker, _ = fake
+    base = {"name": "tests.tasks.add", "queue": "default", "client": "ab", "delivery": 1}
+    headers = [
+        {**base, "id": "batch-1"},
+        {**base, "id": "batch-2", "after": ["x"], "args_from": ["x"], "pass": "one", "inputs": 1},
+        {**base, "id": "batch-3"},
+    ]
+    frames = [
+        p.encode([[1, 2], {}]),
+        p.encode([[10], {}]),
+        p.encode(32),  # batch-2's parent's result: add(32, 10)
+        p.encode([[3, 4], {}]),
+    ]
+    packed = p.pack_list("tasks", [p.pack_header(h) for h in headers])
+    broker.send(p.BROKER, p.TASK, packed, *frames)
+    outcomes = broker.dones(3)
+    assert {i: p.decode(body) for i, (_, body) in outcomes.items()} == {
+        "batch-1": 3,
+        "batch-2": 42,
+        "batch-3": 7,
+    }
+    assert all(entry["state"] == "SUCCESS" for entry, _ in outcomes.values())
 
 
 def test_worker_still_runs_tasks_after_the_fuzzing(fake):

@@ -232,6 +232,10 @@ class Broker:
         self.journal.commit()
         send = self._router.send_multipart
         for frames in self._out:
+            if frames[2] == _TASK_BATCH:
+                headers = frames[3]
+                frames[2] = p.TASK
+                frames[3] = headers[0] if len(headers) == 1 else p.pack_list("tasks", headers)
             send(frames, copy=False)
         self._out.clear()
         for frames in self._pub_out:
@@ -300,6 +304,15 @@ class Broker:
 
     def _send(self, ident: bytes, command: bytes, header: dict[str, Any], *payload: Any) -> None:
         self._out.append([ident, p.BROKER, command, p.pack_header(header), *payload])
+
+    def _send_task(self, ident: bytes, header: bytes, body: Any, inputs: Any) -> None:
+        """Queue a TASK; consecutive TASKs to one worker go as one message (see _flush)."""
+        last = self._out[-1] if self._out else None
+        if last is not None and last[0] == ident and last[2] == _TASK_BATCH:
+            last[3].append(header)
+            last += (body, *inputs)
+        else:
+            self._out.append([ident, p.BROKER, _TASK_BATCH, [header], body, *inputs])
 
     def _forward(self, ident: bytes, command: bytes, header: Any, *payload: Any) -> None:
         """Send a header frame as stored (e.g. a worker's DONE header)."""
@@ -684,6 +697,23 @@ class Broker:
 
     def _on_done(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
         peer = self._worker(ident)
+        batch = header.get("done")
+        if batch is None:
+            self._done(peer, header, payload[0] if payload else b"")
+            return
+        if not isinstance(batch, list) or len(batch) != len(payload):
+            raise ProtocolError("DONE 'done' must list one header per payload frame")
+        for done_header, body in zip(batch, payload, strict=True):
+            try:
+                if not isinstance(done_header, dict):
+                    raise ProtocolError("DONE 'done' entries must be maps")
+                self._done(peer, done_header, body)
+            except ProtocolError as exc:  # one bad entry costs that entry only
+                self._reject_malformed(ident, exc)
+
+    def _done(self, peer: _Peer, header: dict[str, Any], body: Any) -> None:
+        """One task's outcome from the worker that ran it."""
+        ident = peer.ident
         task_id, state = header.get("id"), header.get("state")
         if not isinstance(task_id, str) or state not in _DONE_STATES:
             raise ProtocolError(f"DONE needs 'id' and a 'state' in {', '.join(_DONE_STATES)}")
@@ -710,7 +740,7 @@ class Broker:
             log.info("ignored DONE for %s from %s, which does not hold it", task_id, peer.wid)
         else:
             self.counters["done"] += 1
-            self._finish(task, state, p.pack_header(header), payload[0] if payload else b"")
+            self._finish(task, state, p.pack_header(header), body)
         self._dispatched(out)
 
     def _on_retry(self, peer: _Peer, task_id: str, delivery: int | None, countdown: Any) -> None:
@@ -975,7 +1005,10 @@ class Broker:
             if task.retries:
                 task_header["retries"] = task.retries
             task_header["delivery"] = task.delivery
-            self._send(peer.ident, p.TASK, task_header, body, *self.inputs.get(task.id, ()))
+            inputs = self.inputs.get(task.id, ())
+            if inputs:
+                task_header["inputs"] = len(inputs)
+            self._send_task(peer.ident, p.pack_header(task_header), body, inputs)
             if self._terminating:
                 self._stop_if_terminating(task)  # handed on after a terminate: stop it there
             self.journal.task_assigned(task.id, wid.decode(), task.redeliveries, task.delivery)
@@ -1120,6 +1153,9 @@ class Broker:
 def _bytes(frame: Any) -> bytes:
     return frame if isinstance(frame, bytes) else frame.bytes
 
+
+#: Marks a TASK message in the send buffer that more TASKs to the same worker may join.
+_TASK_BATCH = b"task-batch"
 
 #: The failure type a task ended without running gets, by its state.
 _UNRUN_KINDS = {p.EXPIRED: "zq.Expired", p.REVOKED: "zq.Revoked", p.FAILURE: "zq.WorkflowError"}

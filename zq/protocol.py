@@ -133,6 +133,18 @@ def unpack_header(data: bytes | memoryview) -> dict[str, Any]:
     return header
 
 
+def pack_list(key: str, packed: list[bytes]) -> bytes:
+    """The header ``{key: [...]}`` from items packed already (no decode, no re-pack)."""
+    n = len(packed)
+    if n < 16:
+        head = bytes([0x90 | n])
+    elif n < 65536:
+        head = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        head = b"\xdd" + n.to_bytes(4, "big")
+    return b"\x81" + msgpack.packb(key) + head + b"".join(packed)
+
+
 def message(tag: bytes, command: bytes, header: dict[str, Any], *payload: Any) -> list[Any]:
     """Build the frames of one message (without any routing identity)."""
     return [tag, command, pack_header(header), *payload]

@@ -71,6 +71,7 @@ class Worker:
         # sent again after every reconnect, so a result outlives a broker outage.
         self._outbox: dict[str, tuple[dict[str, Any], bytes]] = {}
         self._deliveries: dict[str, int | None] = {}  # running task id -> its delivery
+        self._dones: list[tuple[dict[str, Any], bytes]] = []  # this turn's, sent together
         self._draining_until: float | None = None
         self._closed = False
         self._announced_drain = False
@@ -158,6 +159,7 @@ class Worker:
                 else:
                     pool_events += self.pool.on_readable(item)
             self._on_pool_events(pool_events)
+            self._flush_dones()
             self._on_tick(time.monotonic())
 
     def _drained(self, now: float) -> bool:
@@ -248,7 +250,19 @@ class Worker:
         if command == p.TASK:
             if not payload:
                 raise ProtocolError("TASK without a payload")
-            self._on_task(header, payload[0], payload[1:])
+            batch = header.get("tasks")
+            if batch is None:
+                self._on_task(header, payload[0], payload[1:])
+                return
+            # Several tasks in one message: each has its payload frame, then as many
+            # input frames (a workflow step's parents' results) as its "inputs" says.
+            at = 0
+            for task_header in batch:
+                inputs = task_header.get("inputs", 0) if isinstance(task_header, dict) else 0
+                if not isinstance(task_header, dict) or at + 1 + inputs > len(payload):
+                    raise ProtocolError("TASK batch does not match its frames")
+                self._on_task(task_header, payload[at], payload[at + 1 : at + 1 + inputs])
+                at += 1 + inputs
         elif command == p.ACCEPTED:
             for task_id in header.get("ids", ()):
                 self._outbox.pop(task_id, None)
@@ -364,7 +378,25 @@ class Worker:
                 **extra,
             }
             self._outbox[task_id] = (header, body)
-            self._send(p.DONE, header, body)
+            self._dones.append((header, body))
+
+    def _flush_dones(self) -> None:
+        """Send the turn's DONEs: one message for all of them (within half the size
+        limit), which is one send here and one receive at the broker instead of many."""
+        dones, self._dones = self._dones, []
+        budget = self._max_message // 2
+        while dones:
+            size, count = 0, 0
+            for _, body in dones:
+                if count and size + len(body) > budget:
+                    break
+                size += len(body) + 256
+                count += 1
+            chunk, dones = dones[:count], dones[count:]
+            if len(chunk) == 1:
+                self._send(p.DONE, *chunk[0])
+            else:
+                self._send(p.DONE, {"done": [h for h, _ in chunk]}, *[b for _, b in chunk])
 
     def _on_tick(self, now: float) -> None:
         if self._drained(now):
