@@ -126,3 +126,39 @@ def test_schedule_rules():
         app.periodic(cron="61 * * * *")(lambda: None)
     task = app.periodic(every=dt.timedelta(minutes=5), args=(1,))(lambda x: x)
     assert app.schedules[task.name].every == 300.0
+
+
+def test_schedules_that_never_fire_are_refused():
+    with pytest.raises(ValueError, match="never fires"):
+        Schedule("s", "t", cron="0 0 30 2 *")  # February 30th
+    with pytest.raises(ValueError, match="five fields"):
+        Schedule("s", "t", cron="0 0 1 1 * 0 2031")  # a year field: not ours
+
+
+def test_a_bad_schedule_from_a_worker_costs_itself_only(broker):
+    """A READY declaring a schedule the broker refuses still registers the worker,
+    which then gets tasks."""
+    import zmq
+
+    from zq import protocol as p
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(broker.endpoint)
+    probe = zq.App("probe", broker=broker.endpoint)
+    bad = {"name": "feb30", "task": "t", "cron": "0 0 30 2 *", "payload": b"\x92\x90\x80"}
+    ready = {"worker": "w-raw", "concurrency": 1, "queues": ["q"], "periodic": [bad]}
+    try:
+        sock.send_multipart(p.message(p.WORKER, p.READY, ready))
+        assert sock.poll(5000), "no WELCOME"
+        assert p.parse(sock.recv_multipart())[1] == p.WELCOME
+        assert probe.status()["counters"].get("bad_schedules") == 1
+        res = probe.send_task("some.task", queue="q")
+        assert sock.poll(5000), "the worker got no task"
+        _, command, header, _ = p.parse(sock.recv_multipart())
+        assert command == p.TASK and header["id"] == res.id
+    finally:
+        probe.close()
+        sock.close()
+        ctx.term()

@@ -140,3 +140,26 @@ def test_a_workflow_survives_a_broker_restart(app, broker, start_worker):
     second = start_worker(pool="thread", concurrency=1, wait=False)
     wait_for_workers(broker.endpoint, lambda pids: second.pid in pids)
     assert res.get(timeout=30) == 12
+
+
+def test_a_wide_chord_fits_its_submits(app, worker):
+    """A callback waiting for the widest allowed group: the client splits the SUBMITs
+    so that no SUBMIT header passes the broker's 64 KiB limit."""
+    from zq.workflow import MAX_PARENTS
+
+    members = [tasks.add.s(i, 0) for i in range(MAX_PARENTS)]
+    res = zq.chord(members, tasks.total.s()).apply_async()
+    assert res.get(timeout=60) == sum(range(MAX_PARENTS))
+
+
+def test_graph_ignores_a_parent_for_a_reused_id():
+    """An id used again (its old result expired) must not be failed by a parent the
+    old task waited for and the new one does not."""
+    from zq.workflow import Graph
+
+    graph = Graph()
+    graph.add("child", "old", ["failing-parent"])
+    graph.remove("child")  # e.g. revoked; its result later expires
+    graph.add("child", "new", ["other-parent"])
+    assert graph.finished("failing-parent", ok=False) == ([], [])
+    assert graph.finished("other-parent", ok=True) == (["new"], [])

@@ -651,7 +651,6 @@ class Broker:
             ",".join(queues),
         )
         self._event(b"worker.online", info)
-        self._declare(header.get("periodic", []))
         # A draining worker (stopping gracefully) keeps its tasks but gets no more.
         capacity = 0 if header.get("draining") else concurrency + self.settings.prefetch
         self._dispatched(self.dispatch.add_worker(wkey, queues, capacity, running))
@@ -659,6 +658,7 @@ class Broker:
             task = self.dispatch.tasks.get(task_id)
             if task is not None:
                 self._stop_if_terminating(task)
+        self._declare(header.get("periodic", []))  # last: a bad schedule costs itself only
 
     def _worker(self, ident: bytes) -> _Peer:
         peer = self.peers.get(ident)
@@ -803,17 +803,25 @@ class Broker:
         wall = time.time()
         entry.next = first_fire(entry.schedule, entry.last, wall)
         self.periodic[entry.schedule.name] = entry
+        self._arm_next(entry, wall)
+
+    def _arm_next(self, entry: Entry, wall: float) -> None:
+        """Set the timer for ``entry.next``; a schedule with no next time is listed
+        with next = None and never fires again (e.g. a cron year that has passed)."""
+        if entry.next is None:
+            log.warning("periodic %s has no next fire time; it is done", entry.schedule.name)
+            return
         self.timers.add(time.monotonic() + (entry.next - wall), (_PERIODIC, entry.schedule.name))
 
     def _fire(self, name: str) -> None:
         """Send a schedule's task if it is due (else the timer is a stale one)."""
         entry = self.periodic.get(name)
         wall = time.time()
-        if entry is None or entry.next > wall + 0.001:
+        if entry is None or entry.next is None or entry.next > wall + 0.001:
             return
         schedule, due = entry.schedule, entry.next
         entry.next = following(schedule, due, wall)
-        self.timers.add(time.monotonic() + (entry.next - wall), (_PERIODIC, name))
+        self._arm_next(entry, wall)
         previous = entry.last_task
         if schedule.key is not None and previous is not None and self._unfinished_id(previous):
             # Its previous run still waits or runs: per-key exclusivity would queue this
@@ -834,6 +842,10 @@ class Broker:
             "client": PERIODIC_CLIENT,
             "periodic": name,
         }
+        if entry.next is not None:
+            # Superseded by the next run: a run no worker started by then expires, so
+            # a schedule whose queue has no worker never piles runs up in the broker.
+            header["expires"] = entry.next
         if schedule.key is not None:
             header["key"] = schedule.key
         entry.last, entry.last_task = due, task_id

@@ -632,7 +632,7 @@ def periodic(
             return "never"
         return dt.datetime.fromtimestamp(stamp).astimezone().isoformat(timespec="seconds")
 
-    for entry in sorted(reply["periodic"], key=lambda e: e["next"]):
+    for entry in sorted(reply["periodic"], key=lambda e: (e["next"] is None, e["next"] or 0)):
         click.echo(
             f"{entry['name']}  {entry['task']}  {entry['schedule']}  queue={entry['queue']}"
             f"  key={entry['key']}  last={when(entry['last'])}  next={when(entry['next'])}"

@@ -333,11 +333,16 @@ class Client:
         self._settle_flushes()
 
     def _send_submits(self, items: list[tuple[dict[str, Any], bytes]]) -> None:
-        """SUBMIT in batches of at most SUBMIT_BATCH tasks and half the size limit."""
+        """SUBMIT in batches of at most SUBMIT_BATCH tasks, half the size limit, and
+        task headers that fit in one SUBMIT header (MAX_HEADER_BYTES, less room for
+        the rest of it): a batch past either limit would be refused whole."""
         budget = self.max_message_size // 2
+        header_budget = p.MAX_HEADER_BYTES - 1024
         chunk: list[tuple[dict[str, Any], bytes]] = []
-        size = 0
+        size = header_size = 0
         for item in items:
+            this_header = len(p.pack_header(item[0]))
+            reason = None
             if len(item[1]) > self.max_message_size - p.ENVELOPE:
                 # Queued before the broker told us its limit: sending it would only get
                 # this connection cut, again and again. Refuse it here.
@@ -345,14 +350,22 @@ class Client:
                     f"arguments of {len(item[1])} bytes exceed the broker's message "
                     f"size limit ({self.max_message_size} bytes)"
                 )
+            elif this_header > header_budget:
+                reason = f"task header of {this_header} bytes exceeds {header_budget}"
+            if reason is not None:
                 self._unacked.pop(item[0]["id"], None)
                 self._update(item[0]["id"], p.REJECTED_STATE, {"reason": reason}, None)
                 continue
-            if chunk and (len(chunk) == SUBMIT_BATCH or size + len(item[1]) > budget):
+            if chunk and (
+                len(chunk) == SUBMIT_BATCH
+                or size + len(item[1]) > budget
+                or header_size + this_header > header_budget
+            ):
                 self._send_submit(chunk)
-                chunk, size = [], 0
+                chunk, size, header_size = [], 0, 0
             chunk.append(item)
-            size += len(item[1]) + p.ENVELOPE
+            size += len(item[1]) + 64  # a frame's own overhead; headers are counted apart
+            header_size += this_header
         if chunk:
             self._send_submit(chunk)
         self._settle_flushes()

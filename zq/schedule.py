@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 
 from zq import protocol as p
 
@@ -52,10 +52,18 @@ class Schedule:
             or self.every < MIN_EVERY
         ):
             raise ValueError(f"every must be seconds >= {MIN_EVERY}, got {self.every!r}")
-        if self.cron is not None and not (
-            isinstance(self.cron, str) and croniter.is_valid(self.cron)
-        ):
-            raise ValueError(f"not a valid cron expression: {self.cron!r}")
+        if self.cron is not None:
+            if not (
+                isinstance(self.cron, str)
+                and len(self.cron.split()) in (5, 6)
+                and croniter.is_valid(self.cron)
+            ):
+                raise ValueError(
+                    f"not a valid cron expression (five fields, or six with seconds "
+                    f"last): {self.cron!r}"
+                )
+            if self.next_after(0.0) is None:
+                raise ValueError(f"cron expression {self.cron!r} never fires")
         for field, value, limit in (
             ("name", self.name, MAX_NAME_LEN),
             ("task", self.task, p.MAX_NAME_LEN),
@@ -95,27 +103,35 @@ class Schedule:
     def describe(self) -> str:
         return f"every {self.every:g}s" if self.every is not None else f"cron {self.cron}"
 
-    def next_after(self, wall: float) -> float:
-        """The first fire time strictly after ``wall`` (a Unix time)."""
+    def next_after(self, wall: float) -> float | None:
+        """The first fire time strictly after ``wall`` (a Unix time); None if there is
+        none (a cron expression whose dates have all passed)."""
         if self.every is not None:
             return wall + self.every
         start = _dt.datetime.fromtimestamp(wall).astimezone()
-        return float(croniter(self.cron, start).get_next(float))
+        try:
+            return float(croniter(self.cron, start).get_next(float))
+        except (CroniterError, ValueError, OverflowError):
+            return None
 
 
-def first_fire(schedule: Schedule, last: float | None, now: float) -> float:
+def first_fire(schedule: Schedule, last: float | None, now: float) -> float | None:
     """When to fire next, given the last fire time (None: never fired) - the catch-up
-    rule: a fire time that passed unfired makes one run now, never one per miss."""
+    rule: a fire time that passed unfired makes one run now, never one per miss.
+    None: the schedule will never fire again."""
     if last is None:
         return schedule.next_after(now)
     due = schedule.next_after(last)
+    if due is None:
+        return None
     return now if due <= now else due
 
 
-def following(schedule: Schedule, fired: float, now: float) -> float:
-    """The fire time after the one due at ``fired``, skipping those already past."""
+def following(schedule: Schedule, fired: float, now: float) -> float | None:
+    """The fire time after the one due at ``fired``, skipping those already past;
+    None if there is none."""
     due = schedule.next_after(fired)
-    return due if due > now else schedule.next_after(now)
+    return due if due is None or due > now else schedule.next_after(now)
 
 
 class Entry:
@@ -127,7 +143,7 @@ class Entry:
         self.schedule = schedule
         self.last = last  # Unix time of the last fire, None if never
         self.last_task = last_task  # id of the task it fired last
-        self.next = 0.0  # Unix time of the next fire
+        self.next: float | None = 0.0  # Unix time of the next fire; None: no more
         self.skipped = 0  # fires skipped because the previous run (keyed) had not ended
 
     def listing(self) -> dict[str, Any]:

@@ -52,8 +52,10 @@ class Graph:
         failed: list[Any] = []
         for child in self._children.pop(parent_id, ()):
             missing = self._missing.get(child)
-            if missing is None:
-                continue  # removed, or failed by another parent already
+            if missing is None or parent_id not in missing:
+                # Removed, failed by another parent already, or the id was used again
+                # (after its result expired) by a task that does not wait for this one.
+                continue
             if not ok:
                 failed.append(self.remove(child))
                 continue
