@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             log=log,
         )
         done("peers", t0, result, new)
+        rows += peers.ratios(out["results"])
     if args.profile:
         t0 = section("profile")
         from bench import profile

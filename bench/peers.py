@@ -94,3 +94,38 @@ def run(
         Row("peers", "celery+redis latency p99", p99, "ms"),
     ]
     return result, rows
+
+
+def ratios(results: dict[str, Any]) -> list[Row]:
+    """zq / Celery for the figures both measured in this run (when both ran)."""
+    celery = results.get("peers", {})
+    if "tasks_per_s" not in celery:
+        return []
+    rows = []
+    for config in results.get("throughput", {}).get("configs", []):
+        if config["pool"] == "thread" and config["concurrency"] == 4 and not config["prefetch"]:
+            journal = "on" if config["journal"] else "off"
+            rate = config["tasks_per_s"]
+            rows.append(
+                Row(
+                    "peers",
+                    f"zq / celery throughput (thread x4, journal {journal})",
+                    rate / celery["tasks_per_s"],
+                    "x",
+                    note=f"zq {rate:,.0f} vs celery {celery['tasks_per_s']:,.0f} tasks/s",
+                )
+            )
+    latency = results.get("latency", {})
+    for journal in ("off", "on"):
+        zq_p50 = latency.get(f"journal_{journal}", {}).get("p50_ms")
+        if zq_p50:
+            rows.append(
+                Row(
+                    "peers",
+                    f"celery / zq latency p50 (journal {journal})",
+                    celery["p50_ms"] / zq_p50,
+                    "x",
+                    note=f"zq {zq_p50:.2f} vs celery {celery['p50_ms']:.2f} ms",
+                )
+            )
+    return rows

@@ -21,7 +21,7 @@ def number(value: float | None, unit: str = "") -> str:
         text = f"{value:,.0f}"
     elif unit in ("ms", "s", "us/task"):
         text = f"{value:.2f}"
-    elif unit.startswith("%"):
+    elif unit.startswith("%") or unit == "x":
         text = f"{value:.1f}"
     else:
         text = f"{value:g}"
