@@ -142,6 +142,7 @@ class Broker:
         self._bound = threading.Event()
         self.journal: Journal | NullJournal = NullJournal()
         self._out: list[list[Any]] = []  # ROUTER messages held until the journal commit
+        self._batch_bytes = 0  # bytes in the TASK batch at the end of _out
         self._pub_out: list[list[Any]] = []
         self._acks: dict[bytes, list[str]] = {}  # worker -> DONE ids to acknowledge
         self._placeholders: dict[bytes, float] = {}  # worker id -> re-attach deadline
@@ -306,13 +307,22 @@ class Broker:
         self._out.append([ident, p.BROKER, command, p.pack_header(header), *payload])
 
     def _send_task(self, ident: bytes, header: bytes, body: Any, inputs: Any) -> None:
-        """Queue a TASK; consecutive TASKs to one worker go as one message (see _flush)."""
+        """Queue a TASK; consecutive TASKs to one worker go as one message (see _flush),
+        kept under the message size limit so that a batch is never too big to take."""
+        size = len(header) + len(body) + sum(len(frame) for frame in inputs)
         last = self._out[-1] if self._out else None
-        if last is not None and last[0] == ident and last[2] == _TASK_BATCH:
+        if (
+            last is not None
+            and last[0] == ident
+            and last[2] == _TASK_BATCH
+            and self._batch_bytes + size <= self.settings.max_message_size // 2
+        ):
             last[3].append(header)
             last += (body, *inputs)
+            self._batch_bytes += size
         else:
             self._out.append([ident, p.BROKER, _TASK_BATCH, [header], body, *inputs])
+            self._batch_bytes = size
 
     def _forward(self, ident: bytes, command: bytes, header: Any, *payload: Any) -> None:
         """Send a header frame as stored (e.g. a worker's DONE header)."""
