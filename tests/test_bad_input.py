@@ -144,7 +144,7 @@ MALFORMED = [
     (
         "oversize-header",
         [p.CLIENT, p.HELLO, p.pack_header({"x": b"x" * p.MAX_HEADER_BYTES})],
-        r"exceeds 65536",
+        rf"exceeds {p.MAX_HEADER_BYTES}",
     ),
     (
         "worker-command-with-client-tag",
@@ -403,3 +403,37 @@ def test_a_done_batch_must_match_its_frames(raw):
     assert raw.recv_broker()[0] == p.WELCOME
     raw.send(p.message(p.WORKER, p.DONE, {"done": [{"id": "a", "state": p.SUCCESS}]}))
     raw.expect_error(r"one header per payload frame", timeout_ms=1000)
+
+
+def test_ready_with_too_many_slots_gets_an_error(raw):
+    raw.send(p.message(p.WORKER, p.READY, {**READY, "concurrency": p.MAX_CONCURRENCY + 1}))
+    raw.expect_error(r"concurrency", timeout_ms=1000)
+
+
+def test_a_merged_task_batch_stays_under_the_header_limit(raw, raw_factory):
+    """Thousands of tasks with long ids and keys for one worker in one broker turn go
+    as several TASK messages, each with a header the worker can take."""
+    one = len(p.pack_header(task_header("0" * 64, key="0" * 256)))
+    count = (p.MAX_HEADER_BYTES - 2048) // one  # the SUBMIT fits; with what the broker
+    # adds to each task (client id, delivery), the TASKs for them cannot all fit in one
+    raw.send(p.message(p.WORKER, p.READY, {**READY, "concurrency": p.MAX_CONCURRENCY}))
+    assert raw.recv_broker()[0] == p.WELCOME
+    client = raw_factory()
+    headers = [task_header(f"{i:064d}", key=f"{i:0256d}") for i in range(count)]
+    client.send(submit(headers, *[b"\x92\x90\x80"] * count))
+    assert client.recv_broker(timeout_ms=10_000)[0] == p.ACCEPTED
+    received, messages = 0, 0
+    while received < count:
+        frames = raw.recv(timeout_ms=10_000)
+        assert frames[1] == p.TASK
+        assert len(frames[2]) <= p.MAX_HEADER_BYTES
+        header = p.unpack_header(frames[2])
+        received += len(header.get("tasks", [header]))
+        messages += 1
+    assert received == count and messages >= 2
+
+
+def test_submit_with_an_overlong_client_id_gets_an_error(raw):
+    """The client id is copied into every task header: it must stay short."""
+    raw.send(submit([task_header("t")], b"\x92\x90\x80", client="c" * (p.MAX_ID_LEN + 1)))
+    raw.expect_error(r"client", timeout_ms=1000)

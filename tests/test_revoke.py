@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -107,3 +108,19 @@ def test_terminate_reaches_a_run_held_over_a_broker_restart(app, broker, start_w
     with pytest.raises(zq.TaskFailed, match=r"zq\.Revoked"):
         res.get(timeout=20)
     wait_for(lambda: not _alive(int(pid_file.read_text())), 5, "the child process is gone")
+
+
+def test_a_terminated_task_handed_back_does_not_run_again(app, start_worker, tmp_path):
+    """Its worker is lost before it reads the REVOKE: the task is handed back, and
+    ends REVOKED instead of starting again on the other worker."""
+    pid_file = tmp_path / "pid"
+    first = start_worker(concurrency=1, pool="thread")
+    res = tasks.pid_sleep.delay(60, str(pid_file))
+    wait_for(lambda: pid_file.exists() and pid_file.read_text(), 15, "the long task started")
+    start_worker(concurrency=1, pool="thread")
+    first.signal(signal.SIGSTOP)  # frozen: it never reads the REVOKE, and is declared dead
+    assert res.revoke(terminate=True) == "terminating"
+    with pytest.raises(zq.TaskFailed, match=r"zq\.Revoked"):
+        res.get(timeout=20)
+    assert int(pid_file.read_text()) == first.pid, "the task did not start on the other worker"
+    first.signal(signal.SIGCONT)

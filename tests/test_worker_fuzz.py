@@ -26,11 +26,13 @@ class FakeBroker:
         self.sock.bind("tcp://127.0.0.1:*")
         self.endpoint = self.sock.last_endpoint.decode()
         self.worker = b""
+        self.largest_done_header = 0
 
     def recv(self, timeout: float = 5.0) -> tuple[bytes, dict]:
         assert self.sock.poll(timeout * 1000), "the worker went silent"
         frames = self.sock.recv_multipart()
         self.worker = frames[0]
+        self.header_bytes = len(frames[3]) if len(frames) > 3 else 0
         _, command, header, self.payload = p.parse(frames[1:])
         return command, header
 
@@ -43,6 +45,7 @@ class FakeBroker:
             command, header = self.recv(max(0.01, deadline - time.monotonic()))
             if command != p.DONE:
                 continue
+            self.largest_done_header = max(self.largest_done_header, self.header_bytes)
             entries = header.get("done", [header])
             for entry, body in zip(entries, self.payload, strict=True):
                 found[entry["id"]] = (entry, body)
@@ -177,6 +180,24 @@ def test_worker_runs_a_batch_of_tasks_from_one_message(fake):
         "batch-3": 7,
     }
     assert all(entry["state"] == "SUCCESS" for entry, _ in outcomes.values())
+
+
+def test_a_turn_of_many_dones_is_split_under_the_header_limit(fake):
+    """Thousands of tasks that expired on their way end in one worker turn: their DONEs
+    go as several DONE messages, each with a header the broker takes."""
+    broker, _ = fake
+    count, per_message = 8000, 2000
+    base = {"name": "tests.tasks.add", "queue": "default", "client": "ab", "expires": 1.0}
+    for start in range(0, count, per_message):
+        headers = [
+            p.pack_header({**base, "id": f"expired-{i}", "delivery": 1})
+            for i in range(start, start + per_message)
+        ]
+        payloads = [p.encode([[1, 1], {}])] * per_message
+        broker.send(p.BROKER, p.TASK, p.pack_list("tasks", headers), *payloads)
+    outcomes = broker.dones(count, timeout=30)
+    assert {entry["state"] for entry, _ in outcomes.values()} == {p.EXPIRED}
+    assert broker.largest_done_header <= p.MAX_HEADER_BYTES
 
 
 def test_worker_still_runs_tasks_after_the_fuzzing(fake):

@@ -144,7 +144,7 @@ def test_a_workflow_survives_a_broker_restart(app, broker, start_worker):
 
 def test_a_wide_chord_fits_its_submits(app, worker):
     """A callback waiting for the widest allowed group: the client splits the SUBMITs
-    so that no SUBMIT header passes the broker's 64 KiB limit."""
+    so that no SUBMIT header passes the broker's header limit."""
     from zq.workflow import MAX_PARENTS
 
     members = [tasks.add.s(i, 0) for i in range(MAX_PARENTS)]

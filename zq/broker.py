@@ -49,6 +49,11 @@ SMALL_PAYLOAD = 4096
 ROUTER_RCVHWM = 1000
 #: Seconds between checks of the authorized-keys directory for changes.
 KEY_CHECK_EVERY = 1.0
+#: Most task ids in one ACCEPTED to a worker (ids are at most 64 characters).
+ACK_CHUNK = 5000
+#: Most tasks beyond its slots a worker may be sent (``--prefetch``): what a worker
+#: holds must fit in its READY when it re-attaches after a broker restart.
+MAX_PREFETCH = 1000
 #: How many keys ``STATUS`` lists at most.
 STATUS_KEYS = 100
 
@@ -85,6 +90,8 @@ class BrokerSettings:
     max_results: int = 1_000_000  # results kept; past it the oldest are dropped (counted)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.prefetch <= MAX_PREFETCH:
+            raise ValueError(f"prefetch must be 0..{MAX_PREFETCH}, got {self.prefetch}")
         if (self.curve_secret is None) != (self.authorized_keys is None):
             raise ValueError("CURVE needs both a secret key file and an authorized-keys directory")
 
@@ -142,7 +149,8 @@ class Broker:
         self._bound = threading.Event()
         self.journal: Journal | NullJournal = NullJournal()
         self._out: list[list[Any]] = []  # ROUTER messages held until the journal commit
-        self._batch_bytes = 0  # bytes in the TASK batch at the end of _out
+        self._batch_bytes = 0  # payload bytes in the TASK batch at the end of _out
+        self._batch_header = 0  # and the bytes of its task headers
         self._pub_out: list[list[Any]] = []
         self._acks: dict[bytes, list[str]] = {}  # worker -> DONE ids to acknowledge
         self._placeholders: dict[bytes, float] = {}  # worker id -> re-attach deadline
@@ -243,7 +251,9 @@ class Broker:
             self._pub.send_multipart(frames, copy=False)
         self._pub_out.clear()
         for ident, ids in self._acks.items():
-            send([ident, p.BROKER, p.ACCEPTED, p.pack_header({"ids": ids})], copy=False)
+            for at in range(0, len(ids), ACK_CHUNK):  # each header stays well under the cap
+                chunk = ids[at : at + ACK_CHUNK]
+                send([ident, p.BROKER, p.ACCEPTED, p.pack_header({"ids": chunk})], copy=False)
         self._acks.clear()
 
     def _close(self) -> None:
@@ -309,20 +319,22 @@ class Broker:
     def _send_task(self, ident: bytes, header: bytes, body: Any, inputs: Any) -> None:
         """Queue a TASK; consecutive TASKs to one worker go as one message (see _flush),
         kept under the message size limit so that a batch is never too big to take."""
-        size = len(header) + len(body) + sum(len(frame) for frame in inputs)
+        size = len(body) + sum(len(frame) for frame in inputs)
         last = self._out[-1] if self._out else None
         if (
             last is not None
             and last[0] == ident
             and last[2] == _TASK_BATCH
             and self._batch_bytes + size <= self.settings.max_message_size // 2
+            and self._batch_header + len(header) <= p.MAX_HEADER_BYTES - p.HEADER_SLACK
         ):
             last[3].append(header)
             last += (body, *inputs)
             self._batch_bytes += size
+            self._batch_header += len(header)
         else:
             self._out.append([ident, p.BROKER, _TASK_BATCH, [header], body, *inputs])
-            self._batch_bytes = size
+            self._batch_bytes, self._batch_header = size, len(header)
 
     def _forward(self, ident: bytes, command: bytes, header: Any, *payload: Any) -> None:
         """Send a header frame as stored (e.g. a worker's DONE header)."""
@@ -348,8 +360,15 @@ class Broker:
     def _on_submit(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
         client = header.get("client")
         tasks = header.get("tasks")
-        if not isinstance(client, str) or not isinstance(tasks, list):
-            raise ProtocolError("SUBMIT needs 'client' (string) and 'tasks' (list)")
+        if (
+            not isinstance(client, str)
+            or not 0 < len(client) <= p.MAX_ID_LEN
+            or not isinstance(tasks, list)
+        ):
+            # The client id goes into every task's header: a long one would multiply.
+            raise ProtocolError(
+                f"SUBMIT needs 'client' (string of 1..{p.MAX_ID_LEN}) and 'tasks' (list)"
+            )
         if len(tasks) != len(payload):
             raise ProtocolError(f"SUBMIT has {len(tasks)} tasks but {len(payload)} payloads")
         accepted: list[str] = []
@@ -624,8 +643,14 @@ class Broker:
     def _on_ready(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         wid, concurrency = header.get("worker"), header.get("concurrency")
         queues, running = header.get("queues"), header.get("running", [])
-        if not isinstance(wid, str) or not isinstance(concurrency, int) or concurrency < 1:
-            raise ProtocolError("READY needs 'worker' (string) and 'concurrency' (int >= 1)")
+        if (
+            not isinstance(wid, str)
+            or not isinstance(concurrency, int)
+            or not 1 <= concurrency <= p.MAX_CONCURRENCY
+        ):
+            raise ProtocolError(
+                f"READY needs 'worker' (string) and 'concurrency' (int 1..{p.MAX_CONCURRENCY})"
+            )
         if not isinstance(queues, list) or not all(isinstance(q, str) for q in queues):
             raise ProtocolError("READY needs 'queues' (list of strings)")
         if isinstance(running, list) and all(isinstance(t, str) for t in running):
@@ -737,6 +762,7 @@ class Broker:
                 self.counters["stale_done"] += 1
             else:
                 self._count_redelivered([task])
+                self._end_terminated([task])
             self._dispatched(out)
             return
         if state == p.RETRY:
@@ -1001,6 +1027,7 @@ class Broker:
             del self.by_wid[peer.wid]
         lost, out = self.dispatch.remove_worker(peer.wid, counts=counts)
         self._count_redelivered(lost)
+        self._end_terminated(lost)
         level = logging.WARNING if lost or why != "disconnected" else logging.INFO
         log.log(level, "worker %s %s; %d task(s) handed back", peer.wid.decode(), why, len(lost))
         self._event(b"worker.offline", {**peer.info, "why": why, "requeued": len(lost)})
@@ -1019,7 +1046,13 @@ class Broker:
             for task in dead:
                 self._bury(task)
         now = time.monotonic()
+        stopped: list[Assignment] = []
         for wid, task in assignments:
+            if task.id in self._terminating:
+                # Revoked with terminate, then handed back before its worker stopped it
+                # (that worker was lost): it must not start again anywhere.
+                stopped.append((wid, task))
+                continue
             peer = self.by_wid[wid]
             task_header, body = task.data
             if task.redeliveries:
@@ -1031,11 +1064,23 @@ class Broker:
             if inputs:
                 task_header["inputs"] = len(inputs)
             self._send_task(peer.ident, p.pack_header(task_header), body, inputs)
-            if self._terminating:
-                self._stop_if_terminating(task)  # handed on after a terminate: stop it there
             self.journal.task_assigned(task.id, wid.decode(), task.redeliveries, task.delivery)
             peer.last_sent = now
-        self.counters["dispatched"] += len(assignments)
+        self.counters["dispatched"] += len(assignments) - len(stopped)
+        for wid, task in stopped:
+            _, more = self.dispatch.done(wid, task.id, task.delivery)
+            self._end_unrun(task, p.REVOKED, "was revoked (terminate) and never ran again")
+            self._dispatched(more)
+
+    def _end_terminated(self, handed_back: list[Task]) -> None:
+        """Handed-back tasks that were revoked with terminate end REVOKED now, rather
+        than wait in their queue for the assignment that would end them."""
+        for task in handed_back:
+            if task.id in self._terminating:
+                cancelled, more = self.dispatch.cancel(task.id)
+                if cancelled is not None:
+                    self._end_unrun(cancelled, p.REVOKED, "was revoked (terminate)")
+                    self._dispatched(more)
 
     def _event(self, name: bytes, body: dict[str, Any]) -> None:
         self._publish(p.EVENT_PREFIX + name, p.EVENT, p.pack_header(body))
@@ -1061,6 +1106,7 @@ class Broker:
                 del self._placeholders[wid]
                 lost, out = self.dispatch.remove_worker(wid)
                 self._count_redelivered(lost)
+                self._end_terminated(lost)
                 log.warning(
                     "worker %s did not come back; %d task(s) handed to others",
                     wid.decode(),

@@ -197,7 +197,7 @@ def _stop_on_signals(stop: Any) -> None:
 )
 @click.option(
     "--prefetch",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=1000),
     default=0,
     show_default=True,
     help="Tasks sent to a worker beyond its free slots (0: none wait in a "
@@ -325,7 +325,7 @@ def broker(
 @click.option(
     "-c",
     "--concurrency",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=4096),
     default=None,
     help="Tasks run at once. [default: CPU count]",
 )

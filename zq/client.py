@@ -337,7 +337,7 @@ class Client:
         task headers that fit in one SUBMIT header (MAX_HEADER_BYTES, less room for
         the rest of it): a batch past either limit would be refused whole."""
         budget = self.max_message_size // 2
-        header_budget = p.MAX_HEADER_BYTES - 1024
+        header_budget = p.MAX_HEADER_BYTES - p.HEADER_SLACK
         chunk: list[tuple[dict[str, Any], bytes]] = []
         size = header_size = 0
         for item in items:

@@ -98,8 +98,13 @@ FINAL_STATES = frozenset({SUCCESS, FAILURE, REJECTED_STATE, DEAD, EXPIRED, REVOK
 #: under ``client_id + task_id``, and client ids are hex, so they never collide.
 EVENT_PREFIX = b"@"
 
-#: Headers larger than this are refused before decoding.
-MAX_HEADER_BYTES = 64 * 1024
+#: Headers larger than this are refused before decoding. Batches (SUBMIT, TASK, DONE)
+#: and READY's list of running tasks are kept under it by their senders.
+MAX_HEADER_BYTES = 1024 * 1024
+#: Room a sender leaves under MAX_HEADER_BYTES for the fields around a batch's items.
+HEADER_SLACK = 4096
+#: Most slots one worker may have (its READY lists the tasks it holds).
+MAX_CONCURRENCY = 4096
 #: The broker's default limit on one message (``zq broker --max-message-size``); peers
 #: assume it until the broker's WELCOME says otherwise.
 DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
@@ -107,7 +112,7 @@ DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
 #: sockets): a generous cap, since they learn the broker's own limit only after connecting.
 PEER_MAX_MESSAGE = 256 * 1024 * 1024
 #: Room to leave in a message for the frames and header around a payload.
-ENVELOPE = MAX_HEADER_BYTES
+ENVELOPE = 64 * 1024
 
 _EXT_DATETIME = 1
 _EXT_DATE = 2

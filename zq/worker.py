@@ -50,6 +50,8 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.concurrency > p.MAX_CONCURRENCY:
+            raise ValueError(f"concurrency must be <= {p.MAX_CONCURRENCY}, got {self.concurrency}")
         if self.pool not in ("process", "thread"):
             raise ValueError(f"pool must be 'process' or 'thread', got {self.pool!r}")
         if not self.queues or not all(self.queues):
@@ -223,10 +225,13 @@ class Worker:
         """Send without ever blocking the supervisor (it must keep fencing and ticking).
         Dropped when there is no connection to send on: DONEs wait in the outbox and
         READY is said again after the reconnect."""
+        self._send_packed(command, p.pack_header(header), *payload)
+
+    def _send_packed(self, command: bytes, header: bytes, *payload: Any) -> None:
         assert self._dealer is not None
         try:
             self._dealer.send_multipart(
-                p.message(p.WORKER, command, header, *payload), zmq.NOBLOCK, copy=False
+                [p.WORKER, command, header, *payload], zmq.NOBLOCK, copy=False
             )
         except zmq.Again:
             return
@@ -384,19 +389,23 @@ class Worker:
         """Send the turn's DONEs: one message for all of them (within half the size
         limit), which is one send here and one receive at the broker instead of many."""
         dones, self._dones = self._dones, []
-        budget = self._max_message // 2
-        while dones:
-            size, count = 0, 0
-            for _, body in dones:
-                if count and size + len(body) > budget:
-                    break
-                size += len(body) + 256
-                count += 1
-            chunk, dones = dones[:count], dones[count:]
-            if len(chunk) == 1:
-                self._send(p.DONE, *chunk[0])
-            else:
-                self._send(p.DONE, {"done": [h for h, _ in chunk]}, *[b for _, b in chunk])
+        if len(dones) == 1:
+            self._send(p.DONE, *dones[0])
+            return
+        budget, header_budget = self._max_message // 2, p.MAX_HEADER_BYTES - p.HEADER_SLACK
+        headers: list[bytes] = []
+        bodies: list[bytes] = []
+        size = header_size = 0
+        for header, body in dones:
+            packed = p.pack_header(header)
+            if headers and (size + len(body) > budget or header_size + len(packed) > header_budget):
+                self._send_packed(p.DONE, p.pack_list("done", headers), *bodies)
+                headers, bodies, size, header_size = [], [], 0, 0
+            headers.append(packed)
+            bodies.append(body)
+            size += len(body)
+            header_size += len(packed)
+        self._send_packed(p.DONE, p.pack_list("done", headers), *bodies)
 
     def _on_tick(self, now: float) -> None:
         if self._drained(now):

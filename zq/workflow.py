@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 #: Most parents one task may wait for (a chord over a group of this many members):
-#: their ids, twice (``after``, ``args_from``), must fit in one 64 KiB task header.
-MAX_PARENTS = 800
+#: their ids, twice (``after``, ``args_from``), about 350 KB of task header.
+MAX_PARENTS = 5000
 #: Longest countdown a workflow step may have (seconds; about 31 years).
 MAX_COUNTDOWN = 1e9
 
