@@ -56,7 +56,10 @@ CREATE TABLE IF NOT EXISTS schedules (
 );
 """
 
-_INSERT_TASK = "INSERT OR IGNORE INTO tasks (id, header, payload) VALUES (?, ?, ?)"
+_INSERT_TASK = (
+    "INSERT OR IGNORE INTO tasks (id, header, payload, worker, redeliveries, delivery) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
 _ASSIGN = "UPDATE tasks SET worker = ?, redeliveries = ?, delivery = ? WHERE id = ?"
 _DELETE_TASK = "DELETE FROM tasks WHERE id = ?"
 _RETRY = "UPDATE tasks SET worker = NULL, retries = ?, eta = ? WHERE id = ?"
@@ -118,16 +121,23 @@ class Journal:
         except sqlite3.OperationalError as exc:
             self._db.close()
             raise RuntimeError(f"journal {path} is in use by another broker ({exc})") from None
-        self._ops: list[tuple[str, tuple[Any, ...]]] = []
+        self._ops: list[tuple[str, Any]] = []
+        self._inserted: dict[str, list[Any]] = {}  # rows inserted in this transaction
 
     # ------------------------------------------------------------- changes
 
     def task_accepted(self, task_id: str, header: bytes, payload: bytes) -> None:
-        self._ops.append((_INSERT_TASK, (task_id, header, payload)))
+        row = [task_id, header, payload, None, 0, 0]
+        self._ops.append((_INSERT_TASK, row))
+        self._inserted[task_id] = row
 
     def task_assigned(
         self, task_id: str, worker: str | None, redeliveries: int, delivery: int
     ) -> None:
+        row = self._inserted.get(task_id)
+        if row is not None:  # accepted in this very transaction: one statement, not two
+            row[3:] = (worker, redeliveries, delivery)
+            return
         self._ops.append((_ASSIGN, (worker, redeliveries, delivery, task_id)))
 
     def task_finished(self, task_id: str) -> None:
@@ -170,6 +180,7 @@ class Journal:
     def commit(self) -> int:
         """Write every buffered change in one transaction; returns how many."""
         ops, self._ops = self._ops, []
+        self._inserted.clear()
         if not ops:
             return 0
         db = self._db
