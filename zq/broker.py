@@ -318,7 +318,8 @@ class Broker:
 
     def _send_task(self, ident: bytes, header: bytes, body: Any, inputs: Any) -> None:
         """Queue a TASK; consecutive TASKs to one worker go as one message (see _flush),
-        kept under the message size limit so that a batch is never too big to take."""
+        its payloads under half the message size limit and its header under the header
+        limit (libzmq's limit is per frame: the header is the frame a batch grows)."""
         size = len(body) + sum(len(frame) for frame in inputs)
         last = self._out[-1] if self._out else None
         if (
@@ -439,11 +440,7 @@ class Broker:
                 self._fail_dependent(task, parent, result.state, result.payload)
                 return
             if result is None:
-                if (
-                    parent not in self.dispatch.tasks
-                    and parent not in self.scheduled
-                    and (parent not in self.graph)
-                ):
+                if not self._unfinished_id(parent):
                     why = f"its parent task {parent} is not known (its result expired?)"
                     self._end_unrun(task, p.FAILURE, why)
                     return
@@ -486,7 +483,7 @@ class Broker:
         expires = header.get("expires")
         if expires is not None:
             if expires <= wall:
-                self._end_unrun(task, p.EXPIRED, "it expired before a worker started it")
+                self._end_unrun(task, p.EXPIRED, "expired before a worker started it")
                 return
             self.timers.add(now + (expires - wall), (_EXPIRE, task.id))
         eta = header.get("eta")
@@ -894,7 +891,8 @@ class Broker:
         self._dispatched(out)
 
     def _unfinished_id(self, task_id: str) -> bool:
-        return task_id in self.dispatch.tasks or task_id in self.scheduled
+        """True if the task was accepted and has not ended."""
+        return task_id in self.dispatch.tasks or task_id in self.scheduled or task_id in self.graph
 
     def _on_periodic(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         """List the periodic schedules; ``remove`` names ones to forget."""
