@@ -25,7 +25,7 @@ def _alive(pid: int) -> bool:
 
 def test_revoke_a_queued_task(app, start_worker, tmp_path):
     start_worker(concurrency=1, pool="thread")
-    blocker = tasks.sleep.delay(0.5)
+    blocker = tasks.sleep.delay(2.0)
     victim = tasks.stamp.delay("victim")
     after = tasks.stamp.delay("after")
     wait_for(lambda: victim.status == "QUEUED", 5, "victim queued")
@@ -34,7 +34,7 @@ def test_revoke_a_queued_task(app, start_worker, tmp_path):
         victim.get(timeout=5)
     assert info.value.exc_type == "zq.Revoked"
     assert victim.status == "REVOKED"
-    assert blocker.get(timeout=10) == 0.5
+    assert blocker.get(timeout=10) == 2.0
     assert after.get(timeout=10)[0] == "after"
     assert victim.revoke() == "finished"
 
@@ -48,7 +48,7 @@ def test_revoke_a_scheduled_task(app):
 
 def test_revoking_a_keyed_lane_head_lets_the_key_go_on(app, start_worker, tmp_path):
     start_worker(concurrency=1, pool="thread")
-    first = tasks.keyed.delay("k", 1, 0.5, str(tmp_path))
+    first = tasks.keyed.delay("k", 1, 2.0, str(tmp_path))
     second = tasks.keyed.delay("k", 2, 0.0, str(tmp_path))
     third = tasks.keyed.delay("k", 3, 0.0, str(tmp_path))
     wait_for(lambda: second.status == "QUEUED", 5, "second queued behind the first")
@@ -60,7 +60,7 @@ def test_revoking_a_keyed_lane_head_lets_the_key_go_on(app, start_worker, tmp_pa
 
 def test_revoke_without_terminate_lets_a_running_task_finish(app, start_worker, tmp_path):
     start_worker(concurrency=1)
-    res = tasks.pid_sleep.delay(1.0, str(tmp_path / "pid"))
+    res = tasks.pid_sleep.delay(3.0, str(tmp_path / "pid"))
     wait_for(lambda: res.status == "STARTED", 10, "started")
     assert res.revoke() == "running"
     assert res.get(timeout=10) > 0

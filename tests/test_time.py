@@ -76,7 +76,7 @@ def test_expired_before_its_eta(app, start_worker):
 
 def test_higher_priority_waiting_tasks_start_first(app, start_worker):
     start_worker(pool="thread", concurrency=1)
-    blocker = tasks.sleep.delay(0.5)  # holds the only slot while the others queue up
+    blocker = tasks.sleep.delay(1.0)  # holds the only slot while the others queue up
     low = [tasks.stamp.apply_async((f"low{i}",), priority=0) for i in range(3)]
     mid = [tasks.stamp.apply_async((f"mid{i}",), priority=5) for i in range(3)]
     high = [tasks.stamp.apply_async((f"high{i}",), priority=9) for i in range(3)]
