@@ -498,7 +498,7 @@ class Broker:
         cannot get its inputs) without running it."""
         self.counters[state.lower()] += 1
         kind = _UNRUN_KINDS[state]
-        body = p.encode({"type": kind, "message": f"task {task.id} {why}", "traceback": ""})
+        body = p.failure(kind, f"task {task.id} {why}")
         self._finish(task, state, p.pack_header({"id": task.id, "state": state}), body)
 
     def _full(self, queue: str) -> str | None:
@@ -964,7 +964,7 @@ class Broker:
             f"inspect it with 'zq dead list', run it again with 'zq dead requeue {task.id}'"
         )
         log.error("task %s (%s) is a dead letter: %s", task.id, task.data[0]["name"], message)
-        failure = p.encode({"type": "zq.DeadLetter", "message": message, "traceback": ""})
+        failure = p.failure("zq.DeadLetter", message)
         head = p.pack_header({"id": task.id, "state": p.DEAD})
         self._finish(task, p.DEAD, head, failure)
         if self.journal.durable:

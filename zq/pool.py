@@ -56,7 +56,7 @@ def execute(
     if task is None:
         return (
             p.FAILURE,
-            _failure(
+            p.failure(
                 "zq.UnknownTask",
                 f"task {name!r} is not registered in app {app.name!r} on this worker "
                 f"(it registers {len(app.tasks)} task(s); is the worker running the right app?)",
@@ -72,7 +72,7 @@ def execute(
     try:
         return p.SUCCESS, p.encode(value), {}
     except TypeError as exc:
-        return p.FAILURE, _failure("TypeError", f"the task's return value: {exc}"), {}
+        return p.FAILURE, p.failure("TypeError", f"the task's return value: {exc}"), {}
 
 
 def _failed(task: Task, header: dict[str, Any], exc: Exception) -> Outcome:
@@ -80,19 +80,15 @@ def _failed(task: Task, header: dict[str, Any], exc: Exception) -> Outcome:
     policy = task.retry
     asked = isinstance(exc, Retry)
     cause = exc.exc if asked and exc.exc is not None else exc  # type: ignore[union-attr]
-    info = _failure(_type_name(cause), str(cause), traceback.format_exc())
+    info = p.failure(_type_name(cause), str(cause), traceback.format_exc())
     if not asked and not isinstance(exc, policy.autoretry_for):
         return p.FAILURE, info, {}
     attempt = int(header.get("retries", 0))
     if attempt >= policy.retries:
         message = f"{cause} (gave up after {attempt} retries)"
-        return p.FAILURE, _failure(_type_name(cause), message, traceback.format_exc()), {}
+        return p.FAILURE, p.failure(_type_name(cause), message, traceback.format_exc()), {}
     countdown = policy.countdown(attempt, exc.countdown if asked else None)  # type: ignore[union-attr]
     return p.RETRY, info, {"countdown": countdown}
-
-
-def _failure(type_name: str, message: str, tb: str = "") -> bytes:
-    return p.encode({"type": type_name, "message": message, "traceback": tb})
 
 
 def _type_name(exc: BaseException) -> str:
@@ -274,7 +270,7 @@ class ProcessPool:
             if item[0]["id"] == task_id:
                 self._backlog.remove(item)
                 why = "revoked before it started"
-                return ("done", task_id, p.REVOKED, _failure("zq.Revoked", why), 0.0, {})
+                return ("done", task_id, p.REVOKED, p.failure("zq.Revoked", why), 0.0, {})
         return None
 
     def _kill(self, fd: int, child: _Child, state: str, kind: str, why: str) -> Event:
@@ -283,7 +279,7 @@ class ProcessPool:
         task, child.task = child.task, None
         self._bury(fd, child)
         runtime = time.monotonic() - child.started
-        return ("done", task, state, _failure(kind, why), runtime, {})
+        return ("done", task, state, p.failure(kind, why), runtime, {})
 
     def submit(self, header: dict[str, Any], payload: bytes) -> None:
         self._backlog.append((header, payload))
@@ -337,10 +333,10 @@ class ProcessPool:
         if code == FENCED_EXIT:
             reason = "stopped: the worker lost the broker while running a keyed task"
             return [
-                ("done", child.task, p.LOST, _failure("zq.Fenced", reason), 0.0, {"fenced": True})
+                ("done", child.task, p.LOST, p.failure("zq.Fenced", reason), 0.0, {"fenced": True})
             ]
         reason = f"the worker process running the task died (exit code {code})"
-        return [("done", child.task, p.LOST, _failure("zq.WorkerLost", reason), 0.0, {})]
+        return [("done", child.task, p.LOST, p.failure("zq.WorkerLost", reason), 0.0, {})]
 
     def close(self, timeout: float = 2.0) -> None:
         for child in self._children.values():

@@ -227,6 +227,11 @@ def decode(data: bytes | memoryview) -> Any:
     return msgpack.unpackb(data, raw=False, ext_hook=_ext_hook, strict_map_key=False)
 
 
+def failure(type_name: str, message: str, tb: str = "") -> bytes:
+    """The payload of a task that did not succeed: what ``zq.TaskFailed`` carries."""
+    return encode({"type": type_name, "message": message, "traceback": tb})
+
+
 # ---------------------------------------------------------------- validation
 
 #: Limits on submit header fields, checked by the broker.

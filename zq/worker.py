@@ -316,18 +316,20 @@ class Worker:
             if isinstance(expires, (int, float)) and expires <= time.time():
                 # It waited past its expiry time on the way here (prefetch, or clocks).
                 why = f"task {task_id} expired before this worker started it"
-                body = p.encode({"type": "zq.Expired", "message": why, "traceback": ""})
-                self._on_pool_event(("done", task_id, p.EXPIRED, body, 0.0, {}))
+                self._end_unrun(task_id, p.EXPIRED, "zq.Expired", why)
                 return
             if "pass" in header:  # a workflow step: its parents' results come first
                 try:
                     payload = with_inputs(header, payload, inputs)
                 except Exception as exc:  # fail the task: dropping it would lose it
                     why = f"could not give it its parents' results: {exc}"
-                    body = p.encode({"type": "zq.BadInput", "message": why, "traceback": ""})
-                    self._on_pool_event(("done", task_id, p.FAILURE, body, 0.0, {}))
+                    self._end_unrun(task_id, p.FAILURE, "zq.BadInput", why)
                     return
             self.pool.submit(header, payload)
+
+    def _end_unrun(self, task_id: str, state: str, kind: str, why: str) -> None:
+        """Report a task this worker ends without running it."""
+        self._on_pool_event(("done", task_id, state, p.failure(kind, why), 0.0, {}))
 
     def _on_revoke(self, task_id: Any, delivery: Any) -> None:
         """Stop a run the broker revoked, if it is that very run (same delivery)."""
@@ -366,13 +368,10 @@ class Worker:
                 # Sent as is, it would make the broker drop this connection (again and
                 # again, from the outbox): fail the task with the reason instead.
                 state, extra = p.FAILURE, {}
-                body = p.encode(
-                    {
-                        "type": "zq.ResultTooLarge",
-                        "traceback": "",
-                        "message": f"the result is {len(body)} bytes; the broker accepts "
-                        f"{self._max_message} per message",
-                    }
+                body = p.failure(
+                    "zq.ResultTooLarge",
+                    f"the result is {len(body)} bytes; the broker accepts "
+                    f"{self._max_message} per message",
                 )
             header = {
                 "id": task_id,
