@@ -327,24 +327,24 @@ class App:
     ) -> AsyncResult:
         """Send a task by name, registered here or not (e.g. from ``zq call``); the
         options are those of :meth:`Task.apply_async`."""
-        if task_id is not None and not (
-            isinstance(task_id, str) and 0 < len(task_id) <= p.MAX_ID_LEN
-        ):
-            raise ValueError(f"task_id must be a string of 1..{p.MAX_ID_LEN} characters")
-        payload = p.encode([list(args), kwargs or {}])  # TypeError here, in the caller
-        header: dict[str, Any] = {
-            "id": task_id or os.urandom(16).hex(),
-            "name": name,
-            "queue": queue,
+        header, payload = task_message(
+            name,
+            args,
+            kwargs,
+            queue=queue,
+            key=key,
+            task_id=task_id,
+            ignore_result=ignore_result,
             **timing(countdown=countdown, eta=eta, expires=expires, priority=priority),
-        }
-        if key is not None:
-            header["key"] = str(key)
-        if ignore_result:
-            header["ignore_result"] = True
+        )
+        return self.submit(header, payload)
+
+    def submit(self, header: dict[str, Any], payload: bytes) -> AsyncResult:
+        """Send a task made by :func:`task_message` (and the workflow fields)."""
         client = self.client
         slot = client.submit(header, payload)
-        return AsyncResult(header["id"], client, _slot=slot, ignore_result=ignore_result)
+        ignored = header.get("ignore_result", False)
+        return AsyncResult(header["id"], client, _slot=slot, ignore_result=ignored)
 
     def AsyncResult(self, task_id: str) -> AsyncResult:
         """A handle on a task sent by any process, by its id."""
@@ -369,6 +369,36 @@ class App:
             client, self._client = self._client, None
         if client is not None:
             client.close(flush_timeout=5.0 if flush else 0.0)
+
+
+def task_message(
+    name: str,
+    args: tuple[Any, ...] | list[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    queue: str,
+    key: Any = None,
+    task_id: str | None = None,
+    ignore_result: bool = False,
+    **fields: Any,
+) -> tuple[dict[str, Any], bytes]:
+    """A task's header and payload, ready for :meth:`App.submit`; ``fields`` are
+    further header fields (see :func:`timing`). Raises :class:`TypeError` here, in
+    the caller, for an argument that cannot be encoded, ValueError for a bad id."""
+    if task_id is not None and not (isinstance(task_id, str) and 0 < len(task_id) <= p.MAX_ID_LEN):
+        raise ValueError(f"task_id must be a string of 1..{p.MAX_ID_LEN} characters")
+    payload = p.encode([list(args), kwargs or {}])
+    header: dict[str, Any] = {
+        "id": task_id or os.urandom(16).hex(),
+        "name": name,
+        "queue": queue,
+        **fields,
+    }
+    if key is not None:
+        header["key"] = str(key)
+    if ignore_result:
+        header["ignore_result"] = True
+    return header, payload
 
 
 def timing(

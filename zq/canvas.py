@@ -13,9 +13,7 @@ steps are in its journal). docs/workflows.md has the rules and examples::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from zq import protocol as p
@@ -24,6 +22,9 @@ from zq.workflow import MAX_PARENTS
 if TYPE_CHECKING:
     from zq.app import App, Task
     from zq.client import AsyncResult
+
+#: One task of a workflow, ready to send: the app it is sent through, header, payload.
+Step = tuple["App", dict[str, Any], bytes]
 
 #: Options a signature may carry (see Task.apply_async).
 OPTIONS = frozenset({"queue", "key", "countdown", "eta", "expires", "priority", "task_id"})
@@ -38,10 +39,9 @@ class Canvas:
     def apply_async(self) -> AsyncResult | GroupResult:
         """Send the workflow; returns the result of its last step (a GroupResult when
         that is a group)."""
-        steps: list[_Step] = []
+        steps: list[Step] = []
         _, values, kind = self._build([], None, None, steps)
-        app = self._signatures()[0].task.app
-        results = {step.header["id"]: step.send(app) for step in steps}
+        results = {header["id"]: app.submit(header, payload) for app, header, payload in steps}
         if kind == "one":
             return results[values[0]]
         return GroupResult([results[i] for i in values])
@@ -51,27 +51,11 @@ class Canvas:
         return self.apply_async()
 
     def _build(
-        self, waits: list[str], values: list[str] | None, kind: str | None, steps: list[_Step]
+        self, waits: list[str], values: list[str] | None, kind: str | None, steps: list[Step]
     ) -> tuple[list[str], list[str], str]:
         """Add this node's steps, after ``waits``, taking ``values`` (``kind`` one or
         list) as first argument; returns (ids to wait for, ids of its value, kind)."""
         raise NotImplementedError
-
-    def _signatures(self) -> list[Signature]:
-        """Every signature in this workflow, in order; ValueError if there is none."""
-        found: list[Signature] = []
-        todo: list[Canvas] = [self]
-        while todo:
-            node = todo.pop(0)
-            if isinstance(node, Signature):
-                found.append(node)
-            elif isinstance(node, chain):
-                todo[:0] = node.steps
-            elif isinstance(node, group):
-                todo[:0] = node.members
-        if not found:
-            raise ValueError("this workflow has no task to run")
-        return found
 
 
 class Signature(Canvas):
@@ -110,9 +94,9 @@ class Signature(Canvas):
         return self
 
     def _build(
-        self, waits: list[str], values: list[str] | None, kind: str | None, steps: list[_Step]
+        self, waits: list[str], values: list[str] | None, kind: str | None, steps: list[Step]
     ) -> tuple[list[str], list[str], str]:
-        from zq.app import seconds, timing
+        from zq.app import seconds, task_message, timing
 
         takes_input = values is not None and not self.immutable
         opts = self.options
@@ -125,27 +109,25 @@ class Signature(Canvas):
                     "key with .set(key=...)"
                 )
             key = self.task.key(*self.args, **self.kwargs)
-        task_id = opts.get("task_id") or os.urandom(16).hex()
-        header: dict[str, Any] = {
-            "id": task_id,
-            "name": self.task.name,
-            "queue": opts.get("queue") or self.task.queue,
-        }
         countdown = opts.get("countdown")
+        fields = timing(
+            countdown=None if values is not None else countdown,
+            eta=opts.get("eta"),
+            expires=opts.get("expires"),
+            priority=opts.get("priority"),
+        )
         if values is not None and countdown is not None:
             # Counted from when the step is released: the broker turns it into an ETA.
-            header["countdown"] = seconds("countdown", countdown)
-            countdown = None
-        header.update(
-            timing(
-                countdown=countdown,
-                eta=opts.get("eta"),
-                expires=opts.get("expires"),
-                priority=opts.get("priority"),
-            )
+            fields["countdown"] = seconds("countdown", countdown)
+        header, payload = task_message(
+            self.task.name,
+            self.args,
+            self.kwargs,
+            queue=opts.get("queue") or self.task.queue,
+            key=key,
+            task_id=opts.get("task_id"),
+            **fields,
         )
-        if key is not None:
-            header["key"] = str(key)
         if len(waits) > MAX_PARENTS:
             raise ValueError(
                 f"{self!r} would wait for {len(waits)} tasks; a step may wait for at most "
@@ -157,8 +139,8 @@ class Signature(Canvas):
             assert values is not None and kind is not None
             header["args_from"] = list(values)
             header["pass"] = kind
-        steps.append(_Step(header, p.encode([list(self.args), self.kwargs])))
-        return [task_id], [task_id], "one"
+        steps.append((self.task.app, header, payload))
+        return [header["id"]], [header["id"]], "one"
 
 
 class chain(Canvas):
@@ -176,7 +158,7 @@ class chain(Canvas):
         return " | ".join(map(repr, self.steps))
 
     def _build(
-        self, waits: list[str], values: list[str] | None, kind: str | None, steps: list[_Step]
+        self, waits: list[str], values: list[str] | None, kind: str | None, steps: list[Step]
     ) -> tuple[list[str], list[str], str]:
         for step in self.steps:
             waits, values, kind = step._build(waits, values, kind, steps)
@@ -198,12 +180,12 @@ class group(Canvas):
 
     def apply_async(self) -> GroupResult:  # type: ignore[override]
         """Send every member; returns their results, in order."""
-        result = super().apply_async() if self.members else GroupResult([])
+        result = super().apply_async()
         assert isinstance(result, GroupResult)
         return result
 
     def _build(
-        self, waits: list[str], values: list[str] | None, kind: str | None, steps: list[_Step]
+        self, waits: list[str], values: list[str] | None, kind: str | None, steps: list[Step]
     ) -> tuple[list[str], list[str], str]:
         if not self.members:
             # Nothing to run: what follows still waits for what came before, and gets [].
@@ -221,19 +203,6 @@ def chord(header: group | Iterable[Canvas], body: Canvas) -> chain:
     """Run the ``header`` group, then ``body`` with the list of its results."""
     members = header if isinstance(header, group) else group(list(header))
     return chain(members, body)
-
-
-@dataclass
-class _Step:
-    header: dict[str, Any]
-    payload: bytes
-
-    def send(self, app: App) -> AsyncResult:
-        from zq.client import AsyncResult
-
-        client = app.client
-        slot = client.submit(self.header, self.payload)
-        return AsyncResult(self.header["id"], client, _slot=slot)
 
 
 class GroupResult:
