@@ -228,7 +228,7 @@ class App:
         """
 
         def register(fn: Callable[..., Any]) -> Task:
-            task_name = name or f"{fn.__module__}.{fn.__qualname__}"
+            task_name = name or _task_name(fn)
             if task_name in self.tasks:
                 raise ValueError(f"task {task_name!r} is already registered in {self!r}")
             task = Task(
@@ -283,17 +283,19 @@ class App:
             "payload": p.encode([list(args), kwargs or {}]),  # TypeError here, at import
             "key": None if key is None else str(key),
         }
-        Schedule(name=name or "-", task="-", **fields)  # ValueError now, before registering
-        if name is not None and name in self.schedules:
-            raise ValueError(f"periodic schedule {name!r} is already declared")
 
         def register(target: Any) -> Task:
-            task = target if isinstance(target, Task) else self.task(target)
-            schedule = Schedule(
-                name=name or task.name, task=task.name, queue=queue or task.queue, **fields
+            registered = isinstance(target, Task)
+            task_name = target.name if registered else _task_name(target)
+            schedule = Schedule(  # ValueError here, before a function is registered
+                name=name or task_name,
+                task=task_name,
+                queue=queue or (target.queue if registered else DEFAULT_QUEUE),
+                **fields,
             )
             if schedule.name in self.schedules:
                 raise ValueError(f"periodic schedule {schedule.name!r} is already declared")
+            task = target if registered else self.task(target)
             self.schedules[schedule.name] = schedule
             return task
 
@@ -369,6 +371,11 @@ class App:
             client, self._client = self._client, None
         if client is not None:
             client.close(flush_timeout=5.0 if flush else 0.0)
+
+
+def _task_name(fn: Callable[..., Any]) -> str:
+    """The name a function registered as a task gets by default."""
+    return f"{fn.__module__}.{fn.__qualname__}"
 
 
 def task_message(

@@ -417,11 +417,7 @@ class Broker:
     def _known(self, task_id: str) -> bool:
         """True if the id was accepted already (a resent SUBMIT is a duplicate)."""
         return (
-            task_id in self.dispatch.tasks
-            or task_id in self.scheduled
-            or task_id in self.graph
-            or task_id in self.results
-            or task_id in self.dead_letters
+            self._unfinished_id(task_id) or task_id in self.results or task_id in self.dead_letters
         )
 
     def _unfinished(self) -> int:
@@ -471,9 +467,12 @@ class Broker:
 
     def _fail_dependent(self, task: Task, parent: str, state: str, body: Any) -> None:
         """A parent did not succeed: the task ends with the parent's outcome."""
+        self._finish(task, state, self._caused(task, state, parent), body)
+
+    def _caused(self, task: Task, state: str, parent: str) -> bytes:
+        """The result header of a workflow step ended by its parent's outcome."""
         self.counters["workflow_cancelled"] += 1
-        head = p.pack_header({"id": task.id, "state": state, "cause": parent})
-        self._finish(task, state, head, body)
+        return p.pack_header({"id": task.id, "state": state, "cause": parent})
 
     def _admit(self, task: Task, out: list[Assignment]) -> None:
         """An accepted task goes to its queue, or waits for its ETA; one whose expiry
@@ -553,13 +552,7 @@ class Broker:
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ProtocolError("REVOKE needs 'ids' (list of task ids)")
         terminate = header.get("terminate", False) is True
-        reply: dict[str, list[str]] = {
-            "revoked": [],
-            "terminating": [],
-            "running": [],
-            "finished": [],
-            "unknown": [],
-        }
+        reply: dict[str, list[str]] = {outcome: [] for outcome in p.REVOKE_OUTCOMES}
         out: list[Assignment] = []
         for task_id in ids:
             task = self.scheduled.pop(task_id, None) or self.graph.remove(task_id)
@@ -812,9 +805,8 @@ class Broker:
     # -------------------------------------------------------------- periodic
 
     def _declare(self, items: Any) -> None:
-        """Schedules a worker's app declares: new or changed ones are (re)armed."""
-        if not isinstance(items, list):
-            raise ProtocolError("READY 'periodic' must be a list of schedules")
+        """Schedules a worker's app declares (a list: _on_ready checked it before it
+        registered the worker): new or changed ones are (re)armed."""
         for item in items:
             try:
                 schedule = Schedule.from_wire(item)
@@ -928,9 +920,7 @@ class Broker:
             self._store_final(task, state, head, body)
             released, failed = self.graph.finished(task.id, state == p.SUCCESS)
             for child in failed:
-                self.counters["workflow_cancelled"] += 1
-                child_head = p.pack_header({"id": child.id, "state": state, "cause": task.id})
-                ending.append((child, state, child_head, body))
+                ending.append((child, state, self._caused(child, state, task.id), body))
             if released:
                 out: list[Assignment] = []
                 for child in released:

@@ -159,9 +159,7 @@ class Client:
         """Revoke tasks by id (see :meth:`AsyncResult.revoke`); returns id -> outcome."""
         reply = self.request(p.REVOKE, {"ids": list(task_ids), "terminate": terminate}, timeout)
         return {
-            task_id: outcome
-            for outcome in ("revoked", "terminating", "running", "finished", "unknown")
-            for task_id in reply.get(outcome, ())
+            task_id: outcome for outcome in p.REVOKE_OUTCOMES for task_id in reply.get(outcome, ())
         }
 
     def request(self, command: bytes, header: dict[str, Any], timeout: float) -> dict[str, Any]:

@@ -93,6 +93,8 @@ RETRY = "RETRY"  # the task asked to run again; the broker holds it for its coun
 EXPIRED = "EXPIRED"  # not started before its ``expires`` time
 REVOKED = "REVOKED"  # revoked before it ran, or stopped while running (terminate)
 FINAL_STATES = frozenset({SUCCESS, FAILURE, REJECTED_STATE, DEAD, EXPIRED, REVOKED})
+#: What a REVOKE reply says of each id (the reply lists the ids under these keys).
+REVOKE_OUTCOMES = ("revoked", "terminating", "running", "finished", "unknown")
 
 #: Events published on the XPUB under topics that start with this byte; results go
 #: under ``client_id + task_id``, and client ids are hex, so they never collide.
