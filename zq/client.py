@@ -279,9 +279,12 @@ class Client:
         """Send without ever blocking the I/O thread. With no connection to send on (the
         broker refused our handshake) or a full queue, the message is dropped: submits
         and FETCH waits are sent again after the reconnect, heartbeats need not be."""
+        self._send_packed(command, p.pack_header(header), *payload)
+
+    def _send_packed(self, command: bytes, header: bytes, *payload: Any) -> None:
         try:
             self._dealer.send_multipart(
-                p.message(p.CLIENT, command, header, *payload), zmq.NOBLOCK, copy=False
+                [p.CLIENT, command, header, *payload], zmq.NOBLOCK, copy=False
             )
         except zmq.Again:
             return
@@ -336,10 +339,12 @@ class Client:
         the rest of it): a batch past either limit would be refused whole."""
         budget = self.max_message_size // 2
         header_budget = p.MAX_HEADER_BYTES - p.HEADER_SLACK
-        chunk: list[tuple[dict[str, Any], bytes]] = []
+        headers: list[bytes] = []  # the chunk's task headers, packed once
+        bodies: list[bytes] = []
         size = header_size = 0
         for item in items:
-            this_header = len(p.pack_header(item[0]))
+            packed = p.pack_header(item[0])
+            this_header = len(packed)
             reason = None
             if len(item[1]) > self.max_message_size - p.ENVELOPE:
                 # Queued before the broker told us its limit: sending it would only get
@@ -354,23 +359,24 @@ class Client:
                 self._unacked.pop(item[0]["id"], None)
                 self._update(item[0]["id"], p.REJECTED_STATE, {"reason": reason}, None)
                 continue
-            if chunk and (
-                len(chunk) == SUBMIT_BATCH
+            if headers and (
+                len(headers) == SUBMIT_BATCH
                 or size + len(item[1]) > budget
                 or header_size + this_header > header_budget
             ):
-                self._send_submit(chunk)
-                chunk, size, header_size = [], 0, 0
-            chunk.append(item)
+                self._send_submit(headers, bodies)
+                headers, bodies, size, header_size = [], [], 0, 0
+            headers.append(packed)
+            bodies.append(item[1])
             size += len(item[1]) + 64  # a frame's own overhead; headers are counted apart
             header_size += this_header
-        if chunk:
-            self._send_submit(chunk)
+        if headers:
+            self._send_submit(headers, bodies)
         self._settle_flushes()
 
-    def _send_submit(self, chunk: list[tuple[dict[str, Any], bytes]]) -> None:
-        header = {"client": self.id, "tasks": [h for h, _ in chunk]}
-        self._send(p.SUBMIT, header, *[body for _, body in chunk])
+    def _send_submit(self, headers: list[bytes], bodies: list[bytes]) -> None:
+        header = p.pack_list("tasks", headers, client=self.id)
+        self._send_packed(p.SUBMIT, header, *bodies)
 
     def _settle_flushes(self) -> None:
         if not self._unacked:

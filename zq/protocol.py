@@ -140,16 +140,21 @@ def unpack_header(data: bytes | memoryview) -> dict[str, Any]:
     return header
 
 
-def pack_list(key: str, packed: list[bytes]) -> bytes:
-    """The header ``{key: [...]}`` from items packed already (no decode, no re-pack)."""
-    n = len(packed)
+def pack_list(key: str, packed: list[bytes], **fields: Any) -> bytes:
+    """The header ``{key: [...], **fields}`` from items packed already (no decode, no
+    re-pack of the items); at most 14 ``fields``."""
+    head = bytes([0x80 | (1 + len(fields))])  # a fixmap
+    for name, value in fields.items():
+        head += msgpack.packb(name) + msgpack.packb(value, use_bin_type=True)
+    return head + msgpack.packb(key) + _array_head(len(packed)) + b"".join(packed)
+
+
+def _array_head(n: int) -> bytes:
     if n < 16:
-        head = bytes([0x90 | n])
-    elif n < 65536:
-        head = b"\xdc" + n.to_bytes(2, "big")
-    else:
-        head = b"\xdd" + n.to_bytes(4, "big")
-    return b"\x81" + msgpack.packb(key) + head + b"".join(packed)
+        return bytes([0x90 | n])
+    if n < 65536:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
 def message(tag: bytes, command: bytes, header: dict[str, Any], *payload: Any) -> list[Any]:
