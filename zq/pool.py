@@ -362,6 +362,7 @@ class ThreadPool:
         self._jobs: queue.SimpleQueue[tuple[dict[str, Any], bytes] | None] = queue.SimpleQueue()
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
+        self._wake_pending = False  # a byte is in the pipe that on_readable has not read
         self._running: dict[str, None] = {}  # ids held, in arrival order
         self._threads: list[threading.Thread] = []
         self.changed = True
@@ -390,7 +391,12 @@ class ThreadPool:
 
     def _emit(self, event: Event) -> None:
         self._events.put(event)
-        os.write(self._wake_w, b"x")
+        # One write per batch of events, not per event (a system call and a thread
+        # switch each): on_readable clears the flag after reading the pipe and before
+        # it drains the queue, so an event put here is seen by that drain or wakes it.
+        if not self._wake_pending:
+            self._wake_pending = True
+            os.write(self._wake_w, b"x")
 
     def fds(self) -> list[int]:
         self.changed = False
@@ -415,6 +421,7 @@ class ThreadPool:
 
     def on_readable(self, fd: int) -> list[Event]:
         os.read(self._wake_r, 65536)
+        self._wake_pending = False
         events: list[Event] = []
         while True:
             try:
