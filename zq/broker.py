@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from zq import protocol as p
+from zq import wire
 from zq.dispatch import Assignment, Dispatcher, Task
 from zq.errors import ProtocolError
 from zq.journal import Journal, NullJournal, open_journal
@@ -151,7 +152,9 @@ class Broker:
         self._out: list[list[Any]] = []  # ROUTER messages held until the journal commit
         self._batch_bytes = 0  # payload bytes in the TASK batch at the end of _out
         self._batch_header = 0  # and the bytes of its task headers
-        self._pub_out: list[list[Any]] = []
+        self._pub_out: list[list[Any]] = []  # XPUB messages held until the journal commit
+        #: Client topic -> [its RESULT batch in _pub_out, that batch's header bytes].
+        self._result_batches: dict[bytes, list[Any]] = {}
         self._acks: dict[bytes, list[str]] = {}  # worker -> DONE ids to acknowledge
         self._placeholders: dict[bytes, float] = {}  # worker id -> re-attach deadline
         self.authorizer: Authorizer | None = None
@@ -239,21 +242,27 @@ class Broker:
     def _flush(self) -> None:
         """Commit the turn's journal changes, then send what the turn decided."""
         self.journal.commit()
-        send = self._router.send_multipart
+        router = self._router
         for frames in self._out:
             if frames[2] == _TASK_BATCH:
                 headers = frames[3]
                 frames[2] = p.TASK
                 frames[3] = headers[0] if len(headers) == 1 else p.pack_list("tasks", headers)
-            send(frames, copy=False)
+            wire.send(router, frames)
         self._out.clear()
         for frames in self._pub_out:
-            self._pub.send_multipart(frames, copy=False)
+            if frames[1] == _RESULT_BATCH:
+                headers = frames[2]
+                frames[1] = p.RESULT
+                frames[2] = headers[0] if len(headers) == 1 else p.pack_list("results", headers)
+            wire.send(self._pub, frames)
         self._pub_out.clear()
+        self._result_batches.clear()
         for ident, ids in self._acks.items():
             for at in range(0, len(ids), ACK_CHUNK):  # each header stays well under the cap
                 chunk = ids[at : at + ACK_CHUNK]
-                send([ident, p.BROKER, p.ACCEPTED, p.pack_header({"ids": chunk})], copy=False)
+                frames = [ident, p.BROKER, p.ACCEPTED, p.pack_header({"ids": chunk})]
+                wire.send(router, frames)
         self._acks.clear()
 
     def _close(self) -> None:
@@ -269,10 +278,10 @@ class Broker:
     # ---------------------------------------------------------------- routing
 
     def _drain_router(self) -> None:
-        recv = self._router.recv_multipart
+        router = self._router
         for _ in range(MAX_BATCH):
             try:
-                frames = recv(zmq.NOBLOCK, copy=False)
+                frames = wire.recv(router, zmq.NOBLOCK)
             except zmq.Again:
                 return
             self._handle(frames)
@@ -342,7 +351,25 @@ class Broker:
         self._out.append([ident, p.BROKER, command, header, *payload])
 
     def _publish(self, topic: bytes, command: bytes, header: Any, *payload: Any) -> None:
+        # What a client sees stays in order: its later results start a new batch.
+        self._result_batches.clear()
         self._pub_out.append([topic, command, header, *payload])
+
+    def _publish_result(self, client: str, head: bytes, body: Any) -> None:
+        """Queue a RESULT for ``client``'s SUB. A loop turn's results to one client go
+        as one message (``{results: [...]}`` and a body frame each, see _flush), its
+        header under the header limit (libzmq's size limit is per frame)."""
+        topic = client.encode()
+        batch = self._result_batches.get(topic)
+        if batch is not None and batch[1] + len(head) <= p.MAX_HEADER_BYTES - p.HEADER_SLACK:
+            frames = batch[0]
+            frames[2].append(head)
+            frames.append(body)
+            batch[1] += len(head)
+            return
+        frames = [topic, _RESULT_BATCH, [head], body]
+        self._pub_out.append(frames)
+        self._result_batches[topic] = [frames, len(head)]
 
     # ---------------------------------------------------------------- clients
 
@@ -941,7 +968,7 @@ class Broker:
             expires = time.time() + (result.expires - time.monotonic())
             self.journal.result_stored(task.id, state, head, _bytes(body), expires)
         if not ignored:
-            self._publish((task_header["client"] + task.id).encode(), p.RESULT, head, body)
+            self._publish_result(task_header["client"], head, body)
         for waiter in self.waiters.pop(task.id):
             self._forward(waiter, p.RESULT, head, body)
 
@@ -1212,6 +1239,8 @@ def _bytes(frame: Any) -> bytes:
 
 #: Marks a TASK message in the send buffer that more TASKs to the same worker may join.
 _TASK_BATCH = b"task-batch"
+#: Marks a RESULT message in the XPUB buffer that more results to its client may join.
+_RESULT_BATCH = b"result-batch"
 
 #: The failure type a task ended without running gets, by its state.
 _UNRUN_KINDS = {p.EXPIRED: "zq.Expired", p.REVOKED: "zq.Revoked", p.FAILURE: "zq.WorkflowError"}

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import zmq
 
 from zq import protocol as p
+from zq import wire
 from zq.errors import BrokerUnavailable, ResultUnavailable, TaskFailed, TaskRejected
 from zq.errors import TimeoutError as ZQTimeoutError
 from zq.security import ClientCurve
@@ -283,9 +284,7 @@ class Client:
 
     def _send_packed(self, command: bytes, header: bytes, *payload: Any) -> None:
         try:
-            self._dealer.send_multipart(
-                [p.CLIENT, command, header, *payload], zmq.NOBLOCK, copy=False
-            )
+            wire.send(self._dealer, [p.CLIENT, command, header, *payload], zmq.NOBLOCK)
         except zmq.Again:
             return
         self._last_sent = time.monotonic()
@@ -293,7 +292,7 @@ class Client:
     def _drain(self, sock: zmq.Socket, handle: Any) -> None:
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = wire.recv_bytes(sock, zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -435,7 +434,15 @@ class Client:
             return
         _, header, payload = frames[1], p.unpack_header(frames[2]), frames[3:]
         if frames[1] == p.RESULT:
-            self._on_result(header, payload)
+            results = header.get("results")
+            if results is None:
+                self._on_result(header, payload)
+            elif isinstance(results, list) and len(results) == len(payload):
+                for one, body in zip(results, payload, strict=True):
+                    if isinstance(one, dict):
+                        self._on_result(one, [body])
+            else:
+                log.warning("dropped a malformed RESULT batch from the broker")
         elif frames[1] in (p.STARTED, p.PROGRESS):  # STARTED, RETRY or progress: not final
             state = header.get("state", p.STARTED_STATE)
             if state in (p.STARTED_STATE, p.RETRY):

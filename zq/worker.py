@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from zq import protocol as p
+from zq import wire
 from zq.app import App, default_broker, load_app
 from zq.canvas import with_inputs
 from zq.errors import ProtocolError
@@ -230,9 +231,7 @@ class Worker:
     def _send_packed(self, command: bytes, header: bytes, *payload: Any) -> None:
         assert self._dealer is not None
         try:
-            self._dealer.send_multipart(
-                [p.WORKER, command, header, *payload], zmq.NOBLOCK, copy=False
-            )
+            wire.send(self._dealer, [p.WORKER, command, header, *payload], zmq.NOBLOCK)
         except zmq.Again:
             return
         self._last_sent = time.monotonic()
@@ -241,7 +240,7 @@ class Worker:
         assert self._dealer is not None
         while True:
             try:
-                frames = self._dealer.recv_multipart(zmq.NOBLOCK)
+                frames = wire.recv_bytes(self._dealer, zmq.NOBLOCK)
             except zmq.Again:
                 return
             self._last_recv = self._heard = time.monotonic()
