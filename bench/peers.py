@@ -103,7 +103,8 @@ def ratios(results: dict[str, Any]) -> list[Row]:
         return []
     rows = []
     for config in results.get("throughput", {}).get("configs", []):
-        if config["pool"] == "thread" and config["concurrency"] == 4 and not config["prefetch"]:
+        default = config["prefetch"] == "auto"
+        if config["pool"] == "thread" and config["concurrency"] == 4 and default:
             journal = "on" if config["journal"] else "off"
             rate = config["tasks_per_s"]
             rows.append(

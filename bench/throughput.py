@@ -6,8 +6,9 @@ SQLite file), the client submits ``tasks`` no-op tasks at once and waits for eve
 result; tasks/s is the median of ``repeats`` rounds on the same broker and worker,
 after a warm-up round. Reported as a fraction of the limit measured in the same run,
 with the CPU time each process spent per task (from /proc), which shows where the
-gap to the limit goes. One more configuration, with ``--prefetch 16``, is shown for
-comparison only (zq's default is no prefetch).
+gap to the limit goes. The broker runs with its default prefetch (``auto``); one more
+configuration, with ``--prefetch 0`` (no task ever waits in a worker), is shown for
+comparison only.
 """
 
 from __future__ import annotations
@@ -29,11 +30,15 @@ from bench.common import (
     wait_for_workers,
 )
 
-#: (pool, concurrency, broker prefetch) configurations; the process pool gets one child
-#: per core here. zq's default is prefetch 0 (credit = free slots).
-CONFIGS: tuple[tuple[str, int, int], ...] = (("thread", 1, 0), ("thread", 4, 0), ("process", 2, 0))
-#: Shown for comparison (no target): the same with tasks waiting in the worker.
-PREFETCH_CONFIG = ("thread", 4, 16)
+#: (pool, concurrency, broker --prefetch) configurations; the process pool gets one
+#: child per core here. zq's default is prefetch auto.
+CONFIGS: tuple[tuple[str, int, str], ...] = (
+    ("thread", 1, "auto"),
+    ("thread", 4, "auto"),
+    ("process", 2, "auto"),
+)
+#: Shown for comparison (no target): the same with no task waiting in the worker.
+PREFETCH_CONFIG = ("thread", 4, "0")
 #: Targets, as fractions of the limit.
 TARGET = {False: 0.60, True: 0.35}
 
@@ -47,12 +52,12 @@ def one_round(app: Any, tasks: int, timeout: float) -> float:
 
 
 def measure(
-    journal: bool, pool: str, concurrency: int, prefetch: int, tasks: int, repeats: int
+    journal: bool, pool: str, concurrency: int, prefetch: str, tasks: int, repeats: int
 ) -> tuple[list[float], dict[str, float]]:
     """Rounds of :func:`one_round` against a fresh broker and worker: their tasks/s,
     and the CPU time per task of broker, worker (with its pool) and client."""
     with contextlib.ExitStack() as stack:
-        broker = start_broker(stack, journal, "--prefetch", str(prefetch))
+        broker = start_broker(stack, journal, "--prefetch", prefetch)
         worker = start_worker(stack, broker.endpoint, pool=pool, concurrency=concurrency)
         app = start_client(stack, broker.endpoint)
         wait_for_workers(app, 1)
@@ -79,7 +84,8 @@ def run(
         rate = median(rates)
         ratio = rate / limit
         label = f"journal {'on' if journal else 'off'}, {pool} x{concurrency}"
-        label += f", prefetch {prefetch}" if prefetch else ""
+        default = prefetch == "auto"
+        label += "" if default else f", prefetch {prefetch}"
         log(f"  throughput {label}: {rate:,.0f} tasks/s ({ratio:.0%} of the limit)")
         log(f"    {describe_cpu(cpu)}")
         result["configs"].append(
@@ -94,7 +100,6 @@ def run(
                 "cpu_us_per_task": cpu,
             }
         )
-        default = not prefetch
         rows.append(
             Row(
                 "throughput",

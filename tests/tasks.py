@@ -46,6 +46,12 @@ def whoami() -> dict[str, int]:
     return {"pid": os.getpid(), "worker": os.getppid()}
 
 
+@app.task
+def whoami_after(seconds: float) -> dict[str, int]:
+    time.sleep(seconds)
+    return {"pid": os.getpid(), "worker": os.getppid()}
+
+
 @app.task(queue="other")
 def other_queue() -> str:
     return "other"

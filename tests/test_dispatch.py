@@ -16,7 +16,16 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from zq.dispatch import Assignment, Dispatcher, Lane, ReadyQueue, Task
+from zq.dispatch import (
+    PREFETCH_COVER,
+    PREFETCH_MAX,
+    Assignment,
+    Dispatcher,
+    Lane,
+    ReadyQueue,
+    RunTimes,
+    Task,
+)
 
 QUEUES = ("a", "b")
 WORKER_IDS = (b"w0", b"w1", b"w2")
@@ -187,6 +196,21 @@ class DispatchMachine(RuleBasedStateMachine):
         self.hand_back(lost_ids)
         del self.held[wid]
         self.apply(out)
+
+    @precondition(lambda self: self.workers)
+    @rule(data=st.data())
+    def set_capacity(self, data: st.DataObject) -> None:
+        """The broker changes a worker's credit (automatic prefetch): more credit is
+        filled at once; less takes nothing back."""
+        wid = data.draw(st.sampled_from(sorted(self.workers)))
+        capacity = data.draw(st.integers(0, 4))
+        queues, _ = self.workers[wid]
+        held = set(self.held[wid])
+        self.workers[wid] = (queues, capacity)
+        out = self.d.set_capacity(wid, capacity)
+        assert all(w == wid for w, _ in out), "credit of one worker went to another"
+        self.apply(out)
+        assert self.held[wid] >= held, "less credit took a task back"
 
     @precondition(lambda self: self.holder)
     @rule(data=st.data())
@@ -652,3 +676,33 @@ def test_hand_backs_keep_their_order_and_priority(p1: int, p2: int) -> None:
     lost, out = d.remove_worker(b"w1")
     assert [t.id for t in lost] == ["t1", "t2"]
     assert ids(out) == [(b"w2", "t1")]
+
+
+def test_automatic_prefetch_waits_for_a_run_time_and_follows_it() -> None:
+    times = RunTimes()
+    assert times.prefetch(4) == 0, "a worker with no run time known yet gets no prefetch"
+    times.add(0.0001)
+    assert times.prefetch(4) == PREFETCH_MAX  # 4 x 2 ms / 0.1 ms = 80, capped
+    times.add(0.5)  # a long task: the mean jumps to it at once
+    assert times.mean == 0.5 and times.prefetch(4) == 0
+    for _ in range(30):  # and comes down only as short tasks go on ending
+        times.add(0.0001)
+    assert times.prefetch(4) > 0
+    times.add(PREFETCH_COVER)  # one slot busy for the whole cover: nothing to prefetch
+    assert times.prefetch(1) == 1 and times.prefetch(4) == 4
+
+
+def test_more_credit_is_filled_at_once_and_less_takes_nothing_back() -> None:
+    d = Dispatcher()
+    assert d.add_worker(b"w", ["q"], 1) == []
+    for i in range(5):
+        d.submit(Task(f"t{i}", "q"))
+    assert sorted(t.id for t in d.workers[b"w"].running.values()) == ["t0"]
+    out = d.set_capacity(b"w", 3)
+    assert [(w, t.id) for w, t in out] == [(b"w", "t1"), (b"w", "t2")]
+    assert d.set_capacity(b"w", 1) == []
+    assert len(d.workers[b"w"].running) == 3  # kept; no more until it is under 1
+    assert d.done(b"w", "t0")[1] == [] and d.done(b"w", "t1")[1] == []
+    assert [t.id for _, t in d.done(b"w", "t2")[1]] == ["t3"]
+    assert d.set_capacity(b"nobody", 5) == []
+    d.check()

@@ -25,7 +25,7 @@ import zmq
 
 from zq import protocol as p
 from zq import wire
-from zq.dispatch import Assignment, Dispatcher, Task
+from zq.dispatch import Assignment, Dispatcher, RunTimes, Task
 from zq.errors import ProtocolError
 from zq.journal import Journal, NullJournal, open_journal
 from zq.results import ResultStore, Waiters
@@ -77,7 +77,7 @@ class BrokerSettings:
     heartbeat: float = 1.0
     liveness: int = 3
     result_ttl: float = 24 * 3600.0
-    prefetch: int = 0
+    prefetch: int | None = None  # tasks beyond a worker's slots; None: automatic
     journal: str | None = None  # a SQLite file; None or ":memory:" for no journal
     max_redeliveries: int = 3  # then a task whose workers keep dying is a dead letter
     #: Seconds to wait after a restart for a worker to re-attach the tasks it held
@@ -91,7 +91,7 @@ class BrokerSettings:
     max_results: int = 1_000_000  # results kept; past it the oldest are dropped (counted)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.prefetch <= MAX_PREFETCH:
+        if self.prefetch is not None and not 0 <= self.prefetch <= MAX_PREFETCH:
             raise ValueError(f"prefetch must be 0..{MAX_PREFETCH}, got {self.prefetch}")
         if (self.curve_secret is None) != (self.authorized_keys is None):
             raise ValueError("CURVE needs both a secret key file and an authorized-keys directory")
@@ -110,14 +110,18 @@ def default_pub_bind(bind: str) -> str:
 class _Peer:
     """A connected worker's identity and liveness, as the socket loop sees it."""
 
-    __slots__ = ("ident", "info", "last_seen", "last_sent", "wid")
+    __slots__ = ("ident", "info", "last_seen", "last_sent", "runtimes", "slots", "wid")
 
-    def __init__(self, ident: bytes, wid: bytes, info: dict[str, Any], now: float) -> None:
+    def __init__(
+        self, ident: bytes, wid: bytes, info: dict[str, Any], now: float, slots: int
+    ) -> None:
         self.ident = ident
         self.wid = wid
         self.info = info
         self.last_seen = now
         self.last_sent = now
+        self.slots = slots  # its concurrency; 0 while it drains (it gets no more tasks)
+        self.runtimes = RunTimes()  # for the automatic prefetch
 
 
 class Broker:
@@ -691,7 +695,9 @@ class Broker:
             del self.peers[old.ident]  # the same worker on a new connection
         info = {k: header.get(k) for k in ("worker", "host", "pid", "concurrency", "queues")}
         info["tasks"] = len(names)
-        peer = self.peers[ident] = self.by_wid[wkey] = _Peer(ident, wkey, info, now)
+        # A draining worker (stopping gracefully) keeps its tasks but gets no more.
+        slots = 0 if header.get("draining") else concurrency
+        peer = self.peers[ident] = self.by_wid[wkey] = _Peer(ident, wkey, info, now, slots)
         self._send(ident, p.WELCOME, self._welcome())
         peer.last_sent = now
         log.info(
@@ -703,14 +709,23 @@ class Broker:
             ",".join(queues),
         )
         self._event(b"worker.online", info)
-        # A draining worker (stopping gracefully) keeps its tasks but gets no more.
-        capacity = 0 if header.get("draining") else concurrency + self.settings.prefetch
+        capacity = self._capacity(peer)
         self._dispatched(self.dispatch.add_worker(wkey, queues, capacity, running))
         for task_id in self._terminating & running.keys():  # re-attached, still to stop
             task = self.dispatch.tasks.get(task_id)
             if task is not None:
                 self._stop_if_terminating(task)
         self._declare(header.get("periodic", []))  # last: a bad schedule costs itself only
+
+    def _capacity(self, peer: _Peer) -> int:
+        """Tasks a worker may hold: its slots, plus --prefetch or the automatic prefetch
+        its recent run times give (none for tasks of more than a few milliseconds)."""
+        if not peer.slots:
+            return 0
+        prefetch = self.settings.prefetch
+        if prefetch is None:
+            prefetch = peer.runtimes.prefetch(peer.slots)
+        return peer.slots + prefetch
 
     def _worker(self, ident: bytes) -> _Peer:
         peer = self.peers.get(ident)
@@ -752,16 +767,20 @@ class Broker:
         batch = header.get("done")
         if batch is None:
             self._done(peer, header, payload[0] if payload else b"")
-            return
-        if not isinstance(batch, list) or len(batch) != len(payload):
+        elif not isinstance(batch, list) or len(batch) != len(payload):
             raise ProtocolError("DONE 'done' must list one header per payload frame")
-        for done_header, body in zip(batch, payload, strict=True):
-            try:
-                if not isinstance(done_header, dict):
-                    raise ProtocolError("DONE 'done' entries must be maps")
-                self._done(peer, done_header, body)
-            except ProtocolError as exc:  # one bad entry costs that entry only
-                self._reject_malformed(ident, exc)
+        else:
+            for done_header, body in zip(batch, payload, strict=True):
+                try:
+                    if not isinstance(done_header, dict):
+                        raise ProtocolError("DONE 'done' entries must be maps")
+                    self._done(peer, done_header, body)
+                except ProtocolError as exc:  # one bad entry costs that entry only
+                    self._reject_malformed(ident, exc)
+        if self.settings.prefetch is None and peer.slots:
+            out = self.dispatch.set_capacity(peer.wid, self._capacity(peer))
+            if out:
+                self._dispatched(out)
 
     def _done(self, peer: _Peer, header: dict[str, Any], body: Any) -> None:
         """One task's outcome from the worker that ran it."""
@@ -772,6 +791,9 @@ class Broker:
         # Acknowledged (after the commit) whatever happens here, so the worker's outbox
         # lets go of it: a DONE is only ever sent again after a reconnect.
         self._acks.setdefault(ident, []).append(task_id)
+        runtime = header.get("runtime")
+        if isinstance(runtime, (int, float)) and runtime >= 0:
+            peer.runtimes.add(runtime)
         if state == p.LOST:  # the process running it died: run it again, or give up
             counts = not header.get("fenced")  # a fenced stop is not a crash
             task, out = self.dispatch.lost(peer.wid, task_id, _delivery(header), counts=counts)

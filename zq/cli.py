@@ -18,6 +18,25 @@ from zq.app import DEFAULT_QUEUE, App, default_broker
 BROKER_HELP = "Broker address. [env ZQ_BROKER; default tcp://127.0.0.1:5555]"
 
 
+class _Prefetch(click.ParamType):
+    """``auto`` (None) or a number of tasks, 0..MAX_PREFETCH."""
+
+    name = "auto|N"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | None:
+        from zq.broker import MAX_PREFETCH
+
+        if value is None or value == "auto":
+            return None
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not 'auto' or a whole number", param, ctx)
+        if not 0 <= number <= MAX_PREFETCH:
+            self.fail(f"{number} is not in 0..{MAX_PREFETCH}", param, ctx)
+        return number
+
+
 def _peer_curve_options(fn: Any) -> Any:
     """--curve-secret and --broker-key, for commands that connect to a CURVE broker."""
     fn = click.option(
@@ -197,11 +216,13 @@ def _stop_on_signals(stop: Any) -> None:
 )
 @click.option(
     "--prefetch",
-    type=click.IntRange(min=0, max=1000),
-    default=0,
+    type=_Prefetch(),
+    default="auto",
     show_default=True,
-    help="Tasks sent to a worker beyond its free slots (0: none wait in a "
-    "worker while another could run them).",
+    help="Tasks sent to a worker beyond its free slots. auto: enough to keep its slots "
+    "busy for ~2 ms at the run time of its recent tasks (at most 64; none for tasks "
+    "longer than 2 ms per slot); 0: none ever wait in a worker while another could "
+    "run them; N: always N (at most 1000).",
 )
 @click.option(
     "--journal",
@@ -262,7 +283,7 @@ def broker(
     heartbeat: float,
     liveness: int,
     result_ttl: float,
-    prefetch: int,
+    prefetch: int | None,
     journal: str | None,
     curve_secret: str | None,
     authorized_keys: str | None,

@@ -16,9 +16,10 @@ return. The rules (DESIGN.md section 3):
    waits at the priority of its head task: a key's order is never overtaken.
 
 Credit: a worker has ``capacity`` slots (concurrency + prefetch) and is sent at most
-that many tasks at once. Invariant: a queue's ready deque is non-empty only while
-no worker serving that queue has a free slot, so every operation is O(1) amortised
-in queued tasks and keys (worker selection is linear in the workers of one queue).
+that many tasks at once; the broker may change it (:meth:`Dispatcher.set_capacity`).
+Invariant: a queue's ready deque is non-empty only while no worker serving that queue
+has a free slot, so every operation is O(1) amortised in queued tasks and keys (worker
+selection is linear in the workers of one queue).
 """
 
 from __future__ import annotations
@@ -29,6 +30,40 @@ from typing import Any
 
 #: How many key -> last-worker affinities to remember after their lanes empty.
 AFFINITY_MEMORY = 100_000
+
+#: Automatic prefetch: a worker is sent enough tasks beyond its slots to keep them busy
+#: for about this many seconds at the run time its recent tasks took. That covers the
+#: round trip to the broker (a fraction of a millisecond on a LAN) for short tasks, and
+#: comes to nothing for tasks that run longer than this per slot.
+PREFETCH_COVER = 0.002
+#: Most tasks automatic prefetch lets wait in one worker.
+PREFETCH_MAX = 64
+#: Weight of a new run time in a worker's moving average.
+_RUNTIME_WEIGHT = 0.2
+
+
+class RunTimes:
+    """A moving average of one worker's task run times, and the automatic prefetch it
+    gives. A new worker gets none until a run time is known, and one long task is
+    enough to take it away: a task that waits in a busy worker while another could
+    run it costs more than a round trip saved."""
+
+    __slots__ = ("mean",)
+
+    def __init__(self) -> None:
+        self.mean: float | None = None
+
+    def add(self, seconds: float) -> None:
+        if self.mean is None or seconds > self.mean:
+            self.mean = seconds  # up at once: a long task may be the start of many
+        else:
+            self.mean += _RUNTIME_WEIGHT * (seconds - self.mean)
+
+    def prefetch(self, slots: int) -> int:
+        """Tasks to send beyond ``slots``: slots x cover / mean run time, capped."""
+        if self.mean is None:
+            return 0
+        return min(PREFETCH_MAX, int(slots * PREFETCH_COVER / max(self.mean, 1e-6)))
 
 
 class Task:
@@ -315,6 +350,18 @@ class Dispatcher:
         worker = self.workers[worker_id]
         del worker.running[task_id]
         return task, worker
+
+    def set_capacity(self, worker_id: bytes, capacity: int) -> list[Assignment]:
+        """Change a worker's credit (slots + prefetch); more credit is filled at once.
+        Less takes nothing back: the worker keeps what it holds and gets no more until
+        it is under the new capacity."""
+        worker = self.workers.get(worker_id)
+        if worker is None or worker.capacity == capacity:
+            return []
+        worker.capacity = capacity
+        out: list[Assignment] = []
+        self._pump(worker, out)
+        return out
 
     def held(self, worker_id: bytes, task_id: str, delivery: int | None) -> Task | None:
         """The task if ``worker_id`` holds it under this delivery (None: any delivery).
