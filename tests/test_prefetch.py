@@ -12,28 +12,44 @@ import pytest
 
 import zq
 from tests import tasks
+from tests.test_worker_fuzz import FakeBroker
+from zq import protocol as p
 from zq.dispatch import PREFETCH_MAX
 from zq.testing import BrokerProcess, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
 
+class Cluster:
+    """A broker and thread-pool workers of 1 slot, all stopped by pid at the end."""
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self.stack = stack
+        self.endpoint = ""
+
+    def start(self, *args: str, workers: int = 1) -> zq.App:
+        """A broker with ``args``, then ``workers`` workers; the app of tests.tasks."""
+        self.endpoint = self.stack.enter_context(BrokerProcess("tcp://127.0.0.1:*", *args)).endpoint
+        tasks.app.broker = self.endpoint
+        self.stack.callback(tasks.app.close)
+        for _ in range(workers):
+            self.add_worker()
+        return tasks.app
+
+    def add_worker(self) -> None:
+        worker = WorkerProcess("tests.tasks", self.endpoint, concurrency=1, pool="thread")
+        self.stack.enter_context(worker)
+        wait_for(
+            lambda: worker.pid in {w["pid"] for w in tasks.app.status()["workers"]},
+            20,
+            "the worker in the broker's status",
+        )
+
+
 @pytest.fixture
-def run() -> Iterator:
-    """Start a broker with ``args`` and ``workers`` thread-pool workers of 1 slot."""
+def cluster() -> Iterator[Cluster]:
     with contextlib.ExitStack() as stack:
-
-        def start(*args: str, workers: int = 1) -> zq.App:
-            broker = stack.enter_context(BrokerProcess("tcp://127.0.0.1:*", *args))
-            for _ in range(workers):
-                worker = WorkerProcess("tests.tasks", broker.endpoint, concurrency=1, pool="thread")
-                stack.enter_context(worker)
-            tasks.app.broker = broker.endpoint
-            stack.callback(tasks.app.close)
-            wait_for(lambda: len(tasks.app.status()["workers"]) == workers, 20, "workers")
-            return tasks.app
-
-        yield start
+        yield Cluster(stack)
 
 
 def most_in_flight(app: zq.App, results: list, timeout: float) -> int:
@@ -46,8 +62,8 @@ def most_in_flight(app: zq.App, results: list, timeout: float) -> int:
     return most
 
 
-def test_auto_prefetch_sends_short_tasks_beyond_the_free_slots(run):
-    app = run()  # --prefetch auto is the default
+def test_auto_prefetch_sends_short_tasks_beyond_the_free_slots(cluster):
+    app = cluster.start()  # --prefetch auto is the default
     results = [tasks.sleep.delay(0.0005) for _ in range(3000)]
     most = most_in_flight(app, results, 60)
     assert all(r.get(timeout=10) == 0.0005 for r in results)
@@ -55,15 +71,108 @@ def test_auto_prefetch_sends_short_tasks_beyond_the_free_slots(run):
     assert 1 < most <= 1 + PREFETCH_MAX
 
 
-def test_prefetch_0_never_sends_more_than_the_free_slots(run):
-    app = run("--prefetch", "0")
+def test_prefetch_0_never_sends_more_than_the_free_slots(cluster):
+    app = cluster.start("--prefetch", "0")
     results = [tasks.sleep.delay(0.0005) for _ in range(1000)]
     assert most_in_flight(app, results, 60) == 1
     assert all(r.get(timeout=10) == 0.0005 for r in results)
 
 
-def test_long_tasks_are_never_prefetched_and_spread_over_the_workers(run):
-    app = run(workers=2)
+def test_long_tasks_are_never_prefetched_and_spread_over_the_workers(cluster):
+    app = cluster.start(workers=2)
     results = [tasks.whoami_after.delay(0.4) for _ in range(6)]
     assert most_in_flight(app, results, 30) == 1
     assert len({r.get(timeout=10)["pid"] for r in results}) == 2  # thread pools
+
+
+def test_tasks_waiting_behind_a_long_one_go_back_to_another_worker(cluster):
+    app = cluster.start()
+    assert [r.get(timeout=20) for r in [tasks.add.delay(i, 0) for i in range(200)]] == list(
+        range(200)
+    )  # the worker's run times are short now: it is sent tasks beyond its one slot
+    long = tasks.sleep.delay(8)
+    quick = [tasks.add.delay(i, 1) for i in range(10)]  # all sent to it, behind `long`
+    cluster.add_worker()
+    # Stuck for 0.1 s with no slot freed, the first worker hands the waiting tasks back
+    # and the second runs them, while the long task still runs.
+    assert [r.get(timeout=6) for r in quick] == list(range(1, 11))
+    assert not long.ready_here()
+    assert app.status()["counters"]["given_back"] >= 1
+
+
+# ------------------------------------------------- the worker's side, on a fake broker
+
+
+@contextlib.contextmanager
+def fake_broker(pool: str, give_back: float | None) -> Iterator[FakeBroker]:
+    """A real worker (1 slot) on a bare ROUTER that welcomes it with ``give_back``."""
+    broker = FakeBroker()
+    worker = WorkerProcess("tests.tasks", broker.endpoint, pool=pool, concurrency=1)
+    try:
+        broker.expect(p.READY)
+        welcome = {
+            "broker": "fake",
+            "heartbeat": 1.0,
+            "liveness": 3,
+            "max_message_size": p.DEFAULT_MAX_MESSAGE,
+            "pub": "tcp://127.0.0.1:9",
+            "give_back": give_back,
+        }
+        broker.send(p.BROKER, p.WELCOME, p.pack_header(welcome))
+        yield broker
+    finally:
+        worker.close()
+        broker.close()
+
+
+def send_task(broker: FakeBroker, task_id: str, name: str, args: list, delivery: int = 1) -> None:
+    header = {"id": task_id, "name": name, "queue": "default", "client": "ab"}
+    header["delivery"] = delivery
+    broker.send(p.BROKER, p.TASK, p.pack_header(header), p.encode([args, {}]))
+
+
+def outcomes(broker: FakeBroker, until: set[str], timeout: float = 10.0) -> list[dict]:
+    """Every DONE entry, in order, until each of ``until`` ended with a final state."""
+    seen: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while not until <= {e["id"] for e in seen if e["state"] in p.FINAL_STATES}:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no final state for {until - {e['id'] for e in seen}}"
+        seen.extend(entry for entry, _ in broker.dones(1, timeout=remaining).values())
+    return seen
+
+
+@pytest.mark.parametrize("pool", ["thread", "process"])
+def test_a_stalled_worker_gives_its_waiting_tasks_back_and_runs_them_if_sent_again(pool):
+    with fake_broker(pool, give_back=0.2) as broker:
+        send_task(broker, "long", "tests.tasks.sleep", [1.5])
+        for i in range(3):
+            send_task(broker, f"quick-{i}", "tests.tasks.add", [i, 1])
+        quick = {f"quick-{i}" for i in range(3)}
+        back: dict[str, dict] = {}
+        deadline = time.monotonic() + 5
+        while set(back) < quick:
+            assert time.monotonic() < deadline, "the waiting tasks did not come back"
+            back.update((i, e) for i, (e, _) in broker.dones(1, timeout=5).items())
+        assert "long" not in back, "the running task was given back"
+        for task_id in quick:
+            assert back[task_id]["state"] == p.LOST and back[task_id]["returned"] is True
+            assert back[task_id]["runtime"] >= 0.2  # how long its slot was stuck
+        assert [e["id"] for e in outcomes(broker, {"long"})] == ["long"]
+        for i in range(3):  # the broker sends them again (here: to the same worker)
+            send_task(broker, f"quick-{i}", "tests.tasks.add", [i, 1], delivery=2)
+        seen = outcomes(broker, quick)
+        assert sorted(e["id"] for e in seen) == sorted(quick), "run twice, or not at all"
+        assert all(e["state"] == p.SUCCESS and e["delivery"] == 2 for e in seen)
+
+
+def test_a_thread_pool_revokes_a_task_no_thread_has_taken():
+    with fake_broker("thread", give_back=None) as broker:
+        send_task(broker, "long", "tests.tasks.sleep", [1.5])
+        send_task(broker, "waiting", "tests.tasks.add", [1, 1])
+        broker.send(p.BROKER, p.REVOKE, p.pack_header({"id": "waiting", "delivery": 1}))
+        seen = outcomes(broker, {"waiting", "long"})
+        assert [(e["id"], e["state"]) for e in seen] == [
+            ("waiting", p.REVOKED),
+            ("long", p.SUCCESS),
+        ]

@@ -55,6 +55,9 @@ ACK_CHUNK = 5000
 #: Most tasks beyond its slots a worker may be sent (``--prefetch``): what a worker
 #: holds must fit in its READY when it re-attaches after a broker restart.
 MAX_PREFETCH = 1000
+#: Seconds a worker lets prefetched tasks wait while none of its slots frees before it
+#: hands them back (automatic prefetch): what a task misjudged as short can cost others.
+GIVE_BACK_AFTER = 0.1
 #: How many keys ``STATUS`` lists at most.
 STATUS_KEYS = 100
 
@@ -387,6 +390,9 @@ class Broker:
             "heartbeat": self.settings.heartbeat,
             "liveness": self.settings.liveness,
             "max_message_size": self.settings.max_message_size,
+            # Automatic prefetch only: a worker hands waiting tasks back after this
+            # (with a fixed --prefetch it would be sent them again at once).
+            "give_back": GIVE_BACK_AFTER if self.settings.prefetch is None else None,
         }
 
     def _on_submit(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
@@ -795,12 +801,21 @@ class Broker:
         if isinstance(runtime, (int, float)) and runtime >= 0:
             peer.runtimes.add(runtime)
         if state == p.LOST:  # the process running it died: run it again, or give up
-            counts = not header.get("fenced")  # a fenced stop is not a crash
+            # A fenced stop is not a crash, nor a prefetched task handed back unstarted.
+            returned = bool(header.get("returned"))
+            counts = not header.get("fenced") and not returned
+            if returned and self.settings.prefetch is None:
+                # Its run time (how long the worker's slots were stuck) lowered the
+                # worker's prefetch: lower its credit before the task is requeued.
+                self._dispatched(self.dispatch.set_capacity(peer.wid, self._capacity(peer)))
             task, out = self.dispatch.lost(peer.wid, task_id, _delivery(header), counts=counts)
             if task is None:
                 self.counters["stale_done"] += 1
             else:
-                self._count_redelivered([task])
+                if returned:
+                    self.counters["given_back"] += 1
+                else:
+                    self._count_redelivered([task])
                 self._end_terminated([task])
             self._dispatched(out)
             return

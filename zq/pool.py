@@ -234,6 +234,16 @@ class ProcessPool:
         held = [c.task for c in self._children.values() if c.task is not None]
         return held + [h["id"] for h, _ in self._backlog]
 
+    def waiting(self) -> int:
+        """Tasks held that no child has started."""
+        return len(self._backlog)
+
+    def withdraw(self) -> list[str]:
+        """Take back every task no child has started; their ids."""
+        ids = [header["id"] for header, _ in self._backlog]
+        self._backlog.clear()
+        return ids
+
     def set_fence(self, seconds: float) -> None:
         """Broker silence after which children running keyed tasks stop."""
         self._fence_after.value = seconds
@@ -364,6 +374,11 @@ class ThreadPool:
         self._wake_r, self._wake_w = os.pipe()
         self._wake_pending = False  # a byte is in the pipe that on_readable has not read
         self._running: dict[str, None] = {}  # ids held, in arrival order
+        # Which jobs a thread may still take, under a lock shared with the threads: a
+        # job withdrawn (given back, revoked) stays in the queue and is skipped.
+        self._lock = threading.Lock()
+        self._waiting: dict[str, None] = {}  # submitted, not taken by a thread yet
+        self._withdrawn: set[str] = set()
         self._threads: list[threading.Thread] = []
         self.changed = True
 
@@ -380,6 +395,11 @@ class ThreadPool:
                 return
             header, payload = job
             task_id = header["id"]
+            with self._lock:
+                if task_id in self._withdrawn:
+                    self._withdrawn.discard(task_id)
+                    continue
+                del self._waiting[task_id]
             self._emit(("started", task_id))
             start = time.monotonic()
 
@@ -412,11 +432,43 @@ class ThreadPool:
         return []
 
     def terminate(self, task_id: str) -> Event | None:
-        """Threads cannot be killed: a running task runs to its end (use the process pool)."""
-        return None
+        """Drop ``task_id`` if no thread has taken it (its DONE event, REVOKED); else
+        None: threads cannot be killed, a running task runs to its end (use the
+        process pool)."""
+        if not self._take_back([task_id]):
+            return None
+        return (
+            "done",
+            task_id,
+            p.REVOKED,
+            p.failure("zq.Revoked", "revoked before it started"),
+            0.0,
+            {},
+        )
+
+    def waiting(self) -> int:
+        """Tasks held that no thread has taken."""
+        return len(self._waiting)
+
+    def withdraw(self) -> list[str]:
+        """Take back every task no thread has taken; their ids."""
+        return self._take_back(list(self._waiting))
+
+    def _take_back(self, ids: list[str]) -> list[str]:
+        with self._lock:
+            taken = [task_id for task_id in ids if task_id in self._waiting]
+            for task_id in taken:
+                del self._waiting[task_id]
+            self._withdrawn.update(taken)
+        for task_id in taken:
+            del self._running[task_id]
+        return taken
 
     def submit(self, header: dict[str, Any], payload: bytes) -> None:
-        self._running[header["id"]] = None
+        task_id = header["id"]
+        self._running[task_id] = None
+        with self._lock:
+            self._waiting[task_id] = None
         self._jobs.put((header, payload))
 
     def on_readable(self, fd: int) -> list[Event]:

@@ -80,6 +80,10 @@ class Worker:
         self._announced_drain = False
         self._max_message = p.DEFAULT_MAX_MESSAGE  # the broker's limit, from WELCOME
         self._dropped = 0  # malformed messages from the broker, dropped
+        # Prefetched tasks wait here; if no slot frees for this many seconds (from the
+        # broker's WELCOME; None: never), they go back to the broker for other workers.
+        self._give_back: float | None = None
+        self._stalled_since: float | None = None  # tasks waiting, and no slot freed since
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
@@ -151,7 +155,7 @@ class Worker:
                 registered = [self._dealer, self._wake_r, *self.pool.fds()]
                 for item in registered:
                     poller.register(item, zmq.POLLIN)
-            events = dict(poller.poll(self._heartbeat * 250))
+            events = dict(poller.poll(self._poll_timeout()))
             self._on_pool_events(self.pool.tick(self._heard))
             pool_events: list[tuple[Any, ...]] = []
             for item in events:
@@ -162,8 +166,35 @@ class Worker:
                 else:
                     pool_events += self.pool.on_readable(item)
             self._on_pool_events(pool_events)
+            self._give_back_if_stalled(time.monotonic())
             self._flush_dones()
             self._on_tick(time.monotonic())
+
+    def _poll_timeout(self) -> float:
+        """Milliseconds: a quarter heartbeat, or less when waiting tasks are due back."""
+        timeout = self._heartbeat * 250
+        if self._stalled_since is not None and self._give_back is not None:
+            due = self._stalled_since + self._give_back - time.monotonic()
+            timeout = min(timeout, max(0.0, due) * 1000)
+        return timeout
+
+    def _give_back_if_stalled(self, now: float) -> None:
+        """Hand the broker back the tasks waiting here (prefetched) once no slot has
+        freed for ``give_back`` seconds: long tasks took every slot, so another worker
+        should run them. Each goes back as DONE LOST with ``returned`` (not a crash) and,
+        as its run time, how long the slots were stuck: the broker's automatic prefetch
+        then sends this worker no more than its slots."""
+        if self._give_back is None or not self.pool.waiting():
+            self._stalled_since = None
+        elif self._stalled_since is None:
+            self._stalled_since = now
+        elif now - self._stalled_since >= self._give_back:
+            stuck = now - self._stalled_since
+            self._stalled_since = None
+            ids = self.pool.withdraw()
+            log.info("gave %d waiting tasks back: no slot freed for %.2fs", len(ids), stuck)
+            for task_id in ids:
+                self._on_pool_event(("done", task_id, p.LOST, b"", stuck, {"returned": True}))
 
     def _drained(self, now: float) -> bool:
         """While stopping: True once nothing runs and every DONE is acknowledged, or
@@ -279,6 +310,8 @@ class Worker:
             if not (0 < heartbeat < 3600 and 1 < liveness < 1000 and max_message > p.ENVELOPE):
                 raise ProtocolError(f"implausible WELCOME {header!r:.200}")
             self._heartbeat, self._liveness, self._max_message = heartbeat, liveness, max_message
+            give_back = header.get("give_back")
+            self._give_back = float(give_back) if isinstance(give_back, (int, float)) else None
             self.pool.set_fence(_fence_after(heartbeat))
             self._awaiting_welcome = False
             for done_header, body in self._outbox.values():
@@ -349,6 +382,8 @@ class Worker:
         if not events:
             return
         ended = {event[1] for event in events if event[0] == "done"}
+        if ended:
+            self._stalled_since = None  # a slot freed: waiting tasks will start
         for event in events:
             if event[0] != "started" or event[1] not in ended:
                 self._on_pool_event(event)
