@@ -25,6 +25,7 @@ from typing import Any, TypeVar, overload
 from zq import protocol as p
 from zq.canvas import Signature
 from zq.client import AsyncResult, Client
+from zq.ids import new_id
 from zq.schedule import Schedule
 from zq.security import ClientCurve
 from zq.timers import backoff
@@ -396,7 +397,7 @@ def task_message(
         raise ValueError(f"task_id must be a string of 1..{p.MAX_ID_LEN} characters")
     payload = p.encode([list(args), kwargs or {}])
     header: dict[str, Any] = {
-        "id": task_id or os.urandom(16).hex(),
+        "id": task_id or new_id(),
         "name": name,
         "queue": queue,
         **fields,

@@ -27,6 +27,7 @@ from zq import protocol as p
 from zq import wire
 from zq.dispatch import Assignment, Dispatcher, RunTimes, Task
 from zq.errors import ProtocolError
+from zq.ids import new_id
 from zq.journal import Journal, NullJournal, open_journal
 from zq.results import ResultStore, Waiters
 from zq.schedule import Entry, Schedule, first_fire, following
@@ -923,7 +924,7 @@ class Broker:
             self.counters["periodic_skipped"] += 1
             log.warning("periodic %s not fired: %s", name, full)
             return
-        task_id = os.urandom(16).hex()
+        task_id = new_id()
         header: dict[str, Any] = {
             "id": task_id,
             "name": schedule.task,

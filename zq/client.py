@@ -43,6 +43,41 @@ FETCH_WAIT = 3600.0
 SUBMIT_BATCH = 1000
 
 
+class _Done:
+    """A ``threading.Event`` made only once somebody has to wait: most results are in
+    before anyone asks, and an Event (a Condition and its locks) per task cost more
+    than the rest of a submit."""
+
+    __slots__ = ("_event", "_set")
+
+    _lock = threading.Lock()  # orders set() against a waiter making the Event
+
+    def __init__(self) -> None:
+        self._set = False
+        self._event: threading.Event | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        with self._lock:
+            self._set = True
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._set:
+            return True
+        with self._lock:
+            if self._set:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
+
+
 class _Slot:
     """What this process knows of one task; written by the I/O thread only."""
 
@@ -67,7 +102,7 @@ class _Slot:
         self.payload: Any = None
         self.progress: dict[str, Any] | None = None  # the latest report of a running task
         self.seq = 0  # bumped on every update, for waiters of a state query
-        self.done = threading.Event()
+        self.done = _Done()
         self.done_at = 0.0  # wall-clock time this process learnt the final state
 
 
