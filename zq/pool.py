@@ -6,6 +6,11 @@ supervisor to poll and turns what becomes readable into events::
     ("started", task_id)
     ("done", task_id, state, payload_bytes, runtime_seconds, header_extras)
 
+(``progress`` events too.) The process pool reports a task started once it is still
+with its child at the end of the supervisor's next loop turn (:meth:`ProcessPool.started`):
+a message from the child for it cost the supervisor a pipe read and a wake-up per task,
+and a task that ends by then needs no STARTED at all.
+
 Child processes are started with the ``spawn`` method, so no ZeroMQ context or socket
 ever crosses a ``fork()``; they talk to the supervisor over a pipe in msgpack (never
 pickle). Each child watches its supervisor: if the supervisor dies or stops ticking
@@ -144,7 +149,6 @@ def _child_main(
         if header.get("key") is not None:
             keyed.set()
         task_id = header["id"]
-        conn.send_bytes(p.encode(["started", task_id]))
         soft, _ = limits.for_task(app, header.get("name", ""))
         start = time.monotonic()
         if soft:
@@ -179,13 +183,15 @@ def _fence(heard: Any, fence_after: Any, parent: int, keyed: threading.Event) ->
 
 
 class _Child:
-    __slots__ = ("conn", "deadline", "hard", "proc", "started", "task")
+    __slots__ = ("conn", "deadline", "fed_turn", "hard", "proc", "reported", "started", "task")
 
     def __init__(self, proc: Any, conn: Any) -> None:
         self.proc = proc
         self.conn = conn
         self.task: str | None = None
         self.started = 0.0  # when it was given its task
+        self.fed_turn = 0  # the supervisor's loop turn it was given its task in
+        self.reported = False  # its task was reported started
         self.deadline: float | None = None  # when the hard time limit kills it
         self.hard = 0.0
 
@@ -207,6 +213,7 @@ class ProcessPool:
         self._fence_after = self._mp.RawValue("d", fence_after)
         self._children: dict[int, _Child] = {}  # by pipe fd
         self._backlog: deque[tuple[dict[str, Any], bytes]] = deque()
+        self._turn = 0  # the supervisor's loop turns, counted by started()
         self.changed = True  # the set of fds to poll changed
 
     def start(self) -> None:
@@ -247,6 +254,17 @@ class ProcessPool:
     def set_fence(self, seconds: float) -> None:
         """Broker silence after which children running keyed tasks stop."""
         self._fence_after.value = seconds
+
+    def started(self) -> list[Event]:
+        """At the end of each supervisor loop turn: the tasks given to a child in an
+        earlier turn that have not ended, as started (each once)."""
+        events: list[Event] = []
+        for child in self._children.values():
+            if child.task is not None and not child.reported and child.fed_turn < self._turn:
+                child.reported = True
+                events.append(("started", child.task))
+        self._turn += 1
+        return events
 
     def tick(self, heard: float) -> list[Event]:
         """Tell the children when the broker was last heard (they fence themselves on
@@ -311,6 +329,7 @@ class ProcessPool:
                 return
             child.task = header["id"]
             child.started = time.monotonic()
+            child.fed_turn, child.reported = self._turn, False
             _, hard = self.limits.for_task(self.app, header.get("name", ""))
             child.hard = hard or 0.0
             child.deadline = time.monotonic() + hard if hard else None
@@ -319,11 +338,13 @@ class ProcessPool:
         child = self._children[fd]
         events: list[Event] = []
         try:
-            while child.conn.poll(0):
+            while True:  # readable: one message at least, then as many as are there
                 event = tuple(p.decode(child.conn.recv_bytes()))
                 if event[0] == "done":
                     child.task = None
                 events.append(event)
+                if not child.conn.poll(0):
+                    break
         except (EOFError, OSError):
             events += self._bury(fd, child)
         self._feed()
@@ -430,6 +451,9 @@ class ThreadPool:
 
     def tick(self, heard: float) -> list[Event]:
         return []
+
+    def started(self) -> list[Event]:
+        return []  # the threads report each task started themselves
 
     def terminate(self, task_id: str) -> Event | None:
         """Drop ``task_id`` if no thread has taken it (its DONE event, REVOKED); else

@@ -165,7 +165,7 @@ class Worker:
                     os.read(self._wake_r, 4096)
                 else:
                     pool_events += self.pool.on_readable(item)
-            self._on_pool_events(pool_events)
+            self._on_pool_events(pool_events + self.pool.started())
             self._give_back_if_stalled(time.monotonic())
             self._flush_dones()
             self._on_tick(time.monotonic())
