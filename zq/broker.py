@@ -248,23 +248,7 @@ class Broker:
             self._close()
 
     def _flush(self) -> None:
-        """Publish the turn's results, commit its journal changes, then send the rest of
-        what it decided.
-
-        Results go out before the commit, a commit sooner: until the worker hears
-        ACCEPTED for its DONE (sent after the commit) it keeps the DONE, and sends it
-        again to a broker that crashed meanwhile, so a result published early is never
-        one the journal loses. Everything on the ROUTER waits for the commit: a TASK
-        or an ACCEPTED sent before it could be acted on and then forgotten by a
-        crash (a key run twice at once; a task lost)."""
-        for frames in self._pub_out:
-            if frames[1] == _RESULT_BATCH:
-                headers = frames[2]
-                frames[1] = p.RESULT
-                frames[2] = headers[0] if len(headers) == 1 else p.pack_list("results", headers)
-            wire.send(self._pub, frames)
-        self._pub_out.clear()
-        self._result_batches.clear()
+        """Commit the turn's journal changes, then send what the turn decided."""
         self.journal.commit()
         router = self._router
         for frames in self._out:
@@ -274,6 +258,14 @@ class Broker:
                 frames[3] = headers[0] if len(headers) == 1 else p.pack_list("tasks", headers)
             wire.send(router, frames)
         self._out.clear()
+        for frames in self._pub_out:
+            if frames[1] == _RESULT_BATCH:
+                headers = frames[2]
+                frames[1] = p.RESULT
+                frames[2] = headers[0] if len(headers) == 1 else p.pack_list("results", headers)
+            wire.send(self._pub, frames)
+        self._pub_out.clear()
+        self._result_batches.clear()
         for ident, ids in self._acks.items():
             for at in range(0, len(ids), ACK_CHUNK):  # each header stays well under the cap
                 chunk = ids[at : at + ACK_CHUNK]

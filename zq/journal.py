@@ -3,9 +3,8 @@
 What is kept: every accepted task not yet finished (its header, payload, and the
 worker it was last handed to), and results until their TTL. Changes are buffered
 while the broker's loop turn runs and written in one transaction by :meth:`commit`
-(group commit); the broker sends its replies (ACCEPTED, TASK, acknowledgements) only
-after that commit, so nothing a peer was told about can be missing after a crash.
-(Results it publishes just before: their worker keeps each DONE until acknowledged.)
+(group commit); the broker sends its replies (ACCEPTED, TASK, results) only after
+that commit, so nothing a peer was told about can be missing after a crash.
 
 One broker owns a journal file at a time: the database is opened in exclusive locking
 mode, so a second broker on the same file fails at start instead of corrupting it.
