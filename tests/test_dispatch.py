@@ -706,3 +706,27 @@ def test_more_credit_is_filled_at_once_and_less_takes_nothing_back() -> None:
     assert [t.id for _, t in d.done(b"w", "t2")[1]] == ["t3"]
     assert d.set_capacity(b"nobody", 5) == []
     d.check()
+
+
+def test_after_a_stall_no_prefetch_until_a_task_ends_there_again() -> None:
+    times = RunTimes()
+    times.add(0.0001)
+    assert times.prefetch(4096) == PREFETCH_MAX
+    times.stalled(0.1)  # a big worker: 4096 x 2 ms / 0.1 s alone would still give 64
+    assert times.prefetch(4096) == 0 and times.prefetch(1) == 0
+    times.add(3.0)  # the long task that took the slots ends: 4096 x 2 ms / 3 s
+    assert times.prefetch(4096) == 2 and times.prefetch(1) == 0
+
+
+def test_tasks_given_back_return_to_the_head_of_the_queue_in_their_order() -> None:
+    d = Dispatcher()
+    d.add_worker(b"a", ["q"], 4)  # 1 slot + 3 prefetched
+    for i in range(6):
+        d.submit(Task(f"t{i}", "q"))  # t0 runs on a, t1..t3 wait in it, t4 and t5 here
+    assert d.set_capacity(b"a", 1) == []  # a stalled: its credit goes down first
+    items = [("t1", None), ("t2", None), ("t3", None), ("unknown", None)]
+    tasks, out = d.give_back(b"a", items)
+    assert [t.id for t in tasks] == ["t1", "t2", "t3"] and out == []
+    assert all(t.redeliveries == 0 and t.worker is None for t in tasks)
+    assert [t.id for _, t in d.add_worker(b"b", ["q"], 5)] == ["t1", "t2", "t3", "t4", "t5"]
+    d.check()

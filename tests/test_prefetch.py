@@ -5,8 +5,9 @@ its slots, so the round trip to the broker does not idle them; long tasks never 
 from __future__ import annotations
 
 import contextlib
+import select
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -15,6 +16,7 @@ from tests import tasks
 from tests.test_worker_fuzz import FakeBroker
 from zq import protocol as p
 from zq.dispatch import PREFETCH_MAX
+from zq.pool import ThreadPool
 from zq.testing import BrokerProcess, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -36,8 +38,8 @@ class Cluster:
             self.add_worker()
         return tasks.app
 
-    def add_worker(self) -> None:
-        worker = WorkerProcess("tests.tasks", self.endpoint, concurrency=1, pool="thread")
+    def add_worker(self, concurrency: int = 1) -> None:
+        worker = WorkerProcess("tests.tasks", self.endpoint, concurrency=concurrency, pool="thread")
         self.stack.enter_context(worker)
         wait_for(
             lambda: worker.pid in {w["pid"] for w in tasks.app.status()["workers"]},
@@ -98,6 +100,21 @@ def test_tasks_waiting_behind_a_long_one_go_back_to_another_worker(cluster):
     assert [r.get(timeout=6) for r in quick] == list(range(1, 11))
     assert not long.ready_here()
     assert app.status()["counters"]["given_back"] >= 1
+
+
+def test_a_big_worker_that_stalled_is_not_sent_its_given_back_tasks_again(cluster):
+    """100 slots: the stalled worker's prefetch must go to 0, not to 100 x 2 ms / 0.1 s
+    = 2, or it is sent tasks it gives back again every 0.1 s."""
+    app = cluster.start(workers=0)
+    cluster.add_worker(concurrency=100)
+    assert [r.get(timeout=20) for r in [tasks.add.delay(i, 0) for i in range(300)]] == list(
+        range(300)
+    )
+    long = [tasks.sleep.delay(1.5) for _ in range(100)]  # every slot
+    quick = [tasks.add.delay(i, 1) for i in range(20)]  # prefetched, then given back
+    assert [r.get(timeout=20) for r in quick] == list(range(1, 21))
+    assert all(r.get(timeout=20) == 1.5 for r in long)
+    assert 1 <= app.status()["counters"]["given_back"] <= 20, "given back more than once"
 
 
 # ------------------------------------------------- the worker's side, on a fake broker
@@ -176,3 +193,64 @@ def test_a_thread_pool_revokes_a_task_no_thread_has_taken():
             ("waiting", p.REVOKED),
             ("long", p.SUCCESS),
         ]
+
+
+def test_a_worker_runs_a_task_sent_again_while_its_give_back_is_unacknowledged():
+    with fake_broker("thread", give_back=0.1) as broker:
+        send_task(broker, "long", "tests.tasks.sleep", [1.0])
+        send_task(broker, "x", "tests.tasks.add", [1, 1])
+        # x's give-back, then the long task's end; neither acknowledged, so the LOST
+        # for x stays in the worker's outbox.
+        deadline, seen = time.monotonic() + 5, set()
+        while not {("x", p.LOST), ("long", p.SUCCESS)} <= seen:
+            assert time.monotonic() < deadline, f"only {seen}"
+            command, header = broker.recv(5)
+            entries = header.get("done", [header]) if command == p.DONE else []
+            seen.update((e.get("id"), e.get("state")) for e in entries)
+        send_task(broker, "x", "tests.tasks.add", [1, 1], delivery=2)
+        seen = outcomes(broker, {"x"})
+        assert [(e["id"], e["state"], e["delivery"]) for e in seen if e["id"] == "x"] == [
+            ("x", p.SUCCESS, 2)
+        ], "answered the new TASK with the old give-back instead of running it"
+
+
+# -------------------------------------------------------------- the thread pool alone
+
+
+def _pool_events(pool: ThreadPool, until: Callable[[list], bool], timeout: float = 10.0) -> list:
+    events: list = []
+    deadline = time.monotonic() + timeout
+    while not until(events):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"events so far: {events}"
+        fds = pool.fds()
+        if select.select(fds, [], [], remaining)[0]:
+            events += pool.on_readable(fds[0])
+    return events
+
+
+def test_a_task_withdrawn_twice_leaves_every_thread_working():
+    """Given back, sent again, given back again before the first copy left the queue:
+    both stale copies are skipped, and the threads live on to run what comes next."""
+    pool = ThreadPool(tasks.app, 1)
+    pool.start()
+    try:
+
+        def job(task_id: str, name: str, args: list) -> tuple[dict, bytes]:
+            return {"id": task_id, "name": name, "queue": "default"}, p.encode([args, {}])
+
+        pool.submit(*job("long", "tests.tasks.sleep", [0.3]))
+        wait_for(lambda: pool.waiting() == 0, 5, "the thread to take the long task")
+        for _ in range(2):
+            pool.submit(*job("x", "tests.tasks.add", [1, 1]))
+            assert pool.withdraw() == ["x"]
+        pool.submit(*job("y", "tests.tasks.add", [2, 2]))
+        events = _pool_events(pool, lambda ev: ("done", "y") in {e[:2] for e in ev})
+        assert [e[:3] for e in events if e[0] == "done"] == [
+            ("done", "long", p.SUCCESS),
+            ("done", "y", p.SUCCESS),
+        ]
+        assert all(thread.is_alive() for thread in pool._threads)
+        assert pool.running() == [] and pool.waiting() == 0
+    finally:
+        pool.close()

@@ -161,8 +161,6 @@ class Broker:
         self._batch_bytes = 0  # payload bytes in the TASK batch at the end of _out
         self._batch_header = 0  # and the bytes of its task headers
         self._pub_out: list[list[Any]] = []  # XPUB messages held until the journal commit
-        #: Client topic -> [its RESULT batch in _pub_out, that batch's header bytes].
-        self._result_batches: dict[bytes, list[Any]] = {}
         self._acks: dict[bytes, list[str]] = {}  # worker -> DONE ids to acknowledge
         self._placeholders: dict[bytes, float] = {}  # worker id -> re-attach deadline
         self.authorizer: Authorizer | None = None
@@ -251,6 +249,15 @@ class Broker:
         """Commit the turn's journal changes, then send what the turn decided."""
         self.journal.commit()
         router = self._router
+        # Acknowledgements first: a task a worker reported (e.g. LOST, or given back)
+        # and is sent again in this turn must find its outbox entry gone, or the worker
+        # would answer the new TASK with the old report.
+        for ident, ids in self._acks.items():
+            for at in range(0, len(ids), ACK_CHUNK):  # each header stays well under the cap
+                chunk = ids[at : at + ACK_CHUNK]
+                frames = [ident, p.BROKER, p.ACCEPTED, p.pack_header({"ids": chunk})]
+                wire.send(router, frames)
+        self._acks.clear()
         for frames in self._out:
             if frames[2] == _TASK_BATCH:
                 headers = frames[3]
@@ -259,19 +266,8 @@ class Broker:
             wire.send(router, frames)
         self._out.clear()
         for frames in self._pub_out:
-            if frames[1] == _RESULT_BATCH:
-                headers = frames[2]
-                frames[1] = p.RESULT
-                frames[2] = headers[0] if len(headers) == 1 else p.pack_list("results", headers)
             wire.send(self._pub, frames)
         self._pub_out.clear()
-        self._result_batches.clear()
-        for ident, ids in self._acks.items():
-            for at in range(0, len(ids), ACK_CHUNK):  # each header stays well under the cap
-                chunk = ids[at : at + ACK_CHUNK]
-                frames = [ident, p.BROKER, p.ACCEPTED, p.pack_header({"ids": chunk})]
-                wire.send(router, frames)
-        self._acks.clear()
 
     def _close(self) -> None:
         self.journal.close()
@@ -359,25 +355,7 @@ class Broker:
         self._out.append([ident, p.BROKER, command, header, *payload])
 
     def _publish(self, topic: bytes, command: bytes, header: Any, *payload: Any) -> None:
-        # What a client sees stays in order: its later results start a new batch.
-        self._result_batches.clear()
         self._pub_out.append([topic, command, header, *payload])
-
-    def _publish_result(self, client: str, head: bytes, body: Any) -> None:
-        """Queue a RESULT for ``client``'s SUB. A loop turn's results to one client go
-        as one message (``{results: [...]}`` and a body frame each, see _flush), its
-        header under the header limit (libzmq's size limit is per frame)."""
-        topic = client.encode()
-        batch = self._result_batches.get(topic)
-        if batch is not None and batch[1] + len(head) <= p.MAX_HEADER_BYTES - p.HEADER_SLACK:
-            frames = batch[0]
-            frames[2].append(head)
-            frames.append(body)
-            batch[1] += len(head)
-            return
-        frames = [topic, _RESULT_BATCH, [head], body]
-        self._pub_out.append(frames)
-        self._result_batches[topic] = [frames, len(head)]
 
     # ---------------------------------------------------------------- clients
 
@@ -771,9 +749,10 @@ class Broker:
 
     def _on_done(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
         peer = self._worker(ident)
+        returned: list[tuple[str, int | None]] = []  # prefetched tasks given back unstarted
         batch = header.get("done")
         if batch is None:
-            self._done(peer, header, payload[0] if payload else b"")
+            self._done(peer, header, payload[0] if payload else b"", returned)
         elif not isinstance(batch, list) or len(batch) != len(payload):
             raise ProtocolError("DONE 'done' must list one header per payload frame")
         else:
@@ -781,16 +760,39 @@ class Broker:
                 try:
                     if not isinstance(done_header, dict):
                         raise ProtocolError("DONE 'done' entries must be maps")
-                    self._done(peer, done_header, body)
+                    self._done(peer, done_header, body, returned)
                 except ProtocolError as exc:  # one bad entry costs that entry only
                     self._reject_malformed(ident, exc)
+        if returned:
+            self._given_back(peer, returned)
+
+    def _given_back(self, peer: _Peer, returned: list[tuple[str, int | None]]) -> None:
+        """A stalled worker gave back tasks it had not started: no more prefetch for it
+        until a task ends there again, and the tasks go back to the head of their lanes
+        together, in the order it held them (not counted as redeliveries)."""
+        self._refresh_capacity(peer)
+        tasks, out = self.dispatch.give_back(peer.wid, returned)
+        self.counters["given_back"] += len(tasks)
+        self.counters["stale_done"] += len(returned) - len(tasks)
+        self._end_terminated(tasks)
+        self._dispatched(out)
+
+    def _refresh_capacity(self, peer: _Peer) -> None:
+        """Automatic prefetch: set the worker's credit from its latest run times."""
         if self.settings.prefetch is None and peer.slots:
             out = self.dispatch.set_capacity(peer.wid, self._capacity(peer))
             if out:
                 self._dispatched(out)
 
-    def _done(self, peer: _Peer, header: dict[str, Any], body: Any) -> None:
-        """One task's outcome from the worker that ran it."""
+    def _done(
+        self,
+        peer: _Peer,
+        header: dict[str, Any],
+        body: Any,
+        returned: list[tuple[str, int | None]],
+    ) -> None:
+        """One task's outcome from the worker that ran it (a task given back unstarted
+        is added to ``returned`` instead)."""
         ident = peer.ident
         task_id, state = header.get("id"), header.get("state")
         if not isinstance(task_id, str) or state not in _DONE_STATES:
@@ -799,24 +801,23 @@ class Broker:
         # lets go of it: a DONE is only ever sent again after a reconnect.
         self._acks.setdefault(ident, []).append(task_id)
         runtime = header.get("runtime")
-        if isinstance(runtime, (int, float)) and runtime >= 0:
+        if not isinstance(runtime, (int, float)) or runtime < 0:
+            runtime = None
+        if state in _RAN and runtime is not None:
             peer.runtimes.add(runtime)
+            self._refresh_capacity(peer)  # lower before the slot it freed is refilled
+        if state == p.LOST and header.get("returned"):
+            # Its runtime says how long the worker's slots were stuck.
+            peer.runtimes.stalled(runtime or 0.0)
+            returned.append((task_id, _delivery(header)))
+            return
         if state == p.LOST:  # the process running it died: run it again, or give up
-            # A fenced stop is not a crash, nor a prefetched task handed back unstarted.
-            returned = bool(header.get("returned"))
-            counts = not header.get("fenced") and not returned
-            if returned and self.settings.prefetch is None:
-                # Its run time (how long the worker's slots were stuck) lowered the
-                # worker's prefetch: lower its credit before the task is requeued.
-                self._dispatched(self.dispatch.set_capacity(peer.wid, self._capacity(peer)))
+            counts = not header.get("fenced")  # a fenced stop is not a crash
             task, out = self.dispatch.lost(peer.wid, task_id, _delivery(header), counts=counts)
             if task is None:
                 self.counters["stale_done"] += 1
             else:
-                if returned:
-                    self.counters["given_back"] += 1
-                else:
-                    self._count_redelivered([task])
+                self._count_redelivered([task])
                 self._end_terminated([task])
             self._dispatched(out)
             return
@@ -1006,7 +1007,7 @@ class Broker:
             expires = time.time() + (result.expires - time.monotonic())
             self.journal.result_stored(task.id, state, head, _bytes(body), expires)
         if not ignored:
-            self._publish_result(task_header["client"], head, body)
+            self._publish((task_header["client"] + task.id).encode(), p.RESULT, head, body)
         for waiter in self.waiters.pop(task.id):
             self._forward(waiter, p.RESULT, head, body)
 
@@ -1277,13 +1278,13 @@ def _bytes(frame: Any) -> bytes:
 
 #: Marks a TASK message in the send buffer that more TASKs to the same worker may join.
 _TASK_BATCH = b"task-batch"
-#: Marks a RESULT message in the XPUB buffer that more results to its client may join.
-_RESULT_BATCH = b"result-batch"
 
 #: The failure type a task ended without running gets, by its state.
 _UNRUN_KINDS = {p.EXPIRED: "zq.Expired", p.REVOKED: "zq.Revoked", p.FAILURE: "zq.WorkflowError"}
 
 _DONE_STATES = (p.SUCCESS, p.FAILURE, p.RETRY, p.LOST, p.EXPIRED, p.REVOKED)
+#: The DONE states of a task that ran to its end: their run times feed the prefetch.
+_RAN = (p.SUCCESS, p.FAILURE, p.RETRY)
 
 
 def _task(task_id: str, header: dict[str, Any], body: Any) -> Task:

@@ -469,15 +469,7 @@ class Client:
             return
         _, header, payload = frames[1], p.unpack_header(frames[2]), frames[3:]
         if frames[1] == p.RESULT:
-            results = header.get("results")
-            if results is None:
-                self._on_result(header, payload)
-            elif isinstance(results, list) and len(results) == len(payload):
-                for one, body in zip(results, payload, strict=True):
-                    if isinstance(one, dict):
-                        self._on_result(one, [body])
-            else:
-                log.warning("dropped a malformed RESULT batch from the broker")
+            self._on_result(header, payload)
         elif frames[1] in (p.STARTED, p.PROGRESS):  # STARTED, RETRY or progress: not final
             state = header.get("state", p.STARTED_STATE)
             if state in (p.STARTED_STATE, p.RETRY):

@@ -46,22 +46,31 @@ class RunTimes:
     """A moving average of one worker's task run times, and the automatic prefetch it
     gives. A new worker gets none until a run time is known, and one long task is
     enough to take it away: a task that waits in a busy worker while another could
-    run it costs more than a round trip saved."""
+    run it costs more than a round trip saved. A worker that stalled (gave prefetched
+    tasks back) gets none until a task ends there again."""
 
-    __slots__ = ("mean",)
+    __slots__ = ("mean", "stuck")
 
     def __init__(self) -> None:
         self.mean: float | None = None
+        self.stuck = False
 
     def add(self, seconds: float) -> None:
+        """A task ran for ``seconds``."""
+        self.stuck = False
         if self.mean is None or seconds > self.mean:
             self.mean = seconds  # up at once: a long task may be the start of many
         else:
             self.mean += _RUNTIME_WEIGHT * (seconds - self.mean)
 
+    def stalled(self, seconds: float) -> None:
+        """No slot of the worker freed for ``seconds``: it gave its waiting tasks back."""
+        self.stuck = True
+        self.mean = max(self.mean or 0.0, seconds)
+
     def prefetch(self, slots: int) -> int:
         """Tasks to send beyond ``slots``: slots x cover / mean run time, capped."""
-        if self.mean is None:
+        if self.mean is None or self.stuck:
             return 0
         return min(PREFETCH_MAX, int(slots * PREFETCH_COVER / max(self.mean, 1e-6)))
 
@@ -328,6 +337,21 @@ class Dispatcher:
         self._requeue([task], out, handed_back=counts)
         self._pump(worker, out)
         return task, out
+
+    def give_back(
+        self, worker_id: bytes, items: list[tuple[str, int | None]]
+    ) -> tuple[list[Task], list[Assignment]]:
+        """The worker gives back tasks it has not started, as (id, delivery): they go
+        back to the head of their lanes (or queues) in this order, not counted as
+        redeliveries. Returns the tasks it held, and the assignments that follow."""
+        taken = [self._take(worker_id, task_id, delivery) for task_id, delivery in items]
+        tasks = [t[0] for t in taken if t is not None]
+        out: list[Assignment] = []
+        self._requeue(tasks, out, handed_back=False)
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            self._pump(worker, out)
+        return tasks, out
 
     def _release(self, task: Task, preferred: bytes | None, out: list[Assignment]) -> None:
         """Forget a finished task; its key's next task becomes ready."""

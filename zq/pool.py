@@ -390,16 +390,19 @@ class ThreadPool:
     def __init__(self, app: App, size: int) -> None:
         self.app = app
         self.size = size
-        self._jobs: queue.SimpleQueue[tuple[dict[str, Any], bytes] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[dict[str, Any], bytes, object] | None] = (
+            queue.SimpleQueue()
+        )
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         self._wake_pending = False  # a byte is in the pipe that on_readable has not read
         self._running: dict[str, None] = {}  # ids held, in arrival order
-        # Which jobs a thread may still take, under a lock shared with the threads: a
-        # job withdrawn (given back, revoked) stays in the queue and is skipped.
+        # Which jobs a thread may still take, under a lock shared with the threads:
+        # task id -> the token of its job in the queue. A job withdrawn (given back,
+        # revoked) stays in the queue; a thread skips a job whose token is not the one
+        # listed here (none, or that of the same task submitted again since).
         self._lock = threading.Lock()
-        self._waiting: dict[str, None] = {}  # submitted, not taken by a thread yet
-        self._withdrawn: set[str] = set()
+        self._waiting: dict[str, object] = {}
         self._threads: list[threading.Thread] = []
         self.changed = True
 
@@ -414,12 +417,11 @@ class ThreadPool:
             job = self._jobs.get()
             if job is None:
                 return
-            header, payload = job
+            header, payload, token = job
             task_id = header["id"]
             with self._lock:
-                if task_id in self._withdrawn:
-                    self._withdrawn.discard(task_id)
-                    continue
+                if self._waiting.get(task_id) is not token:
+                    continue  # withdrawn
                 del self._waiting[task_id]
             self._emit(("started", task_id))
             start = time.monotonic()
@@ -483,7 +485,6 @@ class ThreadPool:
             taken = [task_id for task_id in ids if task_id in self._waiting]
             for task_id in taken:
                 del self._waiting[task_id]
-            self._withdrawn.update(taken)
         for task_id in taken:
             del self._running[task_id]
         return taken
@@ -491,9 +492,10 @@ class ThreadPool:
     def submit(self, header: dict[str, Any], payload: bytes) -> None:
         task_id = header["id"]
         self._running[task_id] = None
+        token = object()
         with self._lock:
-            self._waiting[task_id] = None
-        self._jobs.put((header, payload))
+            self._waiting[task_id] = token
+        self._jobs.put((header, payload, token))
 
     def on_readable(self, fd: int) -> list[Event]:
         os.read(self._wake_r, 65536)

@@ -35,8 +35,10 @@ def send(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None:
             sent += 1
         _send(sock, frames[last], flags, False)
     except BaseException:
-        if sent:  # end the message begun (e.g. a frame that is not a buffer), so the
-            _send(sock, b"", flags, False)  # next does not join it: the peer drops it
+        if sent:  # end the message begun (e.g. at a frame that is not a buffer) with an
+            # empty frame, so that the next message does not join it; the peer gets it
+            # short of its later frames, which the protocol's parsers reject or ignore
+            _send(sock, b"", flags, False)
         raise
 
 

@@ -333,7 +333,7 @@ class Worker:
         ):
             self._dropped += 1
             log.warning("dropped a TASK with a bad header (id, name or delivery)")
-        elif task_id in self._outbox:
+        elif task_id in self._outbox and self._outbox[task_id][0]["state"] != p.LOST:
             # Sent again (the broker lost our DONE's delivery): the result is here already.
             done_header, body = self._outbox[task_id]
             done_header["delivery"] = delivery
@@ -343,6 +343,9 @@ class Worker:
             # worker): the run in progress answers the new delivery.
             self._deliveries[task_id] = delivery
         else:
+            # A LOST still in the outbox (its process died, or it was given back) is no
+            # result: the broker sends the task again to have it run, so it runs.
+            self._outbox.pop(task_id, None)
             self._deliveries[task_id] = delivery
             expires = header.get("expires")
             if isinstance(expires, (int, float)) and expires <= time.time():
