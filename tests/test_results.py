@@ -73,3 +73,53 @@ def test_ignore_result_keeps_nothing(app, start_worker):
         pass
     else:
         raise AssertionError("get() on an ignore_result task must raise ResultUnavailable")
+
+
+def test_a_process_can_follow_one_task_while_the_others_come_in_batches(app, broker, start_worker):
+    """A client gets a loop turn's results as one RESULTS message; a SUB subscribed to
+    one task's topic (client id + task id) still gets that task's result, alone."""
+    start_worker(concurrency=4, pool="thread")
+    status = app.status()  # also starts the client, whose id the topic begins with
+    seen = status["counters"].get("subscriptions", 0)
+    topic = (app.client.id + "followed-task").encode()
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.linger = 0
+    sub.connect(broker.pub_endpoint)
+    sub.subscribe(topic)
+    everything = ctx.socket(zmq.SUB)  # what the client itself gets: all under its id
+    everything.linger = 0
+    everything.connect(broker.pub_endpoint)
+    everything.subscribe(app.client.id.encode())
+    try:
+        wait_for(
+            lambda: app.status()["counters"].get("subscriptions", 0) > seen + 1,
+            10,
+            "the subscriptions",
+        )
+        before = [tasks.add.delay(i, i) for i in range(300)]
+        followed = tasks.add.apply_async(args=(20, 22), task_id="followed-task")
+        after = [tasks.add.delay(i, 1) for i in range(300)]
+        assert [r.get(timeout=30) for r in before] == [2 * i for i in range(300)]
+        assert [r.get(timeout=30) for r in after] == [i + 1 for i in range(300)]
+        assert followed.get(timeout=10) == 42
+        frames = _recv(sub)
+        assert frames[0] == topic and frames[1] == p.RESULT
+        assert p.unpack_header(frames[2])["id"] == "followed-task"
+        assert p.decode(frames[3]) == 42
+        ids, batches = [], 0
+        while len(ids) < 601:
+            frames = _recv(everything)
+            if frames[1] == p.RESULTS:
+                results = p.unpack_header(frames[2])["results"]
+                assert len(results) == len(frames) - 3 > 1
+                batches += 1
+                ids += [r["id"] for r in results]
+            else:
+                assert frames[1] == p.RESULT
+                ids.append(p.unpack_header(frames[2])["id"])
+        assert sorted(ids) == sorted(r.id for r in [*before, followed, *after])
+        assert batches, "no loop turn had two results for the client"
+    finally:
+        sub.close()
+        everything.close()

@@ -59,6 +59,8 @@ MAX_PREFETCH = 1000
 #: Seconds a worker lets prefetched tasks wait while none of its slots frees before it
 #: hands them back (automatic prefetch): what a task misjudged as short can cost others.
 GIVE_BACK_AFTER = 0.1
+#: Most XPUB topics the broker follows (to publish a subscribed task's result alone).
+MAX_SUBSCRIPTIONS = 100_000
 #: How many keys ``STATUS`` lists at most.
 STATUS_KEYS = 100
 
@@ -161,6 +163,8 @@ class Broker:
         self._batch_bytes = 0  # payload bytes in the TASK batch at the end of _out
         self._batch_header = 0  # and the bytes of its task headers
         self._pub_out: list[list[Any]] = []  # XPUB messages held until the journal commit
+        self._result_batches: dict[bytes, _ResultBatch] = {}  # client topic -> its batch
+        self._subscribed: set[bytes] = set()  # topics subscribed on the XPUB
         self._acks: dict[bytes, list[str]] = {}  # worker -> DONE ids to acknowledge
         self._placeholders: dict[bytes, float] = {}  # worker id -> re-attach deadline
         self.authorizer: Authorizer | None = None
@@ -266,8 +270,15 @@ class Broker:
             wire.send(router, frames)
         self._out.clear()
         for frames in self._pub_out:
+            batch = frames[1]
+            if type(batch) is _ResultBatch:
+                if len(batch.headers) == 1:  # as a single result: on the task's topic
+                    frames[0:3] = [batch.first_topic, p.RESULT, batch.headers[0]]
+                else:
+                    frames[1:3] = [p.RESULTS, p.pack_list("results", batch.headers)]
             wire.send(self._pub, frames)
         self._pub_out.clear()
+        self._result_batches.clear()
 
     def _close(self) -> None:
         self.journal.close()
@@ -291,12 +302,18 @@ class Broker:
             self._handle(frames)
 
     def _drain_pub(self) -> None:
+        """(Un)subscriptions: the XPUB passes a topic's first subscription and its last
+        unsubscription, so the set follows which topics someone listens to."""
         for _ in range(MAX_BATCH):
             try:
-                self._pub.recv(zmq.NOBLOCK)
+                message = self._pub.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
             self.counters["subscriptions"] += 1
+            if message[:1] == b"\x01" and len(self._subscribed) < MAX_SUBSCRIPTIONS:
+                self._subscribed.add(message[1:])
+            elif message[:1] == b"\x00":
+                self._subscribed.discard(message[1:])
 
     def _handle(self, frames: list[Any]) -> None:
         ident = frames[0].bytes
@@ -355,7 +372,28 @@ class Broker:
         self._out.append([ident, p.BROKER, command, header, *payload])
 
     def _publish(self, topic: bytes, command: bytes, header: Any, *payload: Any) -> None:
-        self._pub_out.append([topic, command, header, *payload])
+        self._result_batches.clear()  # a client sees its messages in order: results
+        self._pub_out.append([topic, command, header, *payload])  # after this, batch anew
+
+    def _publish_result(self, client: str, task_id: str, head: bytes, body: Any) -> None:
+        """Queue a final result for the XPUB. A loop turn's results for one client go as
+        one RESULTS message under the client's id (its header under the header limit:
+        libzmq limits each frame); a result whose own topic, client id + task id, is
+        subscribed goes alone under it, as does a batch of one."""
+        topic = (client + task_id).encode()
+        if topic in self._subscribed:
+            self._publish(topic, p.RESULT, head, body)
+            return
+        key = client.encode()
+        batch = self._result_batches.get(key)
+        if batch is not None and batch.size + len(head) <= p.MAX_HEADER_BYTES - p.HEADER_SLACK:
+            batch.headers.append(head)
+            batch.size += len(head)
+            batch.frames.append(body)
+            return
+        frames: list[Any] = [key, None, None, body]
+        frames[1] = self._result_batches[key] = _ResultBatch(topic, head, frames)
+        self._pub_out.append(frames)
 
     # ---------------------------------------------------------------- clients
 
@@ -1007,7 +1045,7 @@ class Broker:
             expires = time.time() + (result.expires - time.monotonic())
             self.journal.result_stored(task.id, state, head, _bytes(body), expires)
         if not ignored:
-            self._publish((task_header["client"] + task.id).encode(), p.RESULT, head, body)
+            self._publish_result(task_header["client"], task.id, head, body)
         for waiter in self.waiters.pop(task.id):
             self._forward(waiter, p.RESULT, head, body)
 
@@ -1278,6 +1316,19 @@ def _bytes(frame: Any) -> bytes:
 
 #: Marks a TASK message in the send buffer that more TASKs to the same worker may join.
 _TASK_BATCH = b"task-batch"
+
+
+class _ResultBatch:
+    """Results for one client in the XPUB buffer: at the flush, one RESULTS message."""
+
+    __slots__ = ("first_topic", "frames", "headers", "size")
+
+    def __init__(self, first_topic: bytes, head: bytes, frames: list[Any]) -> None:
+        self.first_topic = first_topic  # the first result's own topic, for a batch of one
+        self.headers = [head]
+        self.size = len(head)
+        self.frames = frames  # its message in the buffer: [topic, self, header, bodies...]
+
 
 #: The failure type a task ended without running gets, by its state.
 _UNRUN_KINDS = {p.EXPIRED: "zq.Expired", p.REVOKED: "zq.Revoked", p.FAILURE: "zq.WorkflowError"}

@@ -470,6 +470,14 @@ class Client:
         _, header, payload = frames[1], p.unpack_header(frames[2]), frames[3:]
         if frames[1] == p.RESULT:
             self._on_result(header, payload)
+        elif frames[1] == p.RESULTS:
+            results = header.get("results")
+            if not isinstance(results, list) or len(results) != len(payload):
+                log.warning("dropped a RESULTS message whose header does not match its frames")
+                return
+            for one, body in zip(results, payload, strict=True):
+                if isinstance(one, dict):
+                    self._on_result(one, [body])
         elif frames[1] in (p.STARTED, p.PROGRESS):  # STARTED, RETRY or progress: not final
             state = header.get("state", p.STARTED_STATE)
             if state in (p.STARTED_STATE, p.RETRY):

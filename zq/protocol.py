@@ -44,6 +44,7 @@ WELCOME = b"\x11"
 ACCEPTED = b"\x12"
 REJECTED = b"\x13"
 RESULT = b"\x14"
+RESULTS = b"\x15"  # on the XPUB: a loop turn's results for one client, as one message
 # Worker -> broker
 READY = b"\x21"
 STARTED = b"\x22"
@@ -69,6 +70,7 @@ COMMAND_NAMES = {
     ACCEPTED: "ACCEPTED",
     REJECTED: "REJECTED",
     RESULT: "RESULT",
+    RESULTS: "RESULTS",
     READY: "READY",
     STARTED: "STARTED",
     PROGRESS: "PROGRESS",
