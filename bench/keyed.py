@@ -34,6 +34,7 @@ import math
 import random
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from typing import Any
 
 from bench.common import (
@@ -47,6 +48,12 @@ from bench.common import (
 )
 
 TARGET_OVER_IDEAL = 0.05
+#: Policies simulated on each round's tasks: (label, summary field, note).
+_SIMULATED = (
+    ("FIFO policy", "fifo_over_ideal", "zq's policy with zero overhead"),
+    ("most-waiting-first policy", "most_waiting_over_ideal", "not FIFO across keys"),
+    ("policy knowing run times", "knowing_over_ideal", "needs run times in advance"),
+)
 SHORTEST, LONGEST = 0.010, 0.500
 
 
@@ -76,57 +83,44 @@ def fifo_makespan(tasks: list[tuple[str, float]], slots: int) -> float:
     Keys' lanes enter a FIFO of ready lanes when their head may run; a free slot takes
     the first ready lane's head; when a task ends its lane, if not empty, rejoins the
     FIFO at the back."""
-    lanes: dict[str, deque[float]] = defaultdict(deque)
-    ready: deque[str] = deque()
-    for key, seconds in tasks:
-        if not lanes[key]:
-            ready.append(key)
-        lanes[key].append(seconds)
-    running: list[tuple[float, str]] = []  # (end, key) heap
-    now = 0.0
-    free = slots
-    while ready or running:
-        while free and ready:
-            key = ready.popleft()
-            heapq.heappush(running, (now + lanes[key][0], key))
-            free -= 1
-        now, key = heapq.heappop(running)
-        free += 1
-        lanes[key].popleft()
-        if lanes[key]:
-            ready.append(key)
-    return now
+    return _simulate(tasks, slots, None)
 
 
 def policy_makespan(tasks: list[tuple[str, float]], slots: int, policy: str) -> float:
     """The makespan, with zero overhead, of a policy that gives a free slot the ready
     key with the most tasks waiting (``"most-waiting"``) or the most work left
     (``"knowing-run-times"``); ties go to the key submitted first."""
+    return _simulate(tasks, slots, len if policy == "most-waiting" else sum)
+
+
+def _simulate(
+    tasks: list[tuple[str, float]], slots: int, left: Callable[[deque[float]], float] | None
+) -> float:
+    """Run ``tasks`` (key, seconds) on ``slots``, one task per key at a time: a free
+    slot takes the first ready key (``left`` None) or the one whose waiting tasks
+    score highest by ``left`` (ties: the key that came first)."""
     lanes: dict[str, deque[float]] = defaultdict(deque)
-    first: dict[str, int] = {}
-    for index, (key, seconds) in enumerate(tasks):
+    for key, seconds in tasks:
         lanes[key].append(seconds)
-        first.setdefault(key, index)
-
-    def rank(key: str) -> tuple[float, int]:
-        left = len(lanes[key]) if policy == "most-waiting" else sum(lanes[key])
-        return (-left, first[key])
-
-    ready = set(lanes)
+    first = {key: index for index, key in enumerate(lanes)}
+    ready = list(lanes)  # in the order the keys first appear
     running: list[tuple[float, str]] = []  # (end, key) heap
     now = 0.0
     free = slots
     while ready or running:
         while free and ready:
-            key = min(ready, key=rank)
-            ready.discard(key)
+            if left is None:
+                key = ready.pop(0)
+            else:
+                key = min(ready, key=lambda k: (-left(lanes[k]), first[k]))
+                ready.remove(key)
             heapq.heappush(running, (now + lanes[key][0], key))
             free -= 1
         now, key = heapq.heappop(running)
         free += 1
         lanes[key].popleft()
         if lanes[key]:
-            ready.add(key)
+            ready.append(key)
     return now
 
 
@@ -238,29 +232,16 @@ def run(
             note=f"FIFO policy {summary['fifo_s']:.2f} s",
             samples=[r["over_fifo"] * 100 for r in rounds],
         ),
-        Row(
-            "keyed",
-            "FIFO policy over ideal bound (simulated)",
-            summary["fifo_over_ideal"] * 100,
-            "%",
-            note="zq's policy with zero overhead",
-            samples=[r["fifo_over_ideal"] * 100 for r in rounds],
-        ),
-        Row(
-            "keyed",
-            "most-waiting-first policy over ideal bound (simulated)",
-            summary["most_waiting_over_ideal"] * 100,
-            "%",
-            note="not FIFO across keys",
-            samples=[r["most_waiting_over_ideal"] * 100 for r in rounds],
-        ),
-        Row(
-            "keyed",
-            "policy knowing run times over ideal bound (simulated)",
-            summary["knowing_over_ideal"] * 100,
-            "%",
-            note="needs run times in advance",
-            samples=[r["knowing_over_ideal"] * 100 for r in rounds],
+        *(
+            Row(
+                "keyed",
+                f"{policy} over ideal bound (simulated)",
+                summary[field] * 100,
+                "%",
+                note=note,
+                samples=[r[field] * 100 for r in rounds],
+            )
+            for policy, field, note in _SIMULATED
         ),
         Row(
             "keyed",

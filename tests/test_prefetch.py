@@ -13,7 +13,7 @@ import pytest
 
 import zq
 from tests import tasks
-from tests.test_worker_fuzz import FakeBroker
+from tests.test_worker_fuzz import FakeBroker, worker_on_fake_broker
 from zq import protocol as p
 from zq.dispatch import PREFETCH_MAX
 from zq.pool import ThreadPool
@@ -123,23 +123,8 @@ def test_a_big_worker_that_stalled_is_not_sent_its_given_back_tasks_again(cluste
 @contextlib.contextmanager
 def fake_broker(pool: str, give_back: float | None) -> Iterator[FakeBroker]:
     """A real worker (1 slot) on a bare ROUTER that welcomes it with ``give_back``."""
-    broker = FakeBroker()
-    worker = WorkerProcess("tests.tasks", broker.endpoint, pool=pool, concurrency=1)
-    try:
-        broker.expect(p.READY)
-        welcome = {
-            "broker": "fake",
-            "heartbeat": 1.0,
-            "liveness": 3,
-            "max_message_size": p.DEFAULT_MAX_MESSAGE,
-            "pub": "tcp://127.0.0.1:9",
-            "give_back": give_back,
-        }
-        broker.send(p.BROKER, p.WELCOME, p.pack_header(welcome))
+    with worker_on_fake_broker(pool, give_back) as (broker, _):
         yield broker
-    finally:
-        worker.close()
-        broker.close()
 
 
 def send_task(broker: FakeBroker, task_id: str, name: str, args: list, delivery: int = 1) -> None:

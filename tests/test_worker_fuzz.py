@@ -3,6 +3,7 @@ worker process; the worker must survive them and still run a legitimate task."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Iterator
@@ -76,10 +77,13 @@ class FakeBroker:
         self.ctx.term()
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[tuple[FakeBroker, WorkerProcess]]:
+@contextlib.contextmanager
+def worker_on_fake_broker(
+    pool: str = "thread", give_back: float | None = None
+) -> Iterator[tuple[FakeBroker, WorkerProcess]]:
+    """A real worker (1 slot) on a :class:`FakeBroker` that has welcomed it."""
     broker = FakeBroker()
-    worker = WorkerProcess("tests.tasks", broker.endpoint, pool="thread", concurrency=1)
+    worker = WorkerProcess("tests.tasks", broker.endpoint, pool=pool, concurrency=1)
     try:
         broker.expect(p.READY)
         welcome = {
@@ -88,12 +92,19 @@ def fake() -> Iterator[tuple[FakeBroker, WorkerProcess]]:
             "liveness": 3,
             "max_message_size": p.DEFAULT_MAX_MESSAGE,
             "pub": "tcp://127.0.0.1:9",
+            "give_back": give_back,
         }
         broker.send(p.BROKER, p.WELCOME, p.pack_header(welcome))
         yield broker, worker
     finally:
         worker.close()
         broker.close()
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[tuple[FakeBroker, WorkerProcess]]:
+    with worker_on_fake_broker() as pair:
+        yield pair
 
 
 def _run_a_task(broker: FakeBroker, task_id: str, delivery: int) -> dict:
