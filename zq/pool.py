@@ -137,11 +137,8 @@ def _child_main(
     args = (heard, fence_after, parent, keyed)
     threading.Thread(target=_fence, args=args, daemon=True).start()
     app = load_app(spec)
-    for _ in (
-        itertools.count()
-        if limits.max_tasks_per_child is None
-        else range(limits.max_tasks_per_child)
-    ):
+    retiring = False
+    for ran in itertools.count(1):
         try:
             header, payload = p.decode(conn.recv_bytes())
         except EOFError:
@@ -163,10 +160,18 @@ def _child_main(
             signal.setitimer(signal.ITIMER_REAL, 0)
         runtime = time.monotonic() - start
         keyed.clear()
-        conn.send_bytes(p.encode(["done", header["id"], state, body, runtime, extra]))
+        # Recycled after this task (task count or peak memory): said in its "done", so
+        # that the supervisor gives it no other task to die with (it would come back
+        # LOST, as if the child had crashed) and starts a fresh child when it exits.
+        if limits.max_tasks_per_child is not None and ran >= limits.max_tasks_per_child:
+            retiring = True
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if limits.max_memory_per_child and peak_kib > limits.max_memory_per_child:
-            return  # the supervisor starts a fresh child
+            retiring = True
+        done = ["done", header["id"], state, body, runtime, extra, retiring]
+        conn.send_bytes(p.encode(done))
+        if retiring:
+            return
 
 
 def _fence(heard: Any, fence_after: Any, parent: int, keyed: threading.Event) -> None:
@@ -183,7 +188,17 @@ def _fence(heard: Any, fence_after: Any, parent: int, keyed: threading.Event) ->
 
 
 class _Child:
-    __slots__ = ("conn", "deadline", "fed_turn", "hard", "proc", "reported", "started", "task")
+    __slots__ = (
+        "conn",
+        "deadline",
+        "fed_turn",
+        "hard",
+        "proc",
+        "reported",
+        "retiring",
+        "started",
+        "task",
+    )
 
     def __init__(self, proc: Any, conn: Any) -> None:
         self.proc = proc
@@ -192,6 +207,7 @@ class _Child:
         self.started = 0.0  # when it was given its task
         self.fed_turn = 0  # the supervisor's loop turn it was given its task in
         self.reported = False  # its task was reported started
+        self.retiring = False  # it exits after its task (recycled): feed it nothing more
         self.deadline: float | None = None  # when the hard time limit kills it
         self.hard = 0.0
 
@@ -317,7 +333,7 @@ class ProcessPool:
         for fd, child in list(self._children.items()):
             if not self._backlog:
                 return
-            if child.task is not None:
+            if child.task is not None or child.retiring:
                 continue
             header, payload = self._backlog.popleft()
             try:
@@ -335,16 +351,20 @@ class ProcessPool:
             child.deadline = time.monotonic() + hard if hard else None
 
     def on_readable(self, fd: int) -> list[Event]:
-        child = self._children[fd]
+        child = self._children.get(fd)
+        if child is None:  # buried in this turn (time limit, terminate) after the poll
+            return []
         events: list[Event] = []
         try:
-            while True:  # readable: one message at least, then as many as are there
+            # poll() first, every time: the fd may be a replacement child's that reuses a
+            # buried one's number and has nothing to say (a bare read would block).
+            while child.conn.poll(0):
                 event = tuple(p.decode(child.conn.recv_bytes()))
                 if event[0] == "done":
                     child.task = None
+                    child.retiring = bool(event[6:7] and event[6])
+                    event = event[:6]
                 events.append(event)
-                if not child.conn.poll(0):
-                    break
         except (EOFError, OSError):
             events += self._bury(fd, child)
         self._feed()

@@ -51,3 +51,25 @@ def test_max_memory_per_child_recycles_processes(app, start_worker):
     big = tasks.hog.delay(120).get(timeout=20)
     assert big == small  # the task that grew the process still ran in it...
     assert tasks.hog.delay(1).get(timeout=10) != big  # ...which was replaced after
+
+
+def test_a_child_killed_while_it_reports_progress_leaves_the_worker_serving(app, start_worker):
+    """The hard limit kills a child whose pipe has just polled readable (a progress
+    report); its replacement may reuse the fd number, and has nothing to say: the
+    supervisor must not block reading it (it did: the worker then hung for good)."""
+    start_worker(concurrency=1, extra=["--time-limit", "0.5"])
+    for _ in range(5):
+        with pytest.raises(zq.TaskFailed, match="hard time limit"):
+            tasks.progressing.delay(100_000, 0.001).get(timeout=10)  # reports all along
+        assert tasks.add.delay(1, 2).get(timeout=10) == 3
+
+
+def test_recycled_children_take_no_task_to_their_exit(app, start_worker):
+    """With tasks queued, a child at its max-tasks-per-child must not be given another
+    task to die with: that came back LOST, counted as a crash, and made dead letters."""
+    start_worker(concurrency=2, extra=["--max-tasks-per-child", "1"])
+    results = [tasks.whoami.delay() for _ in range(40)]
+    pids = [r.get(timeout=60)["pid"] for r in results]
+    assert len(set(pids)) == 40, "a child ran more than its one task"
+    counters = app.status()["counters"]
+    assert counters.get("redelivered", 0) == 0 and counters.get("dead", 0) == 0
