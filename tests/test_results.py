@@ -9,7 +9,7 @@ import zmq
 import zq
 from tests import tasks
 from zq import protocol as p
-from zq.testing import wait_for
+from zq.testing import WorkerProcess, wait_for
 
 
 def _recv(sock: zmq.Socket, timeout: float = 5.0) -> list[bytes]:
@@ -123,3 +123,71 @@ def test_a_process_can_follow_one_task_while_the_others_come_in_batches(app, bro
     finally:
         sub.close()
         everything.close()
+
+
+def test_a_subscription_to_a_prefix_of_task_ids_gets_those_results(app, broker, start_worker):
+    """Tasks whose ids share a prefix can be followed together: those results go alone
+    under their own topics, not in the client's batch."""
+    start_worker(concurrency=4, pool="thread")
+    seen = app.status()["counters"].get("subscriptions", 0)
+    prefix = (app.client.id + "grp-").encode()
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.linger = 0
+    sub.connect(broker.pub_endpoint)
+    sub.subscribe(prefix)
+    try:
+        wait_for(
+            lambda: app.status()["counters"].get("subscriptions", 0) > seen, 10, "the subscription"
+        )
+        results = [
+            tasks.add.apply_async(args=(i, 0), task_id=f"{'grp' if i % 2 else 'other'}-{i}")
+            for i in range(200)
+        ]
+        assert [r.get(timeout=30) for r in results] == list(range(200))
+        got = set()
+        while len(got) < 100:
+            frames = _recv(sub)
+            assert frames[0].startswith(prefix) and frames[1] == p.RESULT
+            got.add(p.unpack_header(frames[2])["id"])
+        assert got == {f"grp-{i}" for i in range(1, 200, 2)}
+    finally:
+        sub.close()
+
+
+def test_past_the_subscription_cap_every_result_goes_alone(monkeypatch):
+    """Once more topics are subscribed than the broker follows, it cannot tell which
+    task a late subscription is for: it stops batching, so no follower misses one.
+    (An embedded broker, to lower the cap to 3 topics.)"""
+    from zq import broker as broker_module
+
+    monkeypatch.setattr(broker_module, "MAX_SUBSCRIPTIONS", 3)
+    embedded = broker_module.Broker(
+        broker_module.BrokerSettings(bind="tcp://127.0.0.1:*", journal=":memory:")
+    ).start()
+    app = zq.App("tests", broker=embedded.endpoint)
+    ctx = zmq.Context.instance()
+    subs = []
+    try:
+        worker = WorkerProcess("tests.tasks", embedded.endpoint, concurrency=2, pool="thread")
+        subs.append(worker)
+        app.status()  # the client's own id is the first topic subscribed
+        topics = [b"filler-1", b"filler-2", (app.client.id + "late").encode()]
+        for count, topic in enumerate(topics, 2):  # in this order: "late" is the 4th
+            sub = ctx.socket(zmq.SUB)
+            sub.linger = 0
+            sub.connect(embedded.pub_endpoint)
+            sub.subscribe(topic)
+            subs.append(sub)
+            wait_for(lambda n=count: embedded.counters["subscriptions"] >= n, 10, "subscribed")
+        assert embedded._untracked and topics[-1] not in embedded._subscribed
+        results = [app.send_task("tests.tasks.add", (i, 0)) for i in range(100)]
+        late = app.send_task("tests.tasks.add", (20, 22), task_id="late")
+        assert [r.get(timeout=30) for r in results] == list(range(100))
+        assert late.get(timeout=10) == 42
+        frames = _recv(subs[-1])
+        assert frames[1] == p.RESULT and p.decode(frames[3]) == 42
+    finally:
+        for item in subs:
+            item.close()
+        app.close()
+        embedded.stop()

@@ -165,6 +165,10 @@ class Broker:
         self._pub_out: list[list[Any]] = []  # XPUB messages held until the journal commit
         self._result_batches: dict[bytes, _ResultBatch] = {}  # client topic -> its batch
         self._subscribed: set[bytes] = set()  # topics subscribed on the XPUB
+        self._topic_lengths: Counter[int] = Counter()  # of the subscribed topics
+        #: More topics than MAX_SUBSCRIPTIONS were subscribed: which are is unknown
+        #: from then on, so every result goes alone under its own topic.
+        self._untracked = False
         self._acks: dict[bytes, list[str]] = {}  # worker -> DONE ids to acknowledge
         self._placeholders: dict[bytes, float] = {}  # worker id -> re-attach deadline
         self.authorizer: Authorizer | None = None
@@ -235,10 +239,10 @@ class Broker:
             while self._running:
                 wake = min(next_tick, self.timers.next_at() or next_tick)
                 events = dict(poller.poll(max(0.0, wake - time.monotonic()) * 1000))
+                if self._pub in events:  # first: a result of this turn sees a new follower
+                    self._drain_pub()
                 if self._router in events:
                     self._drain_router()
-                if self._pub in events:
-                    self._drain_pub()
                 now = time.monotonic()
                 if self.timers:
                     self._release_due(now)
@@ -310,10 +314,35 @@ class Broker:
             except zmq.Again:
                 return
             self.counters["subscriptions"] += 1
-            if message[:1] == b"\x01" and len(self._subscribed) < MAX_SUBSCRIPTIONS:
-                self._subscribed.add(message[1:])
-            elif message[:1] == b"\x00":
-                self._subscribed.discard(message[1:])
+            topic = message[1:]
+            if message[:1] == b"\x01" and topic not in self._subscribed:
+                if len(self._subscribed) >= MAX_SUBSCRIPTIONS:
+                    if not self._untracked:
+                        log.warning(
+                            "over %d topics subscribed on the XPUB: results are no longer "
+                            "batched per client",
+                            MAX_SUBSCRIPTIONS,
+                        )
+                    self._untracked = True
+                    continue
+                self._subscribed.add(topic)
+                self._topic_lengths[len(topic)] += 1
+            elif message[:1] == b"\x00" and topic in self._subscribed:
+                self._subscribed.discard(topic)
+                self._topic_lengths[len(topic)] -= 1
+                if not self._topic_lengths[len(topic)]:
+                    del self._topic_lengths[len(topic)]
+
+    def _followed(self, client: bytes, topic: bytes) -> bool:
+        """True if a subscription longer than the client's id (one task's topic, or a
+        prefix of task ids) matches ``topic``: a result a client-wide batch would miss.
+        A set lookup per distinct subscription length, so usually none."""
+        if self._untracked:
+            return True
+        return any(
+            len(client) < length <= len(topic) and topic[:length] in self._subscribed
+            for length in self._topic_lengths
+        )
 
     def _handle(self, frames: list[Any]) -> None:
         ident = frames[0].bytes
@@ -378,13 +407,14 @@ class Broker:
     def _publish_result(self, client: str, task_id: str, head: bytes, body: Any) -> None:
         """Queue a final result for the XPUB. A loop turn's results for one client go as
         one RESULTS message under the client's id (its header under the header limit:
-        libzmq limits each frame); a result whose own topic, client id + task id, is
-        subscribed goes alone under it, as does a batch of one."""
-        topic = (client + task_id).encode()
-        if topic in self._subscribed:
+        libzmq limits each frame); a result that a subscription longer than the client
+        id matches (one task's topic, client id + task id, or a prefix of it) goes
+        alone under its own topic, as does a batch of one."""
+        key = client.encode()
+        topic = key + task_id.encode()
+        if self._followed(key, topic):
             self._publish(topic, p.RESULT, head, body)
             return
-        key = client.encode()
         batch = self._result_batches.get(key)
         if batch is not None and batch.size + len(head) <= p.MAX_HEADER_BYTES - p.HEADER_SLACK:
             batch.headers.append(head)

@@ -363,8 +363,9 @@ class Worker:
             self.pool.submit(header, payload)
 
     def _end_unrun(self, task_id: str, state: str, kind: str, why: str) -> None:
-        """Report a task this worker ends without running it."""
-        self._on_pool_event(("done", task_id, state, p.failure(kind, why), 0.0, {}))
+        """Report a task this worker ends without running it (no run time: it must not
+        count in the broker's average of this worker's run times)."""
+        self._on_pool_event(("done", task_id, state, p.failure(kind, why), None, {}))
 
     def _on_revoke(self, task_id: Any, delivery: Any) -> None:
         """Stop a run the broker revoked, if it is that very run (same delivery)."""
