@@ -391,7 +391,7 @@ def test_a_bad_entry_in_a_done_batch_costs_that_entry_only(raw, raw_factory):
     errors = [header for command, header in replies if command == p.ERROR]
     assert len(errors) == 2
     assert [header for command, header in replies if command == p.ACCEPTED] == [
-        {"ids": ["batched"]}
+        {"ids": ["batched"], "deliveries": [1]}
     ]
     client.send(p.message(p.CLIENT, p.FETCH, {"ids": ["batched"], "wait": 0}))
     frames = client.recv()

@@ -239,3 +239,27 @@ def test_a_task_withdrawn_twice_leaves_every_thread_working():
         assert pool.running() == [] and pool.waiting() == 0
     finally:
         pool.close()
+
+
+def test_a_late_acknowledgement_of_an_earlier_delivery_keeps_a_newer_result():
+    """ACCEPTED names the delivery each DONE was for: a late one about an earlier report
+    of the task (say a LOST sent again after a reconnect) must not take the DONE of a
+    later run out of the worker's outbox."""
+    with worker_on_fake_broker() as (broker, _):
+        send_task(broker, "s", "tests.tasks.stamp", ["run"], delivery=2)
+        deadline = time.monotonic() + 10
+        first = None
+        while first is None:  # not acknowledged: it stays in the outbox
+            assert time.monotonic() < deadline, "no DONE"
+            command, header = broker.recv(5)
+            if command == p.DONE:
+                entries = header.get("done", [header])
+                for entry, body in zip(entries, broker.payload, strict=True):
+                    if entry["id"] == "s":
+                        first = p.decode(body)
+        stale = {"ids": ["s"], "deliveries": [1]}
+        broker.send(p.BROKER, p.ACCEPTED, p.pack_header(stale))
+        send_task(broker, "s", "tests.tasks.stamp", ["run"], delivery=3)
+        answer = broker.expect(p.DONE, "s")
+        assert answer["delivery"] == 3
+        assert p.decode(broker.payload[0]) == first, "ran again: the late ACCEPTED dropped it"

@@ -169,7 +169,8 @@ class Broker:
         #: More topics than MAX_SUBSCRIPTIONS were subscribed: which are is unknown
         #: from then on, so every result goes alone under its own topic.
         self._untracked = False
-        self._acks: dict[bytes, list[str]] = {}  # worker -> DONE ids to acknowledge
+        #: worker -> the (task id, delivery) of each DONE to acknowledge this turn
+        self._acks: dict[bytes, list[tuple[str, int | None]]] = {}
         self._placeholders: dict[bytes, float] = {}  # worker id -> re-attach deadline
         self.authorizer: Authorizer | None = None
         self._reload_keys = False
@@ -260,11 +261,11 @@ class Broker:
         # Acknowledgements first: a task a worker reported (e.g. LOST, or given back)
         # and is sent again in this turn must find its outbox entry gone, or the worker
         # would answer the new TASK with the old report.
-        for ident, ids in self._acks.items():
-            for at in range(0, len(ids), ACK_CHUNK):  # each header stays well under the cap
-                chunk = ids[at : at + ACK_CHUNK]
-                frames = [ident, p.BROKER, p.ACCEPTED, p.pack_header({"ids": chunk})]
-                wire.send(router, frames)
+        for ident, acks in self._acks.items():
+            for at in range(0, len(acks), ACK_CHUNK):  # each header stays well under the cap
+                chunk = acks[at : at + ACK_CHUNK]
+                header = {"ids": [a[0] for a in chunk], "deliveries": [a[1] for a in chunk]}
+                wire.send(router, [ident, p.BROKER, p.ACCEPTED, p.pack_header(header)])
         self._acks.clear()
         for frames in self._out:
             if frames[2] == _TASK_BATCH:
@@ -867,7 +868,7 @@ class Broker:
             raise ProtocolError(f"DONE needs 'id' and a 'state' in {', '.join(_DONE_STATES)}")
         # Acknowledged (after the commit) whatever happens here, so the worker's outbox
         # lets go of it: a DONE is only ever sent again after a reconnect.
-        self._acks.setdefault(ident, []).append(task_id)
+        self._acks.setdefault(ident, []).append((task_id, _delivery(header)))
         runtime = header.get("runtime")
         if not isinstance(runtime, (int, float)) or runtime < 0:
             runtime = None

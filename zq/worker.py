@@ -299,8 +299,7 @@ class Worker:
                 self._on_task(task_header, payload[at], payload[at + 1 : at + 1 + inputs])
                 at += 1 + inputs
         elif command == p.ACCEPTED:
-            for task_id in header.get("ids", ()):
-                self._outbox.pop(task_id, None)
+            self._on_accepted(header.get("ids", ()), header.get("deliveries"))
         elif command == p.REVOKE:
             self._on_revoke(header.get("id"), header.get("delivery"))
         elif command == p.WELCOME:
@@ -361,6 +360,17 @@ class Worker:
                     self._end_unrun(task_id, p.FAILURE, "zq.BadInput", why)
                     return
             self.pool.submit(header, payload)
+
+    def _on_accepted(self, ids: Any, deliveries: Any) -> None:
+        """The broker has these DONEs in its journal: let them go. An acknowledgement
+        names the delivery it is for, so a late one about an earlier report (a LOST
+        sent again after a reconnect) does not take the DONE of a later run with it."""
+        if not isinstance(deliveries, list) or len(deliveries) != len(ids):
+            deliveries = [None] * len(ids)  # an older broker: by id alone
+        for task_id, delivery in zip(ids, deliveries, strict=True):
+            entry = self._outbox.get(task_id)
+            if entry is not None and (delivery is None or entry[0].get("delivery") == delivery):
+                del self._outbox[task_id]
 
     def _end_unrun(self, task_id: str, state: str, kind: str, why: str) -> None:
         """Report a task this worker ends without running it (no run time: it must not
