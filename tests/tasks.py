@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,13 @@ def unencodable() -> object:
 @app.task
 def whoami() -> dict[str, int]:
     return {"pid": os.getpid(), "worker": os.getppid()}
+
+
+@app.task
+def linger(seconds: float) -> int:
+    """Leave a non-daemon thread running for ``seconds`` after the task returns."""
+    threading.Thread(target=time.sleep, args=(seconds,), daemon=False).start()
+    return os.getpid()
 
 
 @app.task

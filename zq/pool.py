@@ -26,6 +26,7 @@ import os
 import queue
 import resource
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -171,7 +172,11 @@ def _child_main(
         done = ["done", header["id"], state, body, runtime, extra, retiring]
         conn.send_bytes(p.encode(done))
         if retiring:
-            return
+            # Out now, whatever the task left running (a non-daemon thread would keep
+            # a normal exit waiting, and the child would hold its slot with no task).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 def _fence(heard: Any, fence_after: Any, parent: int, keyed: threading.Event) -> None:

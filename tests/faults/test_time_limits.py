@@ -73,3 +73,11 @@ def test_recycled_children_take_no_task_to_their_exit(app, start_worker):
     assert len(set(pids)) == 40, "a child ran more than its one task"
     counters = app.status()["counters"]
     assert counters.get("redelivered", 0) == 0 and counters.get("dead", 0) == 0
+
+
+def test_a_recycled_child_leaves_even_if_its_task_left_a_thread_running(app, start_worker):
+    """A task that leaves a non-daemon thread behind must not keep a retiring child
+    alive, holding its slot with no task (and no time limit) while work waits."""
+    start_worker(concurrency=1, extra=["--max-tasks-per-child", "1"])
+    first = tasks.linger.delay(120).get(timeout=10)
+    assert tasks.whoami.delay().get(timeout=10)["pid"] != first
