@@ -160,10 +160,8 @@ class Broker:
         self._bound = threading.Event()
         self.journal: Journal | NullJournal = NullJournal()
         self._out: list[list[Any]] = []  # ROUTER messages held until the journal commit
-        self._batch_bytes = 0  # payload bytes in the TASK batch at the end of _out
-        self._batch_header = 0  # and the bytes of its task headers
         self._pub_out: list[list[Any]] = []  # XPUB messages held until the journal commit
-        self._result_batches: dict[bytes, _ResultBatch] = {}  # client topic -> its batch
+        self._result_batches: dict[bytes, _Batch] = {}  # client topic -> its open RESULTS
         self._subscribed: set[bytes] = set()  # topics subscribed on the XPUB
         self._topic_lengths: Counter[int] = Counter()  # of the subscribed topics
         #: More topics than MAX_SUBSCRIPTIONS were subscribed: which are is unknown
@@ -268,19 +266,17 @@ class Broker:
                 wire.send(router, [ident, p.BROKER, p.ACCEPTED, p.pack_header(header)])
         self._acks.clear()
         for frames in self._out:
-            if frames[2] == _TASK_BATCH:
-                headers = frames[3]
-                frames[2] = p.TASK
-                frames[3] = headers[0] if len(headers) == 1 else p.pack_list("tasks", headers)
+            batch = frames[3]
+            if type(batch) is _Batch:
+                frames[3] = batch.header("tasks")
             wire.send(router, frames)
         self._out.clear()
         for frames in self._pub_out:
-            batch = frames[1]
-            if type(batch) is _ResultBatch:
+            batch = frames[2]
+            if type(batch) is _Batch:
                 if len(batch.headers) == 1:  # as a single result: on the task's topic
-                    frames[0:3] = [batch.first_topic, p.RESULT, batch.headers[0]]
-                else:
-                    frames[1:3] = [p.RESULTS, p.pack_list("results", batch.headers)]
+                    frames[0:2] = [batch.topic, p.RESULT]
+                frames[2] = batch.header("results")
             wire.send(self._pub, frames)
         self._pub_out.clear()
         self._result_batches.clear()
@@ -340,10 +336,10 @@ class Broker:
         A set lookup per distinct subscription length, so usually none."""
         if self._untracked:
             return True
-        return any(
-            len(client) < length <= len(topic) and topic[:length] in self._subscribed
-            for length in self._topic_lengths
-        )
+        for length in self._topic_lengths:  # a loop, not any(): this runs per result
+            if len(client) < length <= len(topic) and topic[:length] in self._subscribed:
+                return True
+        return False
 
     def _handle(self, frames: list[Any]) -> None:
         ident = frames[0].bytes
@@ -382,20 +378,13 @@ class Broker:
         limit (libzmq's limit is per frame: the header is the frame a batch grows)."""
         size = len(body) + sum(len(frame) for frame in inputs)
         last = self._out[-1] if self._out else None
-        if (
-            last is not None
-            and last[0] == ident
-            and last[2] == _TASK_BATCH
-            and self._batch_bytes + size <= self.settings.max_message_size // 2
-            and self._batch_header + len(header) <= p.MAX_HEADER_BYTES - p.HEADER_SLACK
-        ):
-            last[3].append(header)
-            last += (body, *inputs)
-            self._batch_bytes += size
-            self._batch_header += len(header)
+        batch = last[3] if last is not None and last[0] == ident else None
+        if type(batch) is _Batch and batch.fits(header, size, self.settings.max_message_size):
+            batch.add(header, size, body, *inputs)
         else:
-            self._out.append([ident, p.BROKER, _TASK_BATCH, [header], body, *inputs])
-            self._batch_bytes, self._batch_header = size, len(header)
+            frames = [ident, p.BROKER, p.TASK, None, body, *inputs]
+            frames[3] = _Batch(frames, header, size)
+            self._out.append(frames)
 
     def _forward(self, ident: bytes, command: bytes, header: Any, *payload: Any) -> None:
         """Send a header frame as stored (e.g. a worker's DONE header)."""
@@ -417,13 +406,11 @@ class Broker:
             self._publish(topic, p.RESULT, head, body)
             return
         batch = self._result_batches.get(key)
-        if batch is not None and batch.size + len(head) <= p.MAX_HEADER_BYTES - p.HEADER_SLACK:
-            batch.headers.append(head)
-            batch.size += len(head)
-            batch.frames.append(body)
+        if batch is not None and batch.fits(head):
+            batch.add(head, 0, body)
             return
-        frames: list[Any] = [key, None, None, body]
-        frames[1] = self._result_batches[key] = _ResultBatch(topic, head, frames)
+        frames: list[Any] = [key, p.RESULTS, None, body]
+        frames[2] = self._result_batches[key] = _Batch(frames, head, topic=topic)
         self._pub_out.append(frames)
 
     # ---------------------------------------------------------------- clients
@@ -868,7 +855,8 @@ class Broker:
             raise ProtocolError(f"DONE needs 'id' and a 'state' in {', '.join(_DONE_STATES)}")
         # Acknowledged (after the commit) whatever happens here, so the worker's outbox
         # lets go of it: a DONE is only ever sent again after a reconnect.
-        self._acks.setdefault(ident, []).append((task_id, _delivery(header)))
+        delivery = _delivery(header)
+        self._acks.setdefault(ident, []).append((task_id, delivery))
         runtime = header.get("runtime")
         if not isinstance(runtime, (int, float)) or runtime < 0:
             runtime = None
@@ -878,11 +866,11 @@ class Broker:
         if state == p.LOST and header.get("returned"):
             # Its runtime says how long the worker's slots were stuck.
             peer.runtimes.stalled(runtime or 0.0)
-            returned.append((task_id, _delivery(header)))
+            returned.append((task_id, delivery))
             return
         if state == p.LOST:  # the process running it died: run it again, or give up
             counts = not header.get("fenced")  # a fenced stop is not a crash
-            task, out = self.dispatch.lost(peer.wid, task_id, _delivery(header), counts=counts)
+            task, out = self.dispatch.lost(peer.wid, task_id, delivery, counts=counts)
             if task is None:
                 self.counters["stale_done"] += 1
             else:
@@ -891,9 +879,9 @@ class Broker:
             self._dispatched(out)
             return
         if state == p.RETRY:
-            self._on_retry(peer, task_id, _delivery(header), header.get("countdown"))
+            self._on_retry(peer, task_id, delivery, header.get("countdown"))
             return
-        task, out = self.dispatch.done(peer.wid, task_id, _delivery(header))
+        task, out = self.dispatch.done(peer.wid, task_id, delivery)
         if task is None:
             # Not this worker's task (any more): it was handed to another worker, or it
             # is a resend of a DONE the broker already has.
@@ -1345,20 +1333,38 @@ def _bytes(frame: Any) -> bytes:
     return frame if isinstance(frame, bytes) else frame.bytes
 
 
-#: Marks a TASK message in the send buffer that more TASKs to the same worker may join.
-_TASK_BATCH = b"task-batch"
+class _Batch:
+    """A message in a send buffer that later items may join (a worker's TASKs, a
+    client's results): it stands in the message's header frame and holds the items'
+    packed headers, made one header at the flush; their payload frames are appended
+    to the message. Kept under the header limit (libzmq limits each frame) and, if
+    given one, under half the message size limit for its payloads."""
 
+    __slots__ = ("frames", "header_bytes", "headers", "payload_bytes", "topic")
 
-class _ResultBatch:
-    """Results for one client in the XPUB buffer: at the flush, one RESULTS message."""
-
-    __slots__ = ("first_topic", "frames", "headers", "size")
-
-    def __init__(self, first_topic: bytes, head: bytes, frames: list[Any]) -> None:
-        self.first_topic = first_topic  # the first result's own topic, for a batch of one
+    def __init__(
+        self, frames: list[Any], head: bytes, payload_bytes: int = 0, topic: bytes = b""
+    ) -> None:
+        self.frames = frames  # the message it heads: [..., command, self, payloads...]
         self.headers = [head]
-        self.size = len(head)
-        self.frames = frames  # its message in the buffer: [topic, self, header, bodies...]
+        self.header_bytes = len(head)
+        self.payload_bytes = payload_bytes
+        self.topic = topic  # for a RESULTS of one result: that task's own topic
+
+    def fits(self, head: bytes, payload_bytes: int = 0, max_message: int = 0) -> bool:
+        if self.header_bytes + len(head) > p.MAX_HEADER_BYTES - p.HEADER_SLACK:
+            return False
+        return not max_message or self.payload_bytes + payload_bytes <= max_message // 2
+
+    def add(self, head: bytes, payload_bytes: int, *payload: Any) -> None:
+        self.headers.append(head)
+        self.header_bytes += len(head)
+        self.payload_bytes += payload_bytes
+        self.frames += payload
+
+    def header(self, key: str) -> bytes:
+        """The message's header: the one item's own, or ``{key: [...]}``."""
+        return self.headers[0] if len(self.headers) == 1 else p.pack_list(key, self.headers)
 
 
 #: The failure type a task ended without running gets, by its state.

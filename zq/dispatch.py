@@ -329,14 +329,8 @@ class Dispatcher:
         """The worker says the process running the task died: hand the task back (to the
         head of its lane), or give up on it after ``max_redeliveries``. ``counts``: False
         when the worker stopped it on purpose (fencing, shutdown), not a crash."""
-        taken = self._take(worker_id, task_id, delivery)
-        if taken is None:
-            return None, []
-        task, worker = taken
-        out: list[Assignment] = []
-        self._requeue([task], out, handed_back=counts)
-        self._pump(worker, out)
-        return task, out
+        tasks, out = self._hand_back(worker_id, [(task_id, delivery)], counts)
+        return (tasks[0] if tasks else None), out
 
     def give_back(
         self, worker_id: bytes, items: list[tuple[str, int | None]]
@@ -344,13 +338,20 @@ class Dispatcher:
         """The worker gives back tasks it has not started, as (id, delivery): they go
         back to the head of their lanes (or queues) in this order, not counted as
         redeliveries. Returns the tasks it held, and the assignments that follow."""
+        return self._hand_back(worker_id, items, False)
+
+    def _hand_back(
+        self, worker_id: bytes, items: list[tuple[str, int | None]], counts: bool
+    ) -> tuple[list[Task], list[Assignment]]:
+        """Take the tasks ``worker_id`` holds under those deliveries back to the head of
+        their lanes, in order, then refill the worker's free slots."""
         taken = [self._take(worker_id, task_id, delivery) for task_id, delivery in items]
         tasks = [t[0] for t in taken if t is not None]
         out: list[Assignment] = []
-        self._requeue(tasks, out, handed_back=False)
-        worker = self.workers.get(worker_id)
-        if worker is not None:
-            self._pump(worker, out)
+        if not tasks:
+            return tasks, out
+        self._requeue(tasks, out, handed_back=counts)
+        self._pump(self.workers[worker_id], out)
         return tasks, out
 
     def _release(self, task: Task, preferred: bytes | None, out: list[Assignment]) -> None:

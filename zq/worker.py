@@ -166,9 +166,10 @@ class Worker:
                 else:
                     pool_events += self.pool.on_readable(item)
             self._on_pool_events(pool_events + self.pool.started())
-            self._give_back_if_stalled(time.monotonic())
+            now = time.monotonic()
+            self._give_back_if_stalled(now)
             self._flush_dones()
-            self._on_tick(time.monotonic())
+            self._on_tick(now)
 
     def _poll_timeout(self) -> float:
         """Milliseconds: a quarter heartbeat, or less when waiting tasks are due back."""
