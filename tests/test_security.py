@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,3 +184,26 @@ def test_task_arguments_are_unreadable_on_the_wire(curve, keys, broker, secure_b
     finally:
         app.close()
         tap.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc")
+def test_sighup_reloads_keys_and_leaves_the_broker_idle(secure_broker, keys):
+    late = _app(secure_broker, keys["latecomer"], keys["broker.pub"])
+    try:
+        shutil.copy(keys["latecomer.pub"], keys["authorized"])
+        secure_broker.signal(signal.SIGHUP)
+        wait_for(lambda: _answers(late), 15, "the new key to be accepted")
+        # The signal wakes the loop through a pipe; a pipe left unread would make
+        # every later poll return at once: a broker spinning a core while idle.
+        before, start = _cpu_seconds(secure_broker.pid), time.monotonic()
+        wait_for(lambda: time.monotonic() - start >= 1.0, 5, "a second to pass")
+        assert _cpu_seconds(secure_broker.pid) - before < 0.3
+    finally:
+        late.close(flush=False)

@@ -238,6 +238,8 @@ class Broker:
             while self._running:
                 wake = min(next_tick, self.timers.next_at() or next_tick)
                 events = dict(poller.poll(max(0.0, wake - time.monotonic()) * 1000))
+                if self._wake_r in events:  # read it, or every later poll returns at once
+                    os.read(self._wake_r, 4096)
                 if self._pub in events:  # first: a result of this turn sees a new follower
                     self._drain_pub()
                 if self._router in events:
