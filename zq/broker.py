@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,9 @@ from zq.timers import TimerHeap
 from zq.workflow import Graph, check_links
 
 log = logging.getLogger("zq.broker")
+
+#: A loop turn's messages: acknowledgements per worker, ROUTER messages, XPUB messages.
+_Outgoing = tuple[dict[bytes, list[tuple[str, int | None]]], list[list[Any]], list[list[Any]]]
 
 #: Most messages read from the ROUTER in one loop turn, so timers still run under load.
 MAX_BATCH = 2000
@@ -159,8 +162,10 @@ class Broker:
         self._thread: threading.Thread | None = None
         self._bound = threading.Event()
         self.journal: Journal | NullJournal = NullJournal()
-        self._out: list[list[Any]] = []  # ROUTER messages held until the journal commit
-        self._pub_out: list[list[Any]] = []  # XPUB messages held until the journal commit
+        self._out: list[list[Any]] = []  # this turn's ROUTER messages
+        self._pub_out: list[list[Any]] = []  # this turn's XPUB messages
+        #: (journal commits, turn's messages) waiting until that many commits are on disk
+        self._held: deque[tuple[int, _Outgoing]] = deque()
         self._result_batches: dict[bytes, _Batch] = {}  # client topic -> its open RESULTS
         self._subscribed: set[bytes] = set()  # topics subscribed on the XPUB
         self._topic_lengths: Counter[int] = Counter()  # of the subscribed topics
@@ -232,6 +237,9 @@ class Broker:
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._pub, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        synced = self.journal.fileno()  # readable when commits have reached the disk
+        if synced is not None:
+            poller.register(synced, zmq.POLLIN)
         tick = self.settings.heartbeat / 4
         next_tick = time.monotonic()
         try:
@@ -240,6 +248,8 @@ class Broker:
                 events = dict(poller.poll(max(0.0, wake - time.monotonic()) * 1000))
                 if self._wake_r in events:  # read it, or every later poll returns at once
                     os.read(self._wake_r, 4096)
+                if synced in events:  # first: the oldest replies go out first
+                    self._release(self.journal.synced())
                 if self._pub in events:  # first: a result of this turn sees a new follower
                     self._drain_pub()
                 if self._router in events:
@@ -255,35 +265,53 @@ class Broker:
             self._close()
 
     def _flush(self) -> None:
-        """Commit the turn's journal changes, then send what the turn decided."""
-        self.journal.commit()
+        """Commit the turn's journal changes; send what the turn decided once that
+        commit, and every one before it, is on disk (at once without a journal)."""
+        outgoing = (self._acks, self._out, self._pub_out)
+        self._acks, self._out, self._pub_out = {}, [], []
+        self._result_batches.clear()  # they are in this turn's messages
+        journal = self.journal
+        if journal.commit() or self._held:  # in order: behind what waits for the disk
+            self._held.append((journal.committed, outgoing))
+            journal.sync()
+        else:
+            self._send_out(outgoing)
+
+    def _release(self, synced: int) -> None:
+        """Send the held turns whose commits are now on disk, oldest first."""
+        held = self._held
+        while held and held[0][0] <= synced:
+            self._send_out(held.popleft()[1])
+
+    def _send_out(self, outgoing: _Outgoing) -> None:
+        acks, out, pub_out = outgoing
         router = self._router
         # Acknowledgements first: a task a worker reported (e.g. LOST, or given back)
         # and is sent again in this turn must find its outbox entry gone, or the worker
         # would answer the new TASK with the old report.
-        for ident, acks in self._acks.items():
-            for at in range(0, len(acks), ACK_CHUNK):  # each header stays well under the cap
-                chunk = acks[at : at + ACK_CHUNK]
+        for ident, ids in acks.items():
+            for at in range(0, len(ids), ACK_CHUNK):  # each header stays well under the cap
+                chunk = ids[at : at + ACK_CHUNK]
                 header = {"ids": [a[0] for a in chunk], "deliveries": [a[1] for a in chunk]}
                 wire.send(router, [ident, p.BROKER, p.ACCEPTED, p.pack_header(header)])
-        self._acks.clear()
-        for frames in self._out:
+        for frames in out:
             batch = frames[3]
             if type(batch) is _Batch:
                 frames[3] = batch.header("tasks")
             wire.send(router, frames)
-        self._out.clear()
-        for frames in self._pub_out:
+        for frames in pub_out:
             batch = frames[2]
             if type(batch) is _Batch:
                 if len(batch.headers) == 1:  # as a single result: on the task's topic
                     frames[0:2] = [batch.topic, p.RESULT]
                 frames[2] = batch.header("results")
             wire.send(self._pub, frames)
-        self._pub_out.clear()
-        self._result_batches.clear()
 
     def _close(self) -> None:
+        try:  # what the last turns decided, once on disk
+            self._release(self.journal.flush())
+        except Exception:
+            log.exception("could not flush the journal at exit; unsent replies dropped")
         self.journal.close()
         if self.authorizer is not None:
             self.authorizer.stop()

@@ -3,8 +3,13 @@
 What is kept: every accepted task not yet finished (its header, payload, and the
 worker it was last handed to), and results until their TTL. Changes are buffered
 while the broker's loop turn runs and written in one transaction by :meth:`commit`
-(group commit); the broker sends its replies (ACCEPTED, TASK, results) only after
-that commit, so nothing a peer was told about can be missing after a crash.
+(group commit). A commit reaches the disk when a thread has fdatasync'ed the WAL
+file after it (:meth:`sync`), so the loop goes on with the next turns meanwhile; the
+broker sends a turn's replies (ACCEPTED, TASK, results) only once its commit is on
+disk, so nothing a peer was told about can be missing after a crash, a power cut
+included. (SQLite runs with ``synchronous=NORMAL``: it syncs the WAL before each
+checkpoint, and our thread syncs it after each commit, which together is what
+``synchronous=FULL`` does, minus the wait inside COMMIT.)
 
 One broker owns a journal file at a time: the database is opened in exclusive locking
 mode, so a second broker on the same file fails at start instead of corrupting it.
@@ -15,13 +20,19 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import queue
+import select
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("zq.journal")
+
+#: Flushes a file's data to the disk; fsync where the system has no fdatasync (macOS).
+_datasync = getattr(os, "fdatasync", os.fsync)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -70,6 +81,20 @@ _DELETE_DEAD = "DELETE FROM dead WHERE id = ?"
 _PUT_SCHEDULE = "INSERT OR REPLACE INTO schedules VALUES (?, ?, ?, ?)"
 _FIRED = "UPDATE schedules SET last = ?, last_task = ? WHERE name = ?"
 _DELETE_SCHEDULE = "DELETE FROM schedules WHERE name = ?"
+#: Each statement's table and where its row's key is in its arguments.
+_ROW = {
+    _INSERT_TASK: ("tasks", 0),
+    _ASSIGN: ("tasks", 3),
+    _DELETE_TASK: ("tasks", 0),
+    _RETRY: ("tasks", 2),
+    _PUT_RESULT: ("results", 0),
+    _DELETE_RESULT: ("results", 0),
+    _PUT_DEAD: ("dead", 0),
+    _DELETE_DEAD: ("dead", 0),
+    _PUT_SCHEDULE: ("schedules", 0),
+    _FIRED: ("schedules", 2),
+    _DELETE_SCHEDULE: ("schedules", 0),
+}
 
 
 @dataclass(frozen=True)
@@ -114,7 +139,7 @@ class Journal:
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # ACCEPTED survives a power cut too
+        self._db.execute("PRAGMA synchronous=NORMAL")  # the sync thread does the rest
         self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
         try:
             self._db.executescript(_SCHEMA)  # also takes the exclusive lock
@@ -123,6 +148,14 @@ class Journal:
             raise RuntimeError(f"journal {path} is in use by another broker ({exc})") from None
         self._ops: list[tuple[str, Any]] = []
         self._inserted: dict[str, list[Any]] = {}  # rows inserted in this transaction
+        self.committed = 0  # transactions committed so far
+        self._synced = 0  # of those, how many are known to be on disk
+        self._syncing = False  # a sync runs on the thread
+        self._sync_thread: threading.Thread | None = None
+        self._requests: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._done_r, self._done_w = os.pipe()  # a byte per sync done, for the loop's poll
+        self._reached = 0  # written by the thread: the commits its last sync covered
+        self._failure: OSError | None = None  # written by the thread
 
     # ------------------------------------------------------------- changes
 
@@ -186,13 +219,76 @@ class Journal:
         db = self._db
         db.execute("BEGIN")
         try:
-            for sql, group in itertools.groupby(ops, key=lambda op: op[0]):
-                db.executemany(sql, [args for _, args in group])
+            for sql, group in _grouped(ops):
+                db.executemany(sql, group)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self.committed += 1
         return len(ops)
+
+    # ------------------------------------------------------------ the disk
+
+    def fileno(self) -> int | None:
+        """A file descriptor that polls readable when a sync has ended: then call
+        :meth:`synced`."""
+        return self._done_r
+
+    def sync(self) -> None:
+        """Start putting every commit so far on disk, on the sync thread; if a sync
+        runs already, :meth:`synced` starts the next one when it ends."""
+        if self._syncing or self._synced == self.committed:
+            return
+        if self._sync_thread is None:
+            self._sync_thread = threading.Thread(
+                target=self._sync_loop, name="zq-journal-sync", daemon=True
+            )
+            self._sync_thread.start()
+        self._syncing = True
+        self._requests.put(self.committed)
+
+    def synced(self) -> int:
+        """After :meth:`fileno` polled readable: the number of commits now on disk.
+        Raises the OSError of a failed fdatasync: what was not on disk may never be
+        (the page cache may have dropped it), so the broker must stop, not retry."""
+        os.read(self._done_r, 4096)
+        if self._failure is not None:
+            raise self._failure
+        self._synced = self._reached
+        self._syncing = False
+        self.sync()  # the commits made while that sync ran
+        return self._synced
+
+    def flush(self) -> int:
+        """Commit, then wait until every commit is on disk; returns how many are."""
+        self.commit()
+        while self._synced < self.committed:
+            self.sync()
+            select.select([self._done_r], [], [])
+            self.synced()
+        return self._synced
+
+    def _sync_loop(self) -> None:
+        """The sync thread: fdatasync the WAL file for each request, then tell the loop.
+        Only the disk wait is here; SQLite itself is used by the loop's thread alone."""
+        fd: int | None = None
+        try:
+            while (upto := self._requests.get()) is not None:
+                try:
+                    if fd is None:
+                        fd = os.open(os.path.abspath(self.path) + "-wal", os.O_RDONLY)
+                        _sync_directory(self.path)  # the WAL file's name on disk
+                    _datasync(fd)
+                except FileNotFoundError:
+                    pass  # no WAL file yet: no commit wrote to it
+                except OSError as exc:
+                    self._failure = exc
+                self._reached = upto
+                os.write(self._done_w, b"s")
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def purge_results(self, now: float | None = None) -> int:
         """Delete results whose TTL ran out (wall clock)."""
@@ -229,8 +325,49 @@ class Journal:
             yield StoredTask(*row)
 
     def close(self) -> None:
-        self.commit()
-        self._db.close()
+        try:
+            self.commit()
+        finally:
+            if self._sync_thread is not None:
+                self._requests.put(None)
+                self._sync_thread.join()
+            self._db.close()  # checkpoints: the WAL and the database synced by SQLite
+            os.close(self._done_r)
+            os.close(self._done_w)
+
+
+def _grouped(ops: list[tuple[str, Any]]) -> Iterator[tuple[str, list[Any]]]:
+    """The changes as (statement, argument rows) for executemany: one group per
+    statement when no row changes twice (a turn's SUBMITs and DONEs interleave, and
+    changes to different rows commute); else runs of one statement, in order."""
+    rows = set()
+    for sql, args in ops:
+        table, at = _ROW[sql]
+        rows.add((table, args[at]))
+    if len(rows) == len(ops):
+        groups: dict[str, list[Any]] = {}
+        for sql, args in ops:
+            group = groups.get(sql)
+            if group is None:
+                groups[sql] = [args]
+            else:
+                group.append(args)
+        yield from groups.items()
+        return
+    for sql, run in itertools.groupby(ops, key=lambda op: op[0]):
+        yield sql, [args for _, args in run]
+
+
+def _sync_directory(path: str) -> None:
+    """fsync the directory holding ``path``, so a file created there stays named."""
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:  # a system that cannot open a directory (Windows) names files at once
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class NullJournal:
@@ -281,7 +418,21 @@ class NullJournal:
     def schedules(self) -> Iterator[StoredSchedule]:
         return iter(())
 
+    committed = 0
+
     def commit(self) -> int:
+        return 0
+
+    def fileno(self) -> int | None:
+        return None
+
+    def sync(self) -> None:
+        pass
+
+    def synced(self) -> int:
+        return 0
+
+    def flush(self) -> int:
         return 0
 
     def purge_results(self, now: float | None = None) -> int:
