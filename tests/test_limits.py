@@ -66,6 +66,12 @@ def test_results_kept_are_bounded(bounded):
             assert [r.get(timeout=20) for r in results] == [i + 1 for i in range(30)]
         status = app.status()
         assert status["results"] == 10 and status["results_evicted"] == 20
+        # The journal dropped them too: a restart brings back the 10 kept, no more.
+        bounded.kill()
+        bounded.restart()
+        status = app.status(timeout=10)
+        assert status["results"] == 10 and status["results_evicted"] == 0
+        assert app.AsyncResult(results[-1].id).get(timeout=10) == 30  # a FETCH
     finally:
         app.close()
 

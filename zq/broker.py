@@ -46,7 +46,7 @@ MAX_BATCH = 2000
 MAX_WAIT = 3600.0
 #: Longest retry countdown a worker may ask for (a week).
 MAX_COUNTDOWN = 7 * 24 * 3600.0
-#: Seconds between sweeps of expired FETCH waits and of expired results in the journal.
+#: Seconds between sweeps of expired FETCH waits.
 PURGE_EVERY = 10.0
 #: Payloads up to this many bytes are kept as bytes rather than zero-copy frames.
 SMALL_PAYLOAD = 4096
@@ -146,7 +146,9 @@ class Broker:
         self.inputs: dict[str, list[Any]] = {}  # task id -> its parents' result bodies
         self.periodic: dict[str, Entry] = {}  # schedule name -> its state
         self._terminating: set[str] = set()  # running tasks revoked with terminate
-        self.results = ResultStore(self.settings.result_ttl, self.settings.max_results)
+        self.results = ResultStore(
+            self.settings.result_ttl, self.settings.max_results, on_drop=self._result_dropped
+        )
         self.waiters = Waiters()
         self.timers = TimerHeap()
         self.counters: Counter[str] = Counter()
@@ -1267,8 +1269,12 @@ class Broker:
             self._next_key_check = now + KEY_CHECK_EVERY
         if now >= self._next_purge:  # scans every wait: not on every tick
             self.waiters.purge(now)
-            self.journal.purge_results()
             self._next_purge = now + PURGE_EVERY
+
+    def _result_dropped(self, task_id: str) -> None:
+        """A result left the store (TTL or cap): its journal row goes too, by its id,
+        so the journal holds what the store does and is never scanned for expiry."""
+        self.journal.result_dropped(task_id)
 
     # ----------------------------------------------------------------- replay
 
@@ -1276,6 +1282,7 @@ class Broker:
         """Rebuild the state from the journal: results, then held and waiting tasks."""
         now, wall = time.monotonic(), time.time()
         ttl = self.results.ttl
+        self.journal.purge_results()  # those that expired while no broker ran
         for stored in self.journal.results():
             # put() adds the TTL to "now"; shift it so the result keeps its expiry.
             self.results.put(

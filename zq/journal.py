@@ -291,7 +291,8 @@ class Journal:
                 os.close(fd)
 
     def purge_results(self, now: float | None = None) -> int:
-        """Delete results whose TTL ran out (wall clock)."""
+        """Delete results whose TTL ran out (wall clock): a scan of the table, so the
+        broker runs it at start only; later it drops each result it lets go by id."""
         cur = self._db.execute("DELETE FROM results WHERE expires <= ?", (now or time.time(),))
         return cur.rowcount
 

@@ -8,6 +8,7 @@ FETCH it. Payloads are kept exactly as the worker sent them.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 
@@ -24,11 +25,19 @@ class Result:
 
 
 class ResultStore:
-    """Results by task id, dropped ``ttl`` seconds after they were stored."""
+    """Results by task id, dropped ``ttl`` seconds after they were stored, or when
+    more than ``max_items`` are kept (the oldest first). ``on_drop`` is called with the
+    id of each result so dropped (e.g. to drop it from the journal too)."""
 
-    def __init__(self, ttl: float, max_items: int | None = None) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        max_items: int | None = None,
+        on_drop: Callable[[str], None] | None = None,
+    ) -> None:
         self.ttl = ttl
         self.max_items = max_items
+        self._on_drop = on_drop
         self.evicted = 0  # dropped before their TTL because the store was full
         # With one TTL for all, insertion order is expiry order: purging pops the front.
         self._items: OrderedDict[str, Result] = OrderedDict()
@@ -44,8 +53,10 @@ class ResultStore:
         self._items.pop(task_id, None)
         self._items[task_id] = result
         if self.max_items is not None and len(self._items) > self.max_items:
-            self._items.popitem(last=False)  # the oldest: first to expire anyway
+            evicted, _ = self._items.popitem(last=False)  # the oldest: first to expire
             self.evicted += 1
+            if self._on_drop is not None:
+                self._on_drop(evicted)
         return result
 
     def discard(self, task_id: str) -> None:
@@ -61,8 +72,10 @@ class ResultStore:
             first = next(iter(self._items.values()))
             if first.expires > now:
                 break
-            self._items.popitem(last=False)
+            expired, _ = self._items.popitem(last=False)
             n += 1
+            if self._on_drop is not None:
+                self._on_drop(expired)
         return n
 
 
