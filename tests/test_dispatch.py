@@ -682,7 +682,13 @@ def test_automatic_prefetch_waits_for_a_run_time_and_follows_it() -> None:
     times = RunTimes()
     assert times.prefetch(4) == 0, "a worker with no run time known yet gets no prefetch"
     times.add(0.0001)
-    assert times.prefetch(4) == PREFETCH_MAX  # 4 x 2 ms / 0.1 ms = 80, capped
+    assert times.prefetch(4) == 80  # 4 x 2 ms / 0.1 ms
+    times.add(0.000001)
+    assert times.prefetch(4) < PREFETCH_MAX  # the mean comes down by a fifth at a time
+    for _ in range(30):
+        times.add(0.000001)
+    assert times.prefetch(4) == PREFETCH_MAX  # 4 x 2 ms / 1 us = 8000, capped
+    times.add(0.0001)
     times.add(0.5)  # a long task: the mean jumps to it at once
     assert times.mean == 0.5 and times.prefetch(4) == 0
     for _ in range(30):  # and comes down only as short tasks go on ending
@@ -712,7 +718,7 @@ def test_after_a_stall_no_prefetch_until_a_task_ends_there_again() -> None:
     times = RunTimes()
     times.add(0.0001)
     assert times.prefetch(4096) == PREFETCH_MAX
-    times.stalled(0.1)  # a big worker: 4096 x 2 ms / 0.1 s alone would still give 64
+    times.stalled(0.1)  # a big worker: 4096 x 2 ms / 0.1 s alone would still give 81
     assert times.prefetch(4096) == 0 and times.prefetch(1) == 0
     times.add(3.0)  # the long task that took the slots ends: 4096 x 2 ms / 3 s
     assert times.prefetch(4096) == 2 and times.prefetch(1) == 0

@@ -25,7 +25,7 @@ import zmq
 
 from zq import protocol as p
 from zq import wire
-from zq.dispatch import Assignment, Dispatcher, RunTimes, Task
+from zq.dispatch import PREFETCH_MAX, Assignment, Dispatcher, RunTimes, Task
 from zq.errors import ProtocolError
 from zq.ids import new_id
 from zq.journal import Journal, NullJournal, open_journal
@@ -56,9 +56,6 @@ ROUTER_RCVHWM = 1000
 KEY_CHECK_EVERY = 1.0
 #: Most task ids in one ACCEPTED to a worker (ids are at most 64 characters).
 ACK_CHUNK = 5000
-#: Most tasks beyond its slots a worker may be sent (``--prefetch``): what a worker
-#: holds must fit in its READY when it re-attaches after a broker restart.
-MAX_PREFETCH = 1000
 #: Seconds a worker lets prefetched tasks wait while none of its slots frees before it
 #: hands them back (automatic prefetch): what a task misjudged as short can cost others.
 GIVE_BACK_AFTER = 0.1
@@ -100,8 +97,8 @@ class BrokerSettings:
     max_results: int = 1_000_000  # results kept; past it the oldest are dropped (counted)
 
     def __post_init__(self) -> None:
-        if self.prefetch is not None and not 0 <= self.prefetch <= MAX_PREFETCH:
-            raise ValueError(f"prefetch must be 0..{MAX_PREFETCH}, got {self.prefetch}")
+        if self.prefetch is not None and not 0 <= self.prefetch <= PREFETCH_MAX:
+            raise ValueError(f"prefetch must be 0..{PREFETCH_MAX}, got {self.prefetch}")
         if (self.curve_secret is None) != (self.authorized_keys is None):
             raise ValueError("CURVE needs both a secret key file and an authorized-keys directory")
 

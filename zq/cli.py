@@ -19,12 +19,12 @@ BROKER_HELP = "Broker address. [env ZQ_BROKER; default tcp://127.0.0.1:5555]"
 
 
 class _Prefetch(click.ParamType):
-    """``auto`` (None) or a number of tasks, 0..MAX_PREFETCH."""
+    """``auto`` (None) or a number of tasks, 0..PREFETCH_MAX."""
 
     name = "auto|N"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> int | None:
-        from zq.broker import MAX_PREFETCH
+        from zq.dispatch import PREFETCH_MAX
 
         if value is None or value == "auto":
             return None
@@ -32,8 +32,8 @@ class _Prefetch(click.ParamType):
             number = int(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not 'auto' or a whole number", param, ctx)
-        if not 0 <= number <= MAX_PREFETCH:
-            self.fail(f"{number} is not in 0..{MAX_PREFETCH}", param, ctx)
+        if not 0 <= number <= PREFETCH_MAX:
+            self.fail(f"{number} is not in 0..{PREFETCH_MAX}", param, ctx)
         return number
 
 
@@ -220,7 +220,7 @@ def _stop_on_signals(stop: Any) -> None:
     default="auto",
     show_default=True,
     help="Tasks sent to a worker beyond its free slots. auto: enough to keep its slots "
-    "busy for ~2 ms at the run time of its recent tasks (at most 64; none for tasks "
+    "busy for ~2 ms at the run time of its recent tasks (at most 1000; none for tasks "
     "longer than 2 ms per slot); 0: none ever wait in a worker while another could "
     "run them; N: always N (at most 1000).",
 )
