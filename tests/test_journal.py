@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import zmq
 
 from tests.test_bad_input import RawPeer, submit, task_header
@@ -12,6 +13,7 @@ from zq import journal as journal_module
 from zq import protocol as p
 from zq.broker import Broker, BrokerSettings
 from zq.journal import Journal
+from zq.testing import wait_for
 
 
 def test_accepted_and_assigned_in_one_transaction_is_one_row_with_its_worker(tmp_path):
@@ -67,29 +69,65 @@ def test_flush_waits_until_every_commit_is_synced(tmp_path):
     journal.close()
 
 
-def test_replies_wait_until_the_commit_is_on_disk(tmp_path, monkeypatch):
-    """The broker says ACCEPTED only once the task is on disk: with the disk's sync
-    held back, a SUBMIT gets no reply; released, the ACCEPTED comes."""
-    gate = threading.Event()
-    synced = journal_module._datasync
+class _SlowDisk:
+    """Stands in for fdatasync: the n-th call waits for ``gates[n]`` (if any), then
+    syncs; records which thread called."""
 
-    def slow_disk(fd: int) -> None:
-        gate.wait(20)
-        synced(fd)
+    def __init__(self, gates: int) -> None:
+        self.gates = [threading.Event() for _ in range(gates)]
+        self.callers: list[str] = []
+        self._sync = journal_module._datasync
 
-    monkeypatch.setattr(journal_module, "_datasync", slow_disk)
+    def __call__(self, fd: int) -> None:
+        n = len(self.callers)
+        self.callers.append(threading.current_thread().name)
+        if n < len(self.gates):
+            self.gates[n].wait(20)
+        self._sync(fd)
+
+    def open_all(self) -> None:
+        for gate in self.gates:
+            gate.set()
+
+
+@pytest.fixture
+def slow_disk_broker(tmp_path, monkeypatch):
+    """An embedded broker whose journal's disk syncs wait at gates, and a raw peer."""
+    disk = _SlowDisk(gates=2)
+    monkeypatch.setattr(journal_module, "_datasync", disk)
     settings = BrokerSettings(bind="tcp://127.0.0.1:*", journal=str(tmp_path / "j.db"))
     broker = Broker(settings).start()
     ctx = zmq.Context()
     peer = RawPeer(ctx, broker.endpoint)
     try:
-        peer.send(submit([task_header("t1")], p.encode([[1, 2], {}])))
-        peer.expect_nothing(300)
-        gate.set()
-        command, header = peer.recv_broker()
-        assert (command, header["ids"]) == (p.ACCEPTED, ["t1"])
+        yield disk, peer
     finally:
-        gate.set()
+        disk.open_all()
         peer.close()
         ctx.term()
         broker.stop()
+
+
+def _accepted(peer: RawPeer) -> list[str]:
+    command, header = peer.recv_broker()
+    assert command == p.ACCEPTED
+    return header["ids"]
+
+
+def test_replies_wait_until_the_commit_is_on_disk(slow_disk_broker):
+    """The broker says ACCEPTED only once the task is on disk, whether the loop waits
+    for the disk itself (a turn that read one message) or its sync thread does (a
+    turn that read more, while the loop goes on)."""
+    disk, peer = slow_disk_broker
+    peer.send(submit([task_header("t1")], p.encode([[1, 2], {}])))
+    wait_for(lambda: len(disk.callers) == 1, 10, "the first sync")
+    peer.send(submit([task_header("t2")], p.encode([[1, 2], {}])))
+    peer.send(submit([task_header("t3")], p.encode([[1, 2], {}])))
+    peer.expect_nothing(300)  # t2 and t3 wait in the broker's queue meanwhile
+    disk.gates[0].set()
+    assert _accepted(peer) == ["t1"]
+    wait_for(lambda: len(disk.callers) == 2, 10, "the second sync")
+    assert disk.callers == ["zq-broker", "zq-journal-sync"]
+    peer.expect_nothing(300)
+    disk.gates[1].set()
+    assert _accepted(peer) + _accepted(peer) == ["t2", "t3"]

@@ -251,26 +251,30 @@ class Broker:
                     self._release(self.journal.synced())
                 if self._pub in events:  # first: a result of this turn sees a new follower
                     self._drain_pub()
-                if self._router in events:
-                    self._drain_router()
+                read = self._drain_router() if self._router in events else 0
                 now = time.monotonic()
                 if self.timers:
                     self._release_due(now)
                 if now >= next_tick:
                     self._on_tick(now)
                     next_tick = now + tick
-                self._flush()
+                self._flush(read)
         finally:
             self._close()
 
-    def _flush(self) -> None:
+    def _flush(self, read: int) -> None:
         """Commit the turn's journal changes; send what the turn decided once that
-        commit, and every one before it, is on disk (at once without a journal)."""
+        commit, and every one before it, is on disk (at once without a journal).
+        ``read``: messages the turn read; after one or none the loop waits for the
+        disk itself, else a thread does while the loop goes on."""
         outgoing = (self._acks, self._out, self._pub_out)
         self._acks, self._out, self._pub_out = {}, [], []
         self._result_batches.clear()  # they are in this turn's messages
         journal = self.journal
         if journal.commit() or self._held:  # in order: behind what waits for the disk
+            if read <= 1 and not self._held and journal.sync_here():
+                self._send_out(outgoing)
+                return
             self._held.append((journal.committed, outgoing))
             journal.sync()
         else:
@@ -322,14 +326,16 @@ class Broker:
 
     # ---------------------------------------------------------------- routing
 
-    def _drain_router(self) -> None:
+    def _drain_router(self) -> int:
+        """Handle what the ROUTER has, up to MAX_BATCH messages; returns how many."""
         router = self._router
-        for _ in range(MAX_BATCH):
+        for n in range(MAX_BATCH):
             try:
                 frames = wire.recv(router, zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return n
             self._handle(frames)
+        return MAX_BATCH
 
     def _drain_pub(self) -> None:
         """(Un)subscriptions: the XPUB passes a topic's first subscription and its last

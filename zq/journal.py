@@ -155,6 +155,7 @@ class Journal:
         self._requests: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._done_r, self._done_w = os.pipe()  # a byte per sync done, for the loop's poll
         self._reached = 0  # written by the thread: the commits its last sync covered
+        self._wal_fd: int | None = None  # used by the thread while it syncs, else here
         self._failure: OSError | None = None  # written by the thread
 
     # ------------------------------------------------------------- changes
@@ -248,6 +249,18 @@ class Journal:
         self._syncing = True
         self._requests.put(self.committed)
 
+    def sync_here(self) -> bool:
+        """Put every commit so far on disk in this thread, unless a sync runs on the
+        sync thread (then False: wait for it). For a loop turn that read one message
+        or none: the loop has nothing else to do, and the thread's two wake-ups would
+        only add to that message's latency (a busy loop keeps to :meth:`sync`)."""
+        if self._syncing:
+            return False
+        if self._synced < self.committed:
+            self._sync_wal()
+            self._synced = self.committed
+        return True
+
     def synced(self) -> int:
         """After :meth:`fileno` polled readable: the number of commits now on disk.
         Raises the OSError of a failed fdatasync: what was not on disk may never be
@@ -272,23 +285,23 @@ class Journal:
     def _sync_loop(self) -> None:
         """The sync thread: fdatasync the WAL file for each request, then tell the loop.
         Only the disk wait is here; SQLite itself is used by the loop's thread alone."""
-        fd: int | None = None
-        try:
-            while (upto := self._requests.get()) is not None:
-                try:
-                    if fd is None:
-                        fd = os.open(os.path.abspath(self.path) + "-wal", os.O_RDONLY)
-                        _sync_directory(self.path)  # the WAL file's name on disk
-                    _datasync(fd)
-                except FileNotFoundError:
-                    pass  # no WAL file yet: no commit wrote to it
-                except OSError as exc:
-                    self._failure = exc
-                self._reached = upto
-                os.write(self._done_w, b"s")
-        finally:
-            if fd is not None:
-                os.close(fd)
+        while (upto := self._requests.get()) is not None:
+            try:
+                self._sync_wal()
+            except OSError as exc:
+                self._failure = exc
+            self._reached = upto
+            os.write(self._done_w, b"s")
+
+    def _sync_wal(self) -> None:
+        """fdatasync the WAL file, opened (and its name synced) the first time."""
+        if self._wal_fd is None:
+            try:
+                self._wal_fd = os.open(os.path.abspath(self.path) + "-wal", os.O_RDONLY)
+            except FileNotFoundError:
+                return  # no WAL file yet: no commit wrote to it
+            _sync_directory(self.path)
+        _datasync(self._wal_fd)
 
     def purge_results(self, now: float | None = None) -> int:
         """Delete results whose TTL ran out (wall clock): a scan of the table, so the
@@ -332,6 +345,8 @@ class Journal:
             if self._sync_thread is not None:
                 self._requests.put(None)
                 self._sync_thread.join()
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
             self._db.close()  # checkpoints: the WAL and the database synced by SQLite
             os.close(self._done_r)
             os.close(self._done_w)
@@ -429,6 +444,9 @@ class NullJournal:
 
     def sync(self) -> None:
         pass
+
+    def sync_here(self) -> bool:
+        return True
 
     def synced(self) -> int:
         return 0
