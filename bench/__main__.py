@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=300, help="latency samples per round")
     parser.add_argument("--warmup", type=int, default=50, help="latency warm-up tasks")
     parser.add_argument(
-        "--keyed-work", type=float, default=24.0, help="keyed: seconds of sleep per round"
+        "--keyed-work", type=float, default=96.0, help="keyed: seconds of sleep per round"
     )
     parser.add_argument("--keyed-keys", type=int, default=100, help="keyed: distinct keys")
     parser.add_argument("--keyed-workers", type=int, default=2, help="keyed: worker processes")
