@@ -3,6 +3,8 @@ for the disk."""
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 
 import pytest
@@ -131,3 +133,46 @@ def test_replies_wait_until_the_commit_is_on_disk(slow_disk_broker):
     peer.expect_nothing(300)
     disk.gates[1].set()
     assert _accepted(peer) + _accepted(peer) == ["t2", "t3"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
+def test_the_wal_synced_is_sqlites_even_through_a_symlink(tmp_path, monkeypatch):
+    """SQLite puts the WAL next to the file a symbolic link points to: that is the
+    file to sync, not one named after the link (which does not exist)."""
+    synced: list[str] = []
+    sync = journal_module._datasync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        sync(fd)
+
+    monkeypatch.setattr(journal_module, "_datasync", recording)
+    (tmp_path / "data").mkdir()
+    os.symlink(tmp_path / "data" / "real.db", tmp_path / "link.db")
+    journal = Journal(str(tmp_path / "link.db"))
+    journal.task_accepted("a", b"h", b"p")
+    assert journal.flush() == 1
+    journal.close()
+    assert synced == [str(tmp_path / "data" / "real.db") + "-wal"]
+
+
+def test_a_failed_disk_sync_stops_the_broker_and_nothing_is_sent(tmp_path, monkeypatch):
+    """fdatasync failing (EIO) means the commit may never reach the disk: the broker
+    stops instead of replying, and does not hang on its way out."""
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "simulated disk error")
+
+    monkeypatch.setattr(journal_module, "_datasync", broken)
+    settings = BrokerSettings(bind="tcp://127.0.0.1:*", journal=str(tmp_path / "j.db"))
+    broker = Broker(settings).start()
+    ctx = zmq.Context()
+    peer = RawPeer(ctx, broker.endpoint)
+    try:
+        peer.send(submit([task_header("t1")], p.encode([[1, 2], {}])))
+        broker.stop(timeout=10)
+        assert broker._thread is not None and not broker._thread.is_alive()
+        peer.expect_nothing(300)
+    finally:
+        peer.close()
+        ctx.term()

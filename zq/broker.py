@@ -156,7 +156,8 @@ class Broker:
         self._ctx = zmq.Context()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._pub = self._ctx.socket(zmq.XPUB)
-        self._wake_r, self._wake_w = os.pipe()
+        self._wake_r, wake = os.pipe()
+        self._wake_w: int | None = wake
         self._running = False
         self._thread: threading.Thread | None = None
         self._bound = threading.Event()
@@ -218,14 +219,21 @@ class Broker:
     def reload_keys(self) -> None:
         """Re-read the authorized keys at the next loop turn (safe from a signal handler)."""
         self._reload_keys = True
-        os.write(self._wake_w, b"x")
+        self._wake()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the loop to end (from any thread) and wait for it when it runs on a thread."""
         self._running = False
-        os.write(self._wake_w, b"x")
+        self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+
+    def _wake(self) -> None:
+        """Make the loop's poll return; nothing once the loop has ended (its pipe is
+        closed, and the number may be another file's by now)."""
+        wake = self._wake_w
+        if wake is not None:
+            os.write(wake, b"x")
 
     def run(self) -> None:
         """The loop: poll, route each message by command, then run the timers."""
@@ -314,15 +322,20 @@ class Broker:
         try:  # what the last turns decided, once on disk
             self._release(self.journal.flush())
         except Exception:
-            log.exception("could not flush the journal at exit; unsent replies dropped")
-        self.journal.close()
+            log.exception("the journal could not be put on disk: its last replies are not sent")
+        try:
+            self.journal.close()
+        except Exception:
+            log.exception("could not close the journal")
         if self.authorizer is not None:
             self.authorizer.stop()
         self._router.close(linger=0)
         self._pub.close(linger=0)
         self._ctx.term()
+        wake, self._wake_w = self._wake_w, None
         os.close(self._wake_r)
-        os.close(self._wake_w)
+        if wake is not None:
+            os.close(wake)
 
     # ---------------------------------------------------------------- routing
 

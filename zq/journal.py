@@ -33,6 +33,8 @@ log = logging.getLogger("zq.journal")
 
 #: Flushes a file's data to the disk; fsync where the system has no fdatasync (macOS).
 _datasync = getattr(os, "fdatasync", os.fsync)
+#: Longest the broker waits, when it stops, for the disk to finish a sync.
+FLUSH_TIMEOUT = 30.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -146,6 +148,17 @@ class Journal:
         except sqlite3.OperationalError as exc:
             self._db.close()
             raise RuntimeError(f"journal {path} is in use by another broker ({exc})") from None
+        # The WAL is where SQLite put it: next to the file it opened, symbolic links
+        # resolved (not next to ``path``). Opened now, so a later chdir cannot move it.
+        main = self._db.execute("PRAGMA database_list").fetchone()[2]
+        try:
+            self._wal_fd = os.open(main + "-wal", os.O_RDONLY)
+        except OSError as exc:
+            self._db.close()
+            raise RuntimeError(
+                f"journal {path}: cannot open SQLite's write-ahead log to sync it ({exc})"
+            ) from None
+        _sync_directory(main)  # the names of a new journal and its WAL
         self._ops: list[tuple[str, Any]] = []
         self._inserted: dict[str, list[Any]] = {}  # rows inserted in this transaction
         self.committed = 0  # transactions committed so far
@@ -155,7 +168,6 @@ class Journal:
         self._requests: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._done_r, self._done_w = os.pipe()  # a byte per sync done, for the loop's poll
         self._reached = 0  # written by the thread: the commits its last sync covered
-        self._wal_fd: int | None = None  # used by the thread while it syncs, else here
         self._failure: OSError | None = None  # written by the thread
 
     # ------------------------------------------------------------- changes
@@ -256,8 +268,14 @@ class Journal:
         only add to that message's latency (a busy loop keeps to :meth:`sync`)."""
         if self._syncing:
             return False
+        if self._failure is not None:
+            raise self._failure
         if self._synced < self.committed:
-            self._sync_wal()
+            try:
+                self._sync_wal()
+            except OSError as exc:
+                self._failure = exc  # for good: see synced()
+                raise
             self._synced = self.committed
         return True
 
@@ -266,19 +284,25 @@ class Journal:
         Raises the OSError of a failed fdatasync: what was not on disk may never be
         (the page cache may have dropped it), so the broker must stop, not retry."""
         os.read(self._done_r, 4096)
+        self._syncing = False
         if self._failure is not None:
             raise self._failure
         self._synced = self._reached
-        self._syncing = False
         self.sync()  # the commits made while that sync ran
         return self._synced
 
-    def flush(self) -> int:
-        """Commit, then wait until every commit is on disk; returns how many are."""
+    def flush(self, timeout: float = FLUSH_TIMEOUT) -> int:
+        """Commit, then wait until every commit is on disk; returns how many are.
+        Raises the OSError of a failed sync, or TimeoutError past ``timeout``."""
         self.commit()
+        deadline = time.monotonic() + timeout
         while self._synced < self.committed:
+            if self._failure is not None:
+                raise self._failure
             self.sync()
-            select.select([self._done_r], [], [])
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._done_r], [], [], left)[0]:
+                raise TimeoutError(f"journal {self.path}: the disk sync took over {timeout}s")
             self.synced()
         return self._synced
 
@@ -294,13 +318,7 @@ class Journal:
             os.write(self._done_w, b"s")
 
     def _sync_wal(self) -> None:
-        """fdatasync the WAL file, opened (and its name synced) the first time."""
-        if self._wal_fd is None:
-            try:
-                self._wal_fd = os.open(os.path.abspath(self.path) + "-wal", os.O_RDONLY)
-            except FileNotFoundError:
-                return  # no WAL file yet: no commit wrote to it
-            _sync_directory(self.path)
+        """fdatasync the WAL file: by the sync thread while it syncs, else by the loop."""
         _datasync(self._wal_fd)
 
     def purge_results(self, now: float | None = None) -> int:
@@ -344,9 +362,8 @@ class Journal:
         finally:
             if self._sync_thread is not None:
                 self._requests.put(None)
-                self._sync_thread.join()
-            if self._wal_fd is not None:
-                os.close(self._wal_fd)
+                self._sync_thread.join(FLUSH_TIMEOUT)  # a daemon: a hung disk keeps it
+            os.close(self._wal_fd)
             self._db.close()  # checkpoints: the WAL and the database synced by SQLite
             os.close(self._done_r)
             os.close(self._done_w)
