@@ -38,6 +38,17 @@ def sleep(seconds: float) -> float:
 
 
 @app.task
+def nap_and_mark(seconds: float, mark_dir: str) -> float:
+    """Sleep, leaving a file in ``mark_dir`` as it starts (``start-*``) and another as
+    it ends (``end-*``), so a test can tell where the runs are."""
+    run = f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
+    Path(mark_dir, f"start-{run}").touch()
+    time.sleep(seconds)
+    Path(mark_dir, f"end-{run}").touch()
+    return seconds
+
+
+@app.task
 def unencodable() -> object:
     return object()
 

@@ -81,6 +81,27 @@ def test_broker_restart_is_found_again_by_workers_and_clients(app, broker, start
     assert tasks.add.delay(3, 4).get(timeout=10) == 7
 
 
+def test_thousands_of_results_finished_while_the_broker_was_down_all_arrive(
+    app, broker, start_worker, tmp_path
+):
+    """A worker that ended 2,000 tasks while the broker was down sends all their DONEs
+    when the broker is back. (Sent one message each they overflowed the socket's
+    queue; the ones dropped stayed in flight for good, their clients never answered.)"""
+    worker = start_worker(concurrency=2000, pool="thread")
+    results = [tasks.nap_and_mark.delay(1.0, str(tmp_path)) for _ in range(2000)]
+
+    def marks(kind: str) -> int:
+        return len(list(tmp_path.glob(f"{kind}-*")))
+
+    wait_for(lambda: marks("start") == 2000, 30, "2,000 tasks running")
+    broker.kill()
+    wait_for(lambda: marks("end") == 2000, 30, "the 2,000 runs to end")
+    broker.restart()
+    wait_for_workers(broker.endpoint, lambda pids: worker.pid in pids, timeout=15)
+    deadline = time.monotonic() + 60
+    assert all(r.get(timeout=max(0.1, deadline - time.monotonic())) == 1.0 for r in results)
+
+
 @pytest.mark.parametrize("pool", ["process", "thread"])
 def test_a_task_longer_than_the_liveness_window_is_not_redelivered(app, start_worker, pool):
     """Heartbeats come from the supervisor, not the task: a CPU-bound task running past

@@ -224,6 +224,7 @@ class Worker:
             self.settings.curve.apply(self._dealer)
         self._dealer.connect(self.settings.broker)
         self._last_recv = time.monotonic()
+        self._dones = []  # all in the outbox, sent again after the WELCOME
         self._ready()
 
     def _ready(self) -> None:
@@ -260,13 +261,16 @@ class Worker:
         READY is said again after the reconnect."""
         self._send_packed(command, p.pack_header(header), *payload)
 
-    def _send_packed(self, command: bytes, header: bytes, *payload: Any) -> None:
+    def _send_packed(self, command: bytes, header: bytes, *payload: Any) -> bool:
+        """Send now or not at all (the queue to the broker is full, or there is no
+        connection); returns whether it was sent."""
         assert self._dealer is not None
         try:
             wire.send(self._dealer, [p.WORKER, command, header, *payload], zmq.NOBLOCK)
         except zmq.Again:
-            return
+            return False
         self._last_sent = time.monotonic()
+        return True
 
     def _drain_broker(self) -> None:
         assert self._dealer is not None
@@ -314,8 +318,9 @@ class Worker:
             self._give_back = float(give_back) if isinstance(give_back, (int, float)) else None
             self.pool.set_fence(_fence_after(heartbeat))
             self._awaiting_welcome = False
-            for done_header, body in self._outbox.values():
-                self._send(p.DONE, done_header, body)
+            # Every DONE not acknowledged yet, again, in this turn's DONE batches: one
+            # message each could overflow the socket's queue (thousands with prefetch).
+            self._dones = list(self._outbox.values())
         elif command == p.ERROR:
             if header.get("code") == "unknown-worker":
                 if not self._awaiting_welcome:
@@ -438,22 +443,26 @@ class Worker:
         limit), which is one send here and one receive at the broker instead of many."""
         dones, self._dones = self._dones, []
         if len(dones) == 1:
-            self._send(p.DONE, *dones[0])
+            if not self._send_packed(p.DONE, p.pack_header(dones[0][0]), dones[0][1]):
+                self._dones = dones  # the queue is full: next turn
             return
         budget, header_budget = self._max_message // 2, p.MAX_HEADER_BYTES - p.HEADER_SLACK
         headers: list[bytes] = []
         bodies: list[bytes] = []
-        size = header_size = 0
-        for header, body in dones:
+        size = header_size = first = 0
+        for at, (header, body) in enumerate(dones):
             packed = p.pack_header(header)
             if headers and (size + len(body) > budget or header_size + len(packed) > header_budget):
-                self._send_packed(p.DONE, p.pack_list("done", headers), *bodies)
-                headers, bodies, size, header_size = [], [], 0, 0
+                if not self._send_packed(p.DONE, p.pack_list("done", headers), *bodies):
+                    self._dones = dones[first:]  # the queue is full: the rest next turn
+                    return
+                headers, bodies, size, header_size, first = [], [], 0, 0, at
             headers.append(packed)
             bodies.append(body)
             size += len(body)
             header_size += len(packed)
-        self._send_packed(p.DONE, p.pack_list("done", headers), *bodies)
+        if headers and not self._send_packed(p.DONE, p.pack_list("done", headers), *bodies):
+            self._dones = dones[first:]
 
     def _on_tick(self, now: float) -> None:
         if self._drained(now):
