@@ -39,6 +39,8 @@ log = logging.getLogger("zq.client")
 FETCH_AFTER = 0.5
 #: How long the broker is asked to hold one FETCH wait before the client asks again.
 FETCH_WAIT = 3600.0
+#: Most task ids in one FETCH (ids are at most 64 characters; a header at most 1 MiB).
+FETCH_CHUNK = 10_000
 #: Most tasks per SUBMIT message.
 SUBMIT_BATCH = 1000
 
@@ -457,12 +459,21 @@ class Client:
         self.max_message_size = int(header.get("max_message_size", self.max_message_size))
         if self._broker_instance and header.get("broker") != self._broker_instance:
             log.warning("broker %s restarted; sending unacknowledged work again", self.broker)
+        reconnected = bool(self._broker_instance)
         self._broker_instance = header.get("broker", "")
         self._welcomed = True
         if self._unacked:
             self._send_submits(list(self._unacked.values()))
         for task_id in self._watched:
             self._watched[task_id] = 0.0
+        if reconnected:
+            # Results published while we were away are lost to our SUB (it reconnects
+            # on its own, maybe after they went out): FETCH every unfinished one now,
+            # rather than one get() at a time, each after fetch_after.
+            with self._lock:
+                waiting = [slot.id for slot in self._slots.values() if not slot.done.is_set()]
+            for task_id in waiting:
+                self._watched.setdefault(task_id, 0.0)
 
     def _on_published(self, frames: list[bytes]) -> None:
         if len(frames) < 3:
@@ -525,10 +536,10 @@ class Client:
             self._send(p.HEARTBEAT, {})
         if self._welcomed:
             due = [task_id for task_id, at in self._watched.items() if at <= now]
-            if due:
-                self._send(p.FETCH, {"ids": due, "wait": FETCH_WAIT})
-                for task_id in due:
-                    self._watched[task_id] = now + FETCH_WAIT
+            for at in range(0, len(due), FETCH_CHUNK):  # each header well under the cap
+                self._send(p.FETCH, {"ids": due[at : at + FETCH_CHUNK], "wait": FETCH_WAIT})
+            for task_id in due:
+                self._watched[task_id] = now + FETCH_WAIT
 
 
 def _reachable(endpoint: str, broker: str) -> str:
