@@ -150,8 +150,9 @@ class Pipeline:
 
 def run(
     stack: contextlib.ExitStack, *, tasks: int, repeats: int, window: int, samples: int
-) -> tuple[dict[str, Any], list[Row]]:
-    """Measure the limit: pipelined tasks/s (median of ``repeats``), one-at-a-time latency."""
+) -> tuple[dict[str, Any], list[Row], Pipeline]:
+    """Measure the limit: pipelined tasks/s (median of ``repeats``), one-at-a-time latency.
+    Also returns the pipeline, up until ``stack`` closes, for rounds paired with zq's."""
     pipe = Pipeline(stack)
     pipe.pipelined(min(tasks, 2000), window)  # warm-up
     rates = []
@@ -185,7 +186,7 @@ def run(
         Row("limit", "round trip p50", result["latency_ms_p50"], "ms"),
         Row("limit", "round trip p99", result["latency_ms_p99"], "ms"),
     ]
-    return result, rows
+    return result, rows, pipe
 
 
 def main(argv: list[str]) -> None:
