@@ -158,6 +158,10 @@ class Journal:
             raise RuntimeError(
                 f"journal {path}: cannot open SQLite's write-ahead log to sync it ({exc})"
             ) from None
+        # What a previous broker committed may sit in the page cache only (it died
+        # before its sync): on disk now, before this broker says anything about it.
+        _datasync(self._wal_fd)
+        _sync_file(main)
         _sync_directory(main)  # the names of a new journal and its WAL
         self._ops: list[tuple[str, Any]] = []
         self._inserted: dict[str, list[Any]] = {}  # rows inserted in this transaction
@@ -389,6 +393,15 @@ def _grouped(ops: list[tuple[str, Any]]) -> Iterator[tuple[str, list[Any]]]:
         return
     for sql, run in itertools.groupby(ops, key=lambda op: op[0]):
         yield sql, [args for _, args in run]
+
+
+def _sync_file(path: str) -> None:
+    """fsync the file at ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sync_directory(path: str) -> None:
