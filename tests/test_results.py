@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 
+import pytest
 import zmq
 
 import zq
@@ -191,3 +192,23 @@ def test_past_the_subscription_cap_every_result_goes_alone(monkeypatch):
             item.close()
         app.close()
         embedded.stop()
+
+
+def test_a_result_nobody_waits_for_any_more_is_not_asked_for_again(app, broker):
+    """A FETCH wait whose AsyncResult is gone is dropped when it falls due (here after a
+    broker restart, when every wait is asked again), not renewed for ever. The client
+    polls STATUS all along: busy as it is, it must still heartbeat to learn of the
+    restart (it used to heartbeat only when it had sent nothing for a second)."""
+    gone = app.AsyncResult("no-such-task")
+    with pytest.raises(zq.TimeoutError):
+        gone.get(timeout=0.3)
+    assert "no-such-task" in app.client._watched
+    del gone
+    gc.collect()
+    broker.kill()
+    broker.restart()
+    wait_for(
+        lambda: app.status(timeout=5) and "no-such-task" not in app.client._watched,
+        20,
+        "the forgotten wait to be dropped",
+    )

@@ -310,21 +310,21 @@ class Client:
             future.set_exception(BrokerUnavailable(f"lost the connection to {self.broker}"))
         self._requests.clear()
         now = time.monotonic()
-        self._last_recv = now
+        self._last_recv = self._last_beat = now
         self._send(p.HELLO, {"client": self.id})
 
-    def _send(self, command: bytes, header: dict[str, Any], *payload: Any) -> None:
+    def _send(self, command: bytes, header: dict[str, Any], *payload: Any) -> bool:
         """Send without ever blocking the I/O thread. With no connection to send on (the
-        broker refused our handshake) or a full queue, the message is dropped: submits
-        and FETCH waits are sent again after the reconnect, heartbeats need not be."""
-        self._send_packed(command, p.pack_header(header), *payload)
+        broker refused our handshake) or a full queue, the message is dropped (returns
+        False): submits and FETCH waits are sent again, heartbeats need not be."""
+        return self._send_packed(command, p.pack_header(header), *payload)
 
-    def _send_packed(self, command: bytes, header: bytes, *payload: Any) -> None:
+    def _send_packed(self, command: bytes, header: bytes, *payload: Any) -> bool:
         try:
             wire.send(self._dealer, [p.CLIENT, command, header, *payload], zmq.NOBLOCK)
         except zmq.Again:
-            return
-        self._last_sent = time.monotonic()
+            return False
+        return True
 
     def _drain(self, sock: zmq.Socket, handle: Any) -> None:
         while True:
@@ -532,14 +532,25 @@ class Client:
             log.warning("no word from broker %s; reconnecting", self.broker)
             self._connect()
             return
-        if now - self._last_sent >= self._heartbeat:
+        # Every heartbeat, however busy: the broker's answer names its instance, and it
+        # is how a client that never falls silent learns the broker restarted (then it
+        # says HELLO, resends unacknowledged submits and asks for its results again).
+        if now - self._last_beat >= self._heartbeat:
             self._send(p.HEARTBEAT, {})
+            self._last_beat = now
         if self._welcomed:
             due = [task_id for task_id, at in self._watched.items() if at <= now]
+            with self._lock:  # a result no AsyncResult holds any more: nobody waits
+                gone = [task_id for task_id in due if task_id not in self._slots]
+            for task_id in gone:
+                del self._watched[task_id]
+            if gone:
+                due = [task_id for task_id in due if task_id in self._watched]
             for at in range(0, len(due), FETCH_CHUNK):  # each header well under the cap
-                self._send(p.FETCH, {"ids": due[at : at + FETCH_CHUNK], "wait": FETCH_WAIT})
-            for task_id in due:
-                self._watched[task_id] = now + FETCH_WAIT
+                chunk = due[at : at + FETCH_CHUNK]
+                if self._send(p.FETCH, {"ids": chunk, "wait": FETCH_WAIT}):
+                    for task_id in chunk:  # else still due: asked again next tick
+                        self._watched[task_id] = now + FETCH_WAIT
 
 
 def _reachable(endpoint: str, broker: str) -> str:
