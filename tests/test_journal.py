@@ -94,7 +94,8 @@ class _SlowDisk:
 
 @pytest.fixture
 def slow_disk_broker(tmp_path, monkeypatch):
-    """An embedded broker whose journal's disk syncs wait at gates, and a raw peer."""
+    """An embedded broker whose journal's disk syncs wait at gates, and a raw peer:
+    (the disk, the peer, the broker)."""
     settings = BrokerSettings(bind="tcp://127.0.0.1:*", journal=str(tmp_path / "j.db"))
     broker = Broker(settings).start()
     disk = _SlowDisk(gates=2)  # from now on: the journal syncs once at start too
@@ -102,7 +103,7 @@ def slow_disk_broker(tmp_path, monkeypatch):
     ctx = zmq.Context()
     peer = RawPeer(ctx, broker.endpoint)
     try:
-        yield disk, peer
+        yield disk, peer, broker
     finally:
         disk.open_all()
         peer.close()
@@ -120,7 +121,7 @@ def test_replies_wait_until_the_commit_is_on_disk(slow_disk_broker):
     """The broker says ACCEPTED only once the task is on disk, whether the loop waits
     for the disk itself (a turn that read one message) or its sync thread does (a
     turn that read more, while the loop goes on)."""
-    disk, peer = slow_disk_broker
+    disk, peer, _ = slow_disk_broker
     peer.send(submit([task_header("t1")], p.encode([[1, 2], {}])))
     wait_for(lambda: len(disk.callers) == 1, 10, "the first sync")
     peer.send(submit([task_header("t2")], p.encode([[1, 2], {}])))
@@ -159,23 +160,37 @@ def test_the_wal_synced_is_sqlites_even_through_a_symlink(tmp_path, monkeypatch)
     assert synced == [wal, wal]
 
 
-def test_a_failed_disk_sync_stops_the_broker_and_nothing_is_sent(tmp_path, monkeypatch):
+@pytest.mark.parametrize("on_thread", [False, True], ids=["inline", "sync-thread"])
+def test_a_failed_disk_sync_stops_the_broker_and_nothing_is_sent(
+    on_thread, slow_disk_broker, monkeypatch
+):
     """fdatasync failing (EIO) means the commit may never reach the disk: the broker
-    stops instead of replying, and does not hang on its way out."""
+    stops instead of replying, and does not hang on its way out, whether the loop or
+    its sync thread met the failure."""
+    disk, peer, broker = slow_disk_broker
+    raised: list[BaseException | None] = []  # what ended the broker's thread
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_value))
+    sync = disk._sync
 
-    def broken(fd: int) -> None:
+    def broken(fd: int) -> None:  # the first sync is the loop's own (one message read)
+        if on_thread and threading.current_thread().name != "zq-journal-sync":
+            sync(fd)
+            return
         raise OSError(errno.EIO, "simulated disk error")
 
-    settings = BrokerSettings(bind="tcp://127.0.0.1:*", journal=str(tmp_path / "j.db"))
-    broker = Broker(settings).start()
-    monkeypatch.setattr(journal_module, "_datasync", broken)  # after the sync at start
-    ctx = zmq.Context()
-    peer = RawPeer(ctx, broker.endpoint)
-    try:
-        peer.send(submit([task_header("t1")], p.encode([[1, 2], {}])))
-        broker.stop(timeout=10)
-        assert broker._thread is not None and not broker._thread.is_alive()
+    disk._sync = broken
+    peer.send(submit([task_header("t1")], p.encode([[1, 2], {}])))
+    wait_for(lambda: len(disk.callers) == 1, 10, "the first sync")
+    if on_thread:  # two more while the loop waits: the next turn reads both
+        peer.send(submit([task_header("t2")], p.encode([[1, 2], {}])))
+        peer.send(submit([task_header("t3")], p.encode([[1, 2], {}])))
         peer.expect_nothing(300)
-    finally:
-        peer.close()
-        ctx.term()
+    disk.gates[0].set()
+    if on_thread:
+        assert _accepted(peer) == ["t1"]
+        wait_for(lambda: len(disk.callers) == 2, 10, "the second sync")
+        assert disk.callers[1] == "zq-journal-sync"
+        disk.gates[1].set()
+    wait_for(lambda: not broker._thread.is_alive(), 10, "the broker to stop")
+    peer.expect_nothing(300)
+    assert [getattr(exc, "errno", None) for exc in raised] == [errno.EIO]
