@@ -194,3 +194,21 @@ def test_a_failed_disk_sync_stops_the_broker_and_nothing_is_sent(
     wait_for(lambda: not broker._thread.is_alive(), 10, "the broker to stop")
     peer.expect_nothing(300)
     assert [getattr(exc, "errno", None) for exc in raised] == [errno.EIO]
+
+
+def test_an_embedded_broker_bound_first_then_started_opens_its_journal_once(tmp_path):
+    """bind() (to learn the endpoint) then start(): start() used to bind again, and the
+    second open of the journal failed ("database is locked")."""
+    settings = BrokerSettings(bind="tcp://127.0.0.1:*", journal=str(tmp_path / "j.db"))
+    broker = Broker(settings)
+    endpoint, _ = broker.bind()
+    broker.start()
+    ctx = zmq.Context()
+    peer = RawPeer(ctx, endpoint)
+    try:
+        peer.send(submit([task_header("t1")], p.encode([[1, 2], {}])))
+        assert _accepted(peer) == ["t1"]
+    finally:
+        peer.close()
+        ctx.term()
+        broker.stop()

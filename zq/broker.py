@@ -210,8 +210,10 @@ class Broker:
         return self.endpoint, self.pub_endpoint
 
     def start(self) -> Broker:
-        """Bind and run the loop on a daemon thread (embedded mode)."""
-        self.bind()
+        """Bind (unless :meth:`bind` ran already) and run the loop on a daemon thread
+        (embedded mode)."""
+        if not self._bound.is_set():
+            self.bind()
         self._thread = threading.Thread(target=self.run, name="zq-broker", daemon=True)
         self._thread.start()
         return self
