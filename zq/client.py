@@ -540,12 +540,14 @@ class Client:
             self._last_beat = now
         if self._welcomed:
             due = [task_id for task_id, at in self._watched.items() if at <= now]
+            if not due:
+                return
             with self._lock:  # a result no AsyncResult holds any more: nobody waits
-                gone = [task_id for task_id in due if task_id not in self._slots]
-            for task_id in gone:
-                del self._watched[task_id]
-            if gone:
-                due = [task_id for task_id in due if task_id in self._watched]
+                held = [task_id for task_id in due if task_id in self._slots]
+            if len(held) < len(due):
+                for task_id in set(due).difference(held):
+                    del self._watched[task_id]
+                due = held
             for at in range(0, len(due), FETCH_CHUNK):  # each header well under the cap
                 chunk = due[at : at + FETCH_CHUNK]
                 if self._send(p.FETCH, {"ids": chunk, "wait": FETCH_WAIT}):

@@ -396,7 +396,7 @@ def _grouped(ops: list[tuple[str, Any]]) -> Iterator[tuple[str, list[Any]]]:
 
 
 def _sync_file(path: str) -> None:
-    """fsync the file at ``path``."""
+    """fsync the file (or directory) at ``path``."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -406,14 +406,8 @@ def _sync_file(path: str) -> None:
 
 def _sync_directory(path: str) -> None:
     """fsync the directory holding ``path``, so a file created there stays named."""
-    try:
-        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    except OSError:  # a system that cannot open a directory (Windows) names files at once
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if os.name != "nt":  # Windows cannot open a directory; it names files at once
+        _sync_file(os.path.dirname(os.path.abspath(path)))
 
 
 class NullJournal:

@@ -24,6 +24,10 @@ class Result:
         self.expires = expires
 
 
+def _ignore(task_id: str) -> None:
+    pass
+
+
 class ResultStore:
     """Results by task id, dropped ``ttl`` seconds after they were stored, or when
     more than ``max_items`` are kept (the oldest first). ``on_drop`` is called with the
@@ -37,7 +41,7 @@ class ResultStore:
     ) -> None:
         self.ttl = ttl
         self.max_items = max_items
-        self._on_drop = on_drop
+        self._on_drop = on_drop or _ignore
         self.evicted = 0  # dropped before their TTL because the store was full
         # With one TTL for all, insertion order is expiry order: purging pops the front.
         self._items: OrderedDict[str, Result] = OrderedDict()
@@ -55,8 +59,7 @@ class ResultStore:
         if self.max_items is not None and len(self._items) > self.max_items:
             evicted, _ = self._items.popitem(last=False)  # the oldest: first to expire
             self.evicted += 1
-            if self._on_drop is not None:
-                self._on_drop(evicted)
+            self._on_drop(evicted)
         return result
 
     def discard(self, task_id: str) -> None:
@@ -74,8 +77,7 @@ class ResultStore:
                 break
             expired, _ = self._items.popitem(last=False)
             n += 1
-            if self._on_drop is not None:
-                self._on_drop(expired)
+            self._on_drop(expired)
         return n
 
 

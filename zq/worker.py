@@ -442,10 +442,6 @@ class Worker:
         """Send the turn's DONEs: one message for all of them (within half the size
         limit), which is one send here and one receive at the broker instead of many."""
         dones, self._dones = self._dones, []
-        if len(dones) == 1:
-            if not self._send_packed(p.DONE, p.pack_header(dones[0][0]), dones[0][1]):
-                self._dones = dones  # the queue is full: next turn
-            return
         budget, header_budget = self._max_message // 2, p.MAX_HEADER_BYTES - p.HEADER_SLACK
         headers: list[bytes] = []
         bodies: list[bytes] = []
@@ -453,7 +449,7 @@ class Worker:
         for at, (header, body) in enumerate(dones):
             packed = p.pack_header(header)
             if headers and (size + len(body) > budget or header_size + len(packed) > header_budget):
-                if not self._send_packed(p.DONE, p.pack_list("done", headers), *bodies):
+                if not self._send_dones(headers, bodies):
                     self._dones = dones[first:]  # the queue is full: the rest next turn
                     return
                 headers, bodies, size, header_size, first = [], [], 0, 0, at
@@ -461,8 +457,13 @@ class Worker:
             bodies.append(body)
             size += len(body)
             header_size += len(packed)
-        if headers and not self._send_packed(p.DONE, p.pack_list("done", headers), *bodies):
+        if headers and not self._send_dones(headers, bodies):
             self._dones = dones[first:]
+
+    def _send_dones(self, headers: list[bytes], bodies: list[bytes]) -> bool:
+        """One DONE message: a lone DONE as itself, more as a batch (``done``)."""
+        header = headers[0] if len(headers) == 1 else p.pack_list("done", headers)
+        return self._send_packed(p.DONE, header, *bodies)
 
     def _on_tick(self, now: float) -> None:
         if self._drained(now):
