@@ -11,8 +11,9 @@ from zq.testing import BrokerProcess, WorkerProcess, wait_for
 
 
 @pytest.fixture
-def broker() -> Iterator[BrokerProcess]:
-    with BrokerProcess() as proc:
+def broker(request: pytest.FixtureRequest) -> Iterator[BrokerProcess]:
+    """A broker; parametrize it indirectly with a tuple of ``zq broker`` options."""
+    with BrokerProcess("tcp://127.0.0.1:*", *getattr(request, "param", ())) as proc:
         yield proc
 
 

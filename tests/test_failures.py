@@ -5,6 +5,7 @@ Default heartbeat settings (1 s, dead after 3 missed), as users run them.
 
 from __future__ import annotations
 
+import select
 import signal
 import time
 
@@ -13,6 +14,8 @@ import pytest
 from tests import tasks
 from tests.conftest import wait_for_workers
 from tests.tasks import read_records
+from zq import protocol as p
+from zq.pool import Limits, ProcessPool, ThreadPool
 from zq.testing import check_key_records, wait_for
 
 
@@ -68,6 +71,84 @@ def test_frozen_worker_is_fenced_declared_dead_and_rejoins(app, broker, start_wo
     survivor.close()
     wait_for_workers(broker.endpoint, lambda pids: pids == {frozen.pid}, timeout=10)
     assert tasks.add.delay(2, 2).get(timeout=10) == 4
+
+
+def _holds(broker, worker, count: int) -> None:
+    wait_for_workers(
+        broker.endpoint,
+        lambda _: any(
+            w["pid"] == worker.pid and w["in_flight"] == count
+            for w in tasks.app.status()["workers"]
+        ),
+    )
+
+
+@pytest.mark.parametrize("broker", [("--prefetch", "2")], indirect=True)  # never given back
+@pytest.mark.parametrize("pool", ["process", "thread"])
+def test_a_thawed_worker_starts_none_of_the_tasks_it_held_unstarted(
+    app, broker, start_worker, pool, tmp_path
+):
+    """Frozen past the dead-after window, a worker held keyed tasks it had not started:
+    one prefetched behind a running task, one sent to it while it was frozen (in its
+    socket's buffers). Another worker ran both, then their keys' next tasks. Thawed,
+    the frozen worker must start neither: it would run a key's task after the next one
+    (and, were the tasks long, beside it). It did, for tasks of a few milliseconds."""
+    frozen = start_worker(concurrency=1, pool=pool)
+    blocker = tasks.sleep.delay(1.0)
+    wait_for(lambda: blocker.status == "STARTED", 15, "the blocker to start")
+    held = [tasks.keyed.delay("thaw-a", 1, 0.0, str(tmp_path))]  # prefetched behind it
+    _holds(broker, frozen, 2)
+    frozen.signal(signal.SIGSTOP)
+    try:
+        held.append(tasks.keyed.delay("thaw-b", 1, 0.0, str(tmp_path)))  # sent, unread
+        _holds(broker, frozen, 3)
+        survivor = start_worker(concurrency=2, pool=pool)
+        later = [tasks.keyed.delay(key, 2, 0.0, str(tmp_path)) for key in ("thaw-a", "thaw-b")]
+        assert [r.get(timeout=20)["seq"] for r in held + later] == [1, 1, 2, 2]
+        assert blocker.get(timeout=20) == 1.0
+    finally:
+        frozen.signal(signal.SIGCONT)
+    wait_for_workers(broker.endpoint, lambda pids: frozen.pid in pids, timeout=10)
+    survivor.close()
+    wait_for_workers(broker.endpoint, lambda pids: pids == {frozen.pid}, timeout=10)
+    # Its one slot runs what it is given in turn: this ends after anything it held.
+    assert tasks.add.delay(2, 2).get(timeout=10) == 4
+    records = read_records(tmp_path)
+    assert sorted((r["key"], r["seq"]) for r in records) == [
+        ("thaw-a", 1),
+        ("thaw-a", 2),
+        ("thaw-b", 1),
+        ("thaw-b", 2),
+    ]
+    assert check_key_records(records) == []
+
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_a_pool_starts_no_keyed_task_while_the_broker_is_silent_past_the_fence(kind):
+    """The pool's own check, for a supervisor that froze after it read a TASK and
+    before it handed it over (its connection check came before the freeze): the keyed
+    task comes back LOST (fenced) unrun; an unkeyed one runs."""
+    pool = (
+        ProcessPool(tasks.app, "tests.tasks", 1, fence_after=1.5, limits=Limits())
+        if kind == "process"
+        else ThreadPool(tasks.app, 1, fence_after=1.5)
+    )
+    pool.start()
+    try:
+        pool.tick(time.monotonic() - 2.0)  # the broker was last heard 2 s ago
+        for task_id, key in (("keyed", "cust-1"), ("plain", None)):
+            header = {"id": task_id, "name": "tests.tasks.add", "queue": "default", "key": key}
+            pool.submit(header, p.encode([[1, 1], {}]))
+        done: dict[str, tuple] = {}
+        deadline = time.monotonic() + 20
+        while len(done) < 2:
+            assert time.monotonic() < deadline, f"only {done}"
+            for fd in select.select(pool.fds(), [], [], 1.0)[0]:
+                done.update((e[1], e) for e in pool.on_readable(fd) if e[0] == "done")
+        assert done["keyed"][2] == p.LOST and done["keyed"][5] == {"fenced": True}
+        assert done["plain"][2] == p.SUCCESS and p.decode(done["plain"][3]) == 2
+    finally:
+        pool.close()
 
 
 def test_broker_restart_is_found_again_by_workers_and_clients(app, broker, start_worker):

@@ -30,11 +30,15 @@ class FakeBroker:
         self.largest_done_header = 0
 
     def recv(self, timeout: float = 5.0) -> tuple[bytes, dict]:
+        """The worker's next message; a HEARTBEAT is answered (a worker that hears
+        nothing for 1.5 heartbeats gives its connection up)."""
         assert self.sock.poll(timeout * 1000), "the worker went silent"
         frames = self.sock.recv_multipart()
         self.worker = frames[0]
         self.header_bytes = len(frames[3]) if len(frames) > 3 else 0
         _, command, header, self.payload = p.parse(frames[1:])
+        if command == p.HEARTBEAT:
+            self.send(p.BROKER, p.HEARTBEAT, p.pack_header({}))
         return command, header
 
     def dones(self, count: int, timeout: float = 10.0) -> dict[str, tuple[dict, bytes]]:
@@ -61,8 +65,6 @@ class FakeBroker:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             got, header = self.recv(max(0.01, deadline - time.monotonic()))
-            if got == p.HEARTBEAT:
-                self.send(p.BROKER, p.HEARTBEAT, p.pack_header({}))
             entries = header.get("done", [header]) if got == p.DONE else [header]
             if got == p.DONE:  # acknowledge, so the worker's outbox lets go of it
                 ids = [entry.get("id") for entry in entries]

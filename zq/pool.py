@@ -45,7 +45,8 @@ Outcome = tuple[str, bytes, dict[str, Any]]
 
 #: Exit code of a child that fenced itself off because its supervisor went silent.
 FENCED_EXIT = 70
-#: Seconds between a child's checks of its fence.
+#: Seconds between a child's checks of its fence (at most; a tenth of the fence time
+#: if that is less, so short heartbeats keep their margin).
 FENCE_POLL = 0.1
 
 
@@ -97,6 +98,20 @@ def _failed(task: Task, header: dict[str, Any], exc: Exception) -> Outcome:
     return p.RETRY, info, {"countdown": countdown}
 
 
+def fenced(task_id: str, runtime: float | None) -> Event:
+    """The DONE event of a keyed task stopped, or not started, because the supervisor
+    had not heard from the broker for the fence time: LOST, run again elsewhere, not
+    counted as a crash."""
+    why = "the worker lost touch with the broker: a keyed task stops (it runs again)"
+    return ("done", task_id, p.LOST, p.failure("zq.Fenced", why), runtime, {"fenced": True})
+
+
+def _fence_closed(heard: float, fence_after: float) -> bool:
+    """True while the supervisor has not heard from the broker for ``fence_after`` s:
+    the broker may give this worker's keys to another, so no keyed task may start."""
+    return time.monotonic() - heard > fence_after
+
+
 def _type_name(exc: BaseException) -> str:
     cls = type(exc)
     return (
@@ -144,9 +159,12 @@ def _child_main(
             header, payload = p.decode(conn.recv_bytes())
         except EOFError:
             return
-        if header.get("key") is not None:
-            keyed.set()
         task_id = header["id"]
+        if header.get("key") is not None:
+            if _fence_closed(heard.value, fence_after.value):
+                conn.send_bytes(p.encode([*fenced(task_id, None), False]))
+                continue
+            keyed.set()
         soft, _ = limits.for_task(app, header.get("name", ""))
         start = time.monotonic()
         if soft:
@@ -185,10 +203,10 @@ def _fence(heard: Any, fence_after: Any, parent: int, keyed: threading.Event) ->
     (a partition, a frozen supervisor): the broker may soon give the key to another
     worker, and a key must never run twice at once. Unkeyed tasks run on."""
     while True:
-        time.sleep(FENCE_POLL)
+        time.sleep(min(FENCE_POLL, fence_after.value / 10))
         if os.getppid() != parent:
             os._exit(FENCED_EXIT)
-        if keyed.is_set() and time.monotonic() - heard.value > fence_after.value:
+        if keyed.is_set() and _fence_closed(heard.value, fence_after.value):
             os._exit(FENCED_EXIT)
 
 
@@ -387,10 +405,7 @@ class ProcessPool:
         # LOST: the broker runs it again (at the head of its key's lane), or after too
         # many deaths makes it a dead letter, so a poison task neither loops nor vanishes.
         if code == FENCED_EXIT:
-            reason = "stopped: the worker lost the broker while running a keyed task"
-            return [
-                ("done", child.task, p.LOST, p.failure("zq.Fenced", reason), 0.0, {"fenced": True})
-            ]
+            return [fenced(child.task, time.monotonic() - child.started)]
         reason = f"the worker process running the task died (exit code {code})"
         return [("done", child.task, p.LOST, p.failure("zq.WorkerLost", reason), 0.0, {})]
 
@@ -410,11 +425,19 @@ class ProcessPool:
 
 
 class ThreadPool:
-    """``size`` threads in the supervisor's process, for I/O-bound tasks."""
+    """``size`` threads in the supervisor's process, for I/O-bound tasks.
 
-    def __init__(self, app: App, size: int) -> None:
+    A running task cannot be stopped: no time limits, no terminate, and no fence for a
+    keyed task that is running when the broker goes silent. A keyed task is not
+    started while the broker is silent past the fence, though (it comes back LOST)."""
+
+    def __init__(self, app: App, size: int, *, fence_after: float = float("inf")) -> None:
         self.app = app
         self.size = size
+        # When the supervisor last heard from the broker, and the fence: plain floats
+        # the threads read (tick and set_fence write them).
+        self._heard = time.monotonic()
+        self._fence_after = fence_after
         self._jobs: queue.SimpleQueue[tuple[dict[str, Any], bytes, object] | None] = (
             queue.SimpleQueue()
         )
@@ -448,6 +471,9 @@ class ThreadPool:
                 if self._waiting.get(task_id) is not token:
                     continue  # withdrawn
                 del self._waiting[task_id]
+            if header.get("key") is not None and _fence_closed(self._heard, self._fence_after):
+                self._emit(fenced(task_id, None))  # e.g. the process was frozen (SIGSTOP)
+                continue
             self._emit(("started", task_id))
             start = time.monotonic()
 
@@ -474,9 +500,11 @@ class ThreadPool:
         return list(self._running)
 
     def set_fence(self, seconds: float) -> None:
-        pass  # threads stop with the process, so they need no fence
+        """Broker silence after which no keyed task starts."""
+        self._fence_after = seconds
 
     def tick(self, heard: float) -> list[Event]:
+        self._heard = heard
         return []
 
     def started(self) -> list[Event]:

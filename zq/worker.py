@@ -5,9 +5,13 @@ heartbeats at all times, whatever the tasks are doing. It announces its slots in
 READY; the broker never sends more tasks than that (credit), and the supervisor
 forwards each task to the pool and each STARTED/DONE back to the broker.
 
-If the broker goes silent for ``heartbeat * liveness`` seconds the supervisor drops
-its socket and connects again, saying READY with the ids of the tasks it still runs
-so the broker can re-attach them. ``stop()`` may be called from a signal handler.
+If the broker goes silent for the fence time (1.5 heartbeats) the supervisor gives
+that connection up: the broker may soon declare this worker dead and give its tasks to
+others. It hands back the tasks it holds unstarted, drops its socket with whatever is
+still unread in it (TASKs sent before the silence, which another worker may run by
+now), connects again and says READY with the ids of the tasks it still runs, so the
+broker can re-attach them. A worker frozen (SIGSTOP) past the fence does the same
+before it starts anything when it thaws. ``stop()`` may be called from a signal handler.
 """
 
 from __future__ import annotations
@@ -42,8 +46,7 @@ class WorkerSettings:
     concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
     pool: str = "process"  # or "thread"
     queues: tuple[str, ...] = ("default",)
-    heartbeat: float = 1.0
-    liveness: int = 3
+    heartbeat: float = 1.0  # until the broker's WELCOME says otherwise
     limits: Limits = field(default_factory=Limits)
     shutdown_timeout: float = 30.0  # on stop(), seconds running tasks may take to finish
     curve: ClientCurve | None = None  # keys for a CURVE broker
@@ -68,7 +71,7 @@ class Worker:
         self.app: App = load_app(spec)
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._heartbeat = self.settings.heartbeat
-        self._liveness = self.settings.liveness
+        self._fence = _fence_after(self._heartbeat)
         self._running = False
         # DONEs the broker has not acknowledged yet (it acks after its journal commit);
         # sent again after every reconnect, so a result outlives a broker outage.
@@ -104,16 +107,11 @@ class Worker:
     def run(self) -> None:
         """Serve until :meth:`stop`."""
         s = self.settings
+        fence = self._fence
         self.pool: ProcessPool | ThreadPool = (
-            ProcessPool(
-                self.app,
-                self.spec,
-                s.concurrency,
-                fence_after=_fence_after(s.heartbeat),
-                limits=s.limits,
-            )
+            ProcessPool(self.app, self.spec, s.concurrency, fence_after=fence, limits=s.limits)
             if s.pool == "process"
-            else ThreadPool(self.app, s.concurrency)
+            else ThreadPool(self.app, s.concurrency, fence_after=fence)
         )
         if s.pool == "thread" and s.limits != Limits():
             log.warning("time limits and child replacement need --pool process; ignored")
@@ -156,6 +154,8 @@ class Worker:
                 for item in registered:
                     poller.register(item, zmq.POLLIN)
             events = dict(poller.poll(self._poll_timeout()))
+            if self._renew_if_silent(time.monotonic()):
+                continue  # first: a thawed worker must start nothing it held
             self._on_pool_events(self.pool.tick(self._heard))
             pool_events: list[tuple[Any, ...]] = []
             for item in events:
@@ -192,10 +192,43 @@ class Worker:
         elif now - self._stalled_since >= self._give_back:
             stuck = now - self._stalled_since
             self._stalled_since = None
-            ids = self.pool.withdraw()
-            log.info("gave %d waiting tasks back: no slot freed for %.2fs", len(ids), stuck)
-            for task_id in ids:
-                self._on_pool_event(("done", task_id, p.LOST, b"", stuck, {"returned": True}))
+            given = self._give_back_waiting(stuck)
+            log.info("gave %d waiting tasks back: no slot freed for %.2fs", given, stuck)
+
+    def _give_back_waiting(self, stuck: float | None) -> int:
+        """Take back the tasks no slot has started, each reported DONE LOST with
+        ``returned`` (the broker requeues them, not counted as redeliveries); returns
+        how many."""
+        ids = self.pool.withdraw()
+        for task_id in ids:
+            self._on_pool_event(("done", task_id, p.LOST, b"", stuck, {"returned": True}))
+        return len(ids)
+
+    def _renew_if_silent(self, now: float) -> bool:
+        """Give the connection up if the broker has said nothing on it for the fence
+        time; returns whether it did.
+
+        The broker may declare this worker dead from 2.25 heartbeats of silence on (see
+        :func:`_fence_after`) and give its tasks, and their keys, to other workers. So
+        nothing this worker holds unstarted may start, and nothing still unread on this
+        connection may be trusted: a TASK read after the silence (the worker was frozen,
+        or the network held it) may be running elsewhere by now. The tasks waiting here
+        go back (to the outbox: the broker gets them after the WELCOME, or already gave
+        them to others), the socket goes with what it holds, and READY on a new one
+        claims only what runs. Running keyed tasks stop by themselves (the pool's
+        fence)."""
+        silent = now - self._last_recv
+        if silent <= self._fence:
+            return False
+        given = self._give_back_waiting(None)
+        log.warning(
+            "no word from broker %s for %.1fs; reconnecting (%d waiting tasks handed back)",
+            self.settings.broker,
+            silent,
+            given,
+        )
+        self._connect()
+        return True
 
     def _drained(self, now: float) -> bool:
         """While stopping: True once nothing runs and every DONE is acknowledged, or
@@ -279,7 +312,10 @@ class Worker:
                 frames = wire.recv_bytes(self._dealer, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._last_recv = self._heard = time.monotonic()
+            now = time.monotonic()
+            if self._renew_if_silent(now):  # frozen since the last read, say
+                return  # this message and the rest are dropped with the socket
+            self._last_recv = self._heard = now
             try:
                 self._handle(*p.parse(frames))
             except (ProtocolError, ValueError, TypeError, AttributeError) as exc:
@@ -309,14 +345,14 @@ class Worker:
             self._on_revoke(header.get("id"), header.get("delivery"))
         elif command == p.WELCOME:
             heartbeat = float(header.get("heartbeat", self._heartbeat))
-            liveness = int(header.get("liveness", self._liveness))
             max_message = int(header.get("max_message_size", self._max_message))
-            if not (0 < heartbeat < 3600 and 1 < liveness < 1000 and max_message > p.ENVELOPE):
+            if not (0 < heartbeat < 3600 and max_message > p.ENVELOPE):
                 raise ProtocolError(f"implausible WELCOME {header!r:.200}")
-            self._heartbeat, self._liveness, self._max_message = heartbeat, liveness, max_message
+            self._heartbeat, self._max_message = heartbeat, max_message
             give_back = header.get("give_back")
             self._give_back = float(give_back) if isinstance(give_back, (int, float)) else None
-            self.pool.set_fence(_fence_after(heartbeat))
+            self._fence = _fence_after(heartbeat)
+            self.pool.set_fence(self._fence)
             self._awaiting_welcome = False
             # Every DONE not acknowledged yet, again, in this turn's DONE batches: one
             # message each could overflow the socket's queue (thousands with prefetch).
@@ -468,15 +504,13 @@ class Worker:
     def _on_tick(self, now: float) -> None:
         if self._drained(now):
             self._running = False
-        elif now - self._last_recv > self._heartbeat * self._liveness:
-            log.warning("no word from broker %s; reconnecting", self.settings.broker)
-            self._connect()
         elif now - self._last_sent >= self._heartbeat / 2:
             self._send(p.HEARTBEAT, {})
 
 
 def _fence_after(heartbeat: float) -> float:
-    """Seconds without word from the broker after which keyed tasks are stopped.
+    """Seconds without word from the broker after which keyed tasks are stopped, no
+    held task is started and the connection is given up.
 
     The broker speaks to a worker at least every heartbeat/2 (+ heartbeat/4 of loop
     granularity), so a healthy worker never waits 1.5 heartbeats; a worker cut off at
