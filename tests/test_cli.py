@@ -95,6 +95,16 @@ def test_status_without_a_broker_fails_clearly():
     assert "is a broker running" in out.stderr
 
 
+def test_a_liveness_under_3_is_refused_with_the_reason():
+    out = run("-m", "zq", "broker", "--liveness", "2", "--bind", "tcp://127.0.0.1:*")
+    assert out.returncode == 2 and "'--liveness': 2 is not in the range x>=3" in out.stderr
+    assert "at least 3" in run("-m", "zq", "broker", "--help").stdout
+    from zq.broker import BrokerSettings
+
+    with pytest.raises(ValueError, match="liveness must be >= 3"):
+        BrokerSettings(liveness=2)
+
+
 def test_client_script_scores_orders(broker, start_worker):
     start_worker("zq.scoring", concurrency=2)  # what `python worker.py` serves
     out = run(

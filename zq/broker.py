@@ -97,6 +97,12 @@ class BrokerSettings:
     max_results: int = 1_000_000  # results kept; past it the oldest are dropped (counted)
 
     def __post_init__(self) -> None:
+        if self.heartbeat <= 0:
+            raise ValueError(f"heartbeat must be > 0 seconds, got {self.heartbeat}")
+        if self.liveness < 3:
+            # A cut-off worker stops its keyed tasks 1.5 heartbeats after it last heard
+            # the broker; declared dead any sooner than 2.25, its keys could run twice.
+            raise ValueError(f"liveness must be >= 3 (keyed tasks' fencing), got {self.liveness}")
         if self.prefetch is not None and not 0 <= self.prefetch <= PREFETCH_MAX:
             raise ValueError(f"prefetch must be 0..{PREFETCH_MAX}, got {self.prefetch}")
         if (self.curve_secret is None) != (self.authorized_keys is None):

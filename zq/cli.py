@@ -202,10 +202,11 @@ def _stop_on_signals(stop: Any) -> None:
 )
 @click.option(
     "--liveness",
-    type=click.IntRange(min=2),
+    type=click.IntRange(min=3),
     default=3,
     show_default=True,
-    help="Missed heartbeats after which a worker is dead and its tasks requeued.",
+    help="Missed heartbeats after which a worker is dead and its tasks requeued "
+    "(at least 3: workers stop keyed tasks after 1.5).",
 )
 @click.option(
     "--result-ttl",
