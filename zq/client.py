@@ -136,6 +136,10 @@ class Client:
         self._slots: weakref.WeakValueDictionary[str, _Slot] = weakref.WeakValueDictionary()
         self._unacked: dict[str, tuple[dict[str, Any], bytes]] = {}  # I/O thread only
         self._watched: dict[str, float] = {}  # task id -> when its FETCH wait lapses
+        # The earliest of those times: the I/O loop scans _watched only once it comes
+        # (a scan per loop turn cost O(waits) each turn, all unfinished results after
+        # a reconnect).
+        self._fetch_at = float("inf")
         self._requests: dict[int, concurrent.futures.Future[dict[str, Any]]] = {}
         self._next_req = 0
         self._closing = False
@@ -356,7 +360,8 @@ class Client:
                 self._send_submits(batch)
                 batch = []
             if kind == "watch":
-                self._watched.setdefault(command[1], 0.0)  # due now, unless already asked
+                if self._watched.setdefault(command[1], 0.0) == 0.0:  # due now, unless asked
+                    self._fetch_at = 0.0
             elif kind == "query":
                 self._send(p.FETCH, {"ids": [command[1]], "wait": 0})
             elif kind == "request":
@@ -466,6 +471,7 @@ class Client:
             self._send_submits(list(self._unacked.values()))
         for task_id in self._watched:
             self._watched[task_id] = 0.0
+        self._fetch_at = 0.0
         if reconnected:
             # Results published while we were away are lost to our SUB (it reconnects
             # on its own, maybe after they went out): FETCH every unfinished one now,
@@ -538,10 +544,14 @@ class Client:
         if now - self._last_beat >= self._heartbeat:
             self._send(p.HEARTBEAT, {})
             self._last_beat = now
-        if self._welcomed:
-            due = [task_id for task_id, at in self._watched.items() if at <= now]
-            if not due:
-                return
+        if self._welcomed and now >= self._fetch_at:
+            self._fetch_due(now)
+            self._fetch_at = min(self._watched.values(), default=float("inf"))
+
+    def _fetch_due(self, now: float) -> None:
+        """FETCH the watched results whose wait lapsed (or that were never asked)."""
+        due = [task_id for task_id, at in self._watched.items() if at <= now]
+        if due:
             with self._lock:  # a result no AsyncResult holds any more: nobody waits
                 held = [task_id for task_id in due if task_id in self._slots]
             if len(held) < len(due):
