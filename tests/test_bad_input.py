@@ -309,6 +309,23 @@ def test_ready_with_unhashable_running_ids_gets_an_error(raw):
     raw.expect_error(r"running", timeout_ms=1000)
 
 
+def test_one_started_for_several_tasks_marks_each_and_a_mismatch_gets_an_error(raw, app):
+    raw.send(p.message(p.WORKER, p.READY, {**READY, "concurrency": 2}))
+    assert raw.recv_broker()[0] == p.WELCOME
+    results = [tasks.add.apply_async(args=(i, 1), queue="nowhere") for i in range(2)]
+    held: dict[str, int] = {}
+    while len(held) < 2:
+        tag, command, header, _ = p.parse(raw.recv())
+        for one in header.get("tasks", [header]) if command == p.TASK else []:
+            held[one["id"]] = one["delivery"]
+    assert [r.status for r in results] == [p.QUEUED, p.QUEUED]
+    started = {"ids": list(held), "deliveries": list(held.values())}
+    raw.send(p.message(p.WORKER, p.STARTED, started))
+    wait_for(lambda: all(r.status == "STARTED" for r in results), 5, "both STARTED")
+    raw.send(p.message(p.WORKER, p.STARTED, {"ids": list(held), "deliveries": [1]}))
+    raw.expect_error(r"differ in length", timeout_ms=1000)
+
+
 def test_fetch_with_nan_wait_gets_an_error(raw):
     raw.send(p.message(p.CLIENT, p.FETCH, {"ids": ["x"], "wait": float("nan")}))
     raw.expect_error(r"'wait' must be", timeout_ms=1000)

@@ -836,11 +836,20 @@ class Broker:
 
     def _on_started(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         peer = self._worker(ident)
-        task_id = header.get("id")
-        if not isinstance(task_id, str) or not self.dispatch.started(
-            peer.wid, task_id, _delivery(header)
-        ):
-            self.counters["stale_started"] += 1
+        ids = header.get("ids")
+        if ids is None:  # one task
+            ids, deliveries = [header.get("id")], [header.get("delivery")]
+        else:  # several: "ids" and "deliveries", in step
+            deliveries = header.get("deliveries")
+            if not isinstance(ids, list) or not isinstance(deliveries, list):
+                raise ProtocolError("STARTED needs 'id' or 'ids' and 'deliveries' (lists)")
+            if len(ids) != len(deliveries):
+                raise ProtocolError("STARTED 'ids' and 'deliveries' differ in length")
+        for task_id, delivery in zip(ids, deliveries, strict=True):
+            if not isinstance(task_id, str) or not self.dispatch.started(
+                peer.wid, task_id, _as_delivery(delivery)
+            ):
+                self.counters["stale_started"] += 1
         # Not published: a message per task that no client needs (status asks the
         # broker), and about a fifth of the broker's sends per task.
 
@@ -1445,7 +1454,10 @@ def _task(task_id: str, header: dict[str, Any], body: Any) -> Task:
 
 def _delivery(header: dict[str, Any]) -> int | None:
     """The delivery a worker's report is about (see Dispatcher.held)."""
-    value = header.get("delivery")
+    return _as_delivery(header.get("delivery"))
+
+
+def _as_delivery(value: Any) -> int | None:
     return value if isinstance(value, int) else None
 
 

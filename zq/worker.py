@@ -37,6 +37,9 @@ from zq.security import ClientCurve
 
 log = logging.getLogger("zq.worker")
 
+#: Seconds after a DONE message during which the next DONEs wait to go together.
+DONE_GAP = 0.001
+
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerSettings:
@@ -77,7 +80,9 @@ class Worker:
         # sent again after every reconnect, so a result outlives a broker outage.
         self._outbox: dict[str, tuple[dict[str, Any], bytes]] = {}
         self._deliveries: dict[str, int | None] = {}  # running task id -> its delivery
-        self._dones: list[tuple[dict[str, Any], bytes]] = []  # this turn's, sent together
+        self._dones: list[tuple[dict[str, Any], bytes]] = []  # to send, together
+        self._started: list[str] = []  # ids to report STARTED, with the next DONEs
+        self._dones_due = 0.0  # when the next DONE message may go (DONE_GAP after one)
         self._draining_until: float | None = None
         self._closed = False
         self._announced_drain = False
@@ -168,12 +173,14 @@ class Worker:
             self._on_pool_events(pool_events + self.pool.started())
             now = time.monotonic()
             self._give_back_if_stalled(now)
-            self._flush_dones()
+            self._flush_dones(now)
             self._on_tick(now)
 
     def _poll_timeout(self) -> float:
         """Milliseconds: a quarter heartbeat, or less when waiting tasks are due back."""
         timeout = self._heartbeat * 250
+        if self._dones or self._started:  # held back: see _flush_dones
+            timeout = min(timeout, max(0.0, self._dones_due - time.monotonic()) * 1000)
         if self._stalled_since is not None and self._give_back is not None:
             due = self._stalled_since + self._give_back - time.monotonic()
             timeout = min(timeout, max(0.0, due) * 1000)
@@ -258,6 +265,7 @@ class Worker:
         self._dealer.connect(self.settings.broker)
         self._last_recv = time.monotonic()
         self._dones = []  # all in the outbox, sent again after the WELCOME
+        self._started = []  # READY says what runs
         self._ready()
 
     def _ready(self) -> None:
@@ -446,7 +454,7 @@ class Worker:
 
     def _on_pool_event(self, event: tuple[Any, ...]) -> None:
         if event[0] == "started":
-            self._send(p.STARTED, {"id": event[1], "delivery": self._deliveries.get(event[1])})
+            self._started.append(event[1])
         elif event[0] == "progress":
             task_id = event[1]
             if task_id in self._deliveries:
@@ -474,9 +482,23 @@ class Worker:
             self._outbox[task_id] = (header, body)
             self._dones.append((header, body))
 
-    def _flush_dones(self) -> None:
-        """Send the turn's DONEs: one message for all of them (within half the size
-        limit), which is one send here and one receive at the broker instead of many."""
+    def _flush_dones(self, now: float) -> None:
+        """Send the STARTEDs and DONEs since the last send: one STARTED message, and
+        one DONE message for all the DONEs (within half the size limit): one send here
+        and one receive at the broker instead of many. While tasks wait here for a
+        slot, they wait for DONE_GAP after the previous send to pass: a process pool
+        ends about one task per loop turn, and a message per task cost the broker 2.5
+        times the CPU per task of batches (and a TASK back per DONE). With no task
+        waiting they go at once: a slot is free or soon will be, and the broker's
+        answer (the next task, the caller's result) should not wait. A task that ended
+        meanwhile needs no STARTED."""
+        if not self._dones and not self._started:
+            return
+        if now < self._dones_due and self.pool.waiting():
+            return
+        self._dones_due = now + DONE_GAP
+        if self._started:
+            self._send_started()
         dones, self._dones = self._dones, []
         budget, header_budget = self._max_message // 2, p.MAX_HEADER_BYTES - p.HEADER_SLACK
         headers: list[bytes] = []
@@ -495,6 +517,16 @@ class Worker:
             header_size += len(packed)
         if headers and not self._send_dones(headers, bodies):
             self._dones = dones[first:]
+
+    def _send_started(self) -> None:
+        """One STARTED for the tasks reported started that still run here."""
+        ids = [task_id for task_id in self._started if task_id in self._deliveries]
+        self._started = []
+        if len(ids) == 1:
+            self._send(p.STARTED, {"id": ids[0], "delivery": self._deliveries[ids[0]]})
+        elif ids:
+            deliveries = [self._deliveries[task_id] for task_id in ids]
+            self._send(p.STARTED, {"ids": ids, "deliveries": deliveries})
 
     def _send_dones(self, headers: list[bytes], bodies: list[bytes]) -> bool:
         """One DONE message: a lone DONE as itself, more as a batch (``done``)."""
