@@ -200,6 +200,12 @@ def stamp(label: str) -> list[Any]:
 
 
 @app.task
+def redeliveries() -> int:
+    """How many times the broker says this task's workers died under it."""
+    return zq.current_task().redeliveries
+
+
+@app.task
 def progressing(steps: int, pause: float, gate: str = "") -> int:
     """Report progress ``steps`` times; with ``gate``, wait for that file before ending."""
     me = zq.current_task()

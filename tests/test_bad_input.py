@@ -315,7 +315,7 @@ def test_one_started_for_several_tasks_marks_each_and_a_mismatch_gets_an_error(r
     results = [tasks.add.apply_async(args=(i, 1), queue="nowhere") for i in range(2)]
     held: dict[str, int] = {}
     while len(held) < 2:
-        tag, command, header, _ = p.parse(raw.recv())
+        _, command, header, _ = p.parse(raw.recv())
         for one in header.get("tasks", [header]) if command == p.TASK else []:
             held[one["id"]] = one["delivery"]
     assert [r.status for r in results] == [p.QUEUED, p.QUEUED]

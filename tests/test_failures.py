@@ -5,6 +5,8 @@ Default heartbeat settings (1 s, dead after 3 missed), as users run them.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import select
 import signal
 import time
@@ -135,7 +137,7 @@ def test_a_pool_starts_no_keyed_task_while_the_broker_is_silent_past_the_fence(k
     )
     pool.start()
     try:
-        pool.tick(time.monotonic() - 2.0)  # the broker was last heard 2 s ago
+        pool.hear(time.monotonic() - 2.0)  # the broker was last heard 2 s ago
         for task_id, key in (("keyed", "cust-1"), ("plain", None)):
             header = {"id": task_id, "name": "tests.tasks.add", "queue": "default", "key": key}
             pool.submit(header, p.encode([[1, 1], {}]))
@@ -151,6 +153,69 @@ def test_a_pool_starts_no_keyed_task_while_the_broker_is_silent_past_the_fence(k
         pool.close()
 
 
+def test_a_task_sent_to_a_worker_that_renewed_its_connection_is_no_redelivery(
+    app, broker, start_worker
+):
+    """Frozen past the fence but not the dead-after window, a worker gives its
+    connection up on thaw with a TASK unread in it. The broker sends the task again;
+    it never ran, so it must not count towards making it a dead letter (it did)."""
+    worker = start_worker(concurrency=1)
+    worker.signal(signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    try:
+        res = tasks.redeliveries.delay()
+        _holds(broker, worker, 1)
+        time.sleep(max(0.0, 1.7 - (time.monotonic() - frozen_at)))  # the fault: 1.7 s
+    finally:
+        worker.signal(signal.SIGCONT)
+    assert res.get(timeout=15) == 0
+    assert app.status()["counters"].get("redelivered", 0) == 0
+
+
+def test_a_keyed_task_in_a_frozen_childs_pipe_never_starts_after_its_key_moved(
+    app, broker, start_worker, tmp_path
+):
+    """A worker and its child frozen (a cgroup freeze, say) with a keyed task handed
+    to the child but not yet read; another worker runs it and the key's next task.
+    Thawed, the supervisor first (it renews its connection and hears the broker again,
+    so the child's own check would pass), the worker must stop that task."""
+    victim = start_worker(concurrency=1)
+    [child] = _pool_children(victim.pid)
+    os.kill(child, signal.SIGSTOP)
+    try:
+        first = tasks.keyed.delay("fed", 1, 0.0, str(tmp_path))
+        wait_for(lambda: first.status == "STARTED", 10, "the task handed to the child")
+        victim.signal(signal.SIGSTOP)
+        survivor = start_worker(concurrency=1)
+        second = tasks.keyed.delay("fed", 2, 0.0, str(tmp_path))
+        assert [first.get(timeout=20)["seq"], second.get(timeout=20)["seq"]] == [1, 2]
+        victim.signal(signal.SIGCONT)
+        wait_for_workers(broker.endpoint, lambda pids: victim.pid in pids, timeout=10)
+        # Stopped while still frozen: thawed later, it would start the task (the new
+        # connection made the broker's silence look over).
+        wait_for(lambda: not os.path.exists(f"/proc/{child}"), 10, "the child stopped")
+    finally:
+        victim.signal(signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGCONT)
+    survivor.close()
+    wait_for_workers(broker.endpoint, lambda pids: pids == {victim.pid}, timeout=10)
+    assert tasks.add.delay(2, 2).get(timeout=10) == 4  # through its one slot
+    records = read_records(tmp_path)
+    assert sorted(r["seq"] for r in records) == [1, 2]
+    assert check_key_records(records) == []
+
+
+def _pool_children(pid: int) -> list[int]:
+    """The pool's child processes of worker ``pid`` (multiprocessing may add others)."""
+    found = []
+    for child in _children(pid):
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"resource_tracker" not in f.read():
+                found.append(child)
+    return found
+
+
 def test_broker_restart_is_found_again_by_workers_and_clients(app, broker, start_worker):
     worker = start_worker(concurrency=1)
     assert tasks.add.delay(1, 1).get(timeout=10) == 2
@@ -160,6 +225,22 @@ def test_broker_restart_is_found_again_by_workers_and_clients(app, broker, start
     wait_for_workers(broker.endpoint, lambda pids: worker.pid in pids, timeout=15)
     assert while_down.get(timeout=15) == 5
     assert tasks.add.delay(3, 4).get(timeout=10) == 7
+
+
+def test_keyed_tasks_sent_with_the_welcome_after_an_outage_run_at_once(
+    app, broker, start_worker, tmp_path
+):
+    """A worker that waited out a broker outage reads the WELCOME and its first TASKs
+    in one go: its pool must count the WELCOME as word from the broker, or it turns
+    each keyed task back as fenced (the broker's silence looked ongoing)."""
+    results = [tasks.keyed.delay(f"k{i}", 1, 0.0, str(tmp_path)) for i in range(4)]
+    assert app.client.flush(10)
+    broker.kill()
+    worker = start_worker(concurrency=2, wait=False)
+    wait_for(lambda: any("no word from broker" in line for line in worker.output), 10, "silence")
+    broker.restart()
+    assert sorted(r.get(timeout=20)["key"] for r in results) == ["k0", "k1", "k2", "k3"]
+    assert app.status()["counters"].get("redelivered", 0) == 0
 
 
 def test_thousands_of_results_finished_while_the_broker_was_down_all_arrive(

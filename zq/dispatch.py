@@ -417,7 +417,10 @@ class Dispatcher:
         """A worker said READY. ``running`` names the tasks it still runs (or holds a
         result for), as ids or as a map id -> delivery; those this scheduler still
         assigns to ``worker_id`` under that delivery stay attached, the rest it held
-        are handed back. Returns the assignments that fill its free slots."""
+        are handed back, not counted as redeliveries: the same worker (its id names
+        one process) claims every task it started, running or ended, so the rest never
+        reached it (e.g. it gave up a connection with them unread). Returns the
+        assignments that fill its free slots."""
         old = self.workers.get(worker_id)
         out: list[Assignment] = []
         if old is not None:
@@ -434,7 +437,7 @@ class Dispatcher:
             worker = WorkerState(worker_id, queues, capacity)
             worker.running = {k: t for k, t in old.running.items() if kept(t)}
             self._register(worker)
-            self._requeue(lost, out)
+            self._requeue(lost, out, handed_back=False)
         else:
             worker = WorkerState(worker_id, queues, capacity)
             self._register(worker)

@@ -216,6 +216,7 @@ class _Child:
         "deadline",
         "fed_turn",
         "hard",
+        "keyed",
         "proc",
         "reported",
         "retiring",
@@ -227,6 +228,7 @@ class _Child:
         self.proc = proc
         self.conn = conn
         self.task: str | None = None
+        self.keyed = False  # its task has a key
         self.started = 0.0  # when it was given its task
         self.fed_turn = 0  # the supervisor's loop turn it was given its task in
         self.reported = False  # its task was reported started
@@ -305,10 +307,28 @@ class ProcessPool:
         self._turn += 1
         return events
 
-    def tick(self, heard: float) -> list[Event]:
-        """Tell the children when the broker was last heard (they fence themselves on
-        it); kill the ones past their task's hard time limit."""
-        self._heard.value = heard
+    def hear(self, when: float) -> None:
+        """The broker was heard at ``when``: the children fence themselves on it."""
+        self._heard.value = when
+
+    def fence(self) -> list[Event]:
+        """Stop every keyed task given to a child (running, or still in its pipe): the
+        supervisor gave its connection up, the broker may give the keys to others. The
+        children would stop them on their own, unless they were frozen too and thaw
+        only once a new connection has made the broker's silence look over."""
+        events: list[Event] = []
+        for fd, child in list(self._children.items()):
+            if child.task is not None and child.keyed:
+                events += self.on_readable(fd)  # it may have ended it: no kill then
+                if self._children.get(fd) is child and child.task is not None:
+                    child.proc.kill()
+                    task, child.task = child.task, None
+                    self._bury(fd, child)
+                    events.append(fenced(task, time.monotonic() - child.started))
+        return events
+
+    def tick(self) -> list[Event]:
+        """Kill the children past their task's hard time limit."""
         now = time.monotonic()
         events: list[Event] = []
         for fd, child in list(self._children.items()):
@@ -367,6 +387,7 @@ class ProcessPool:
                 self._feed()  # the replacement can take it (its pipe buffers until it runs)
                 return
             child.task = header["id"]
+            child.keyed = header.get("key") is not None
             child.started = time.monotonic()
             child.fed_turn, child.reported = self._turn, False
             _, hard = self.limits.for_task(self.app, header.get("name", ""))
@@ -503,8 +524,13 @@ class ThreadPool:
         """Broker silence after which no keyed task starts."""
         self._fence_after = seconds
 
-    def tick(self, heard: float) -> list[Event]:
-        self._heard = heard
+    def hear(self, when: float) -> None:
+        self._heard = when
+
+    def fence(self) -> list[Event]:
+        return []  # a running thread cannot be stopped (unstarted keyed tasks are)
+
+    def tick(self) -> list[Event]:
         return []
 
     def started(self) -> list[Event]:

@@ -123,7 +123,6 @@ class Worker:
         self.pool.start()
         self._ctx = zmq.Context()
         self._dealer: zmq.Socket | None = None
-        self._heard = time.monotonic()  # when the broker was last heard from
         self._connect()
         self._running = True
         log.info(
@@ -161,7 +160,7 @@ class Worker:
             events = dict(poller.poll(self._poll_timeout()))
             if self._renew_if_silent(time.monotonic()):
                 continue  # first: a thawed worker must start nothing it held
-            self._on_pool_events(self.pool.tick(self._heard))
+            self._on_pool_events(self.pool.tick())
             pool_events: list[tuple[Any, ...]] = []
             for item in events:
                 if item is self._dealer:
@@ -222,11 +221,14 @@ class Worker:
         or the network held it) may be running elsewhere by now. The tasks waiting here
         go back (to the outbox: the broker gets them after the WELCOME, or already gave
         them to others), the socket goes with what it holds, and READY on a new one
-        claims only what runs. Running keyed tasks stop by themselves (the pool's
-        fence)."""
+        claims only what runs. Keyed tasks given to a child process stop now: the
+        children stop them on their own at the fence, but children frozen with this
+        process may thaw after the new connection made the silence look over. (A
+        thread pool cannot stop a running task.)"""
         silent = now - self._last_recv
         if silent <= self._fence:
             return False
+        self._on_pool_events(self.pool.fence())
         given = self._give_back_waiting(None)
         log.warning(
             "no word from broker %s for %.1fs; reconnecting (%d waiting tasks handed back)",
@@ -323,7 +325,10 @@ class Worker:
             now = time.monotonic()
             if self._renew_if_silent(now):  # frozen since the last read, say
                 return  # this message and the rest are dropped with the socket
-            self._last_recv = self._heard = now
+            self._last_recv = now
+            # Before a TASK in it is handed over: a pool starts no keyed task while the
+            # broker seems silent (a WELCOME and TASKs after a renew come in one read).
+            self.pool.hear(now)
             try:
                 self._handle(*p.parse(frames))
             except (ProtocolError, ValueError, TypeError, AttributeError) as exc:
