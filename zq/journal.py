@@ -160,7 +160,7 @@ class Journal:
             ) from None
         # What a previous broker committed may sit in the page cache only (it died
         # before its sync): on disk now, before this broker says anything about it.
-        _datasync(self._wal_fd)
+        self._sync_wal()
         _sync_file(main)
         _sync_directory(main)  # the names of a new journal and its WAL
         self._ops: list[tuple[str, Any]] = []

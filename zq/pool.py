@@ -98,7 +98,7 @@ def _failed(task: Task, header: dict[str, Any], exc: Exception) -> Outcome:
     return p.RETRY, info, {"countdown": countdown}
 
 
-def fenced(task_id: str, runtime: float | None) -> Event:
+def _fenced(task_id: str, runtime: float | None) -> Event:
     """The DONE event of a keyed task stopped, or not started, because the supervisor
     had not heard from the broker for the fence time: LOST, run again elsewhere, not
     counted as a crash."""
@@ -162,7 +162,7 @@ def _child_main(
         task_id = header["id"]
         if header.get("key") is not None:
             if _fence_closed(heard.value, fence_after.value):
-                conn.send_bytes(p.encode([*fenced(task_id, None), False]))
+                conn.send_bytes(p.encode([*_fenced(task_id, None), False]))
                 continue
             keyed.set()
         soft, _ = limits.for_task(app, header.get("name", ""))
@@ -321,10 +321,7 @@ class ProcessPool:
             if child.task is not None and child.keyed:
                 events += self.on_readable(fd)  # it may have ended it: no kill then
                 if self._children.get(fd) is child and child.task is not None:
-                    child.proc.kill()
-                    task, child.task = child.task, None
-                    self._bury(fd, child)
-                    events.append(fenced(task, time.monotonic() - child.started))
+                    events.append(_fenced(*self._stop(fd, child)))
         return events
 
     def tick(self) -> list[Event]:
@@ -362,11 +359,16 @@ class ProcessPool:
 
     def _kill(self, fd: int, child: _Child, state: str, kind: str, why: str) -> Event:
         """Kill a child for a reason of ours (its task is not LOST) and replace it."""
+        task, runtime = self._stop(fd, child)
+        return ("done", task, state, p.failure(kind, why), runtime, {})
+
+    def _stop(self, fd: int, child: _Child) -> tuple[str, float]:
+        """Kill a child and replace it; its task's id and how long it had it."""
         child.proc.kill()
         task, child.task = child.task, None
         self._bury(fd, child)
-        runtime = time.monotonic() - child.started
-        return ("done", task, state, p.failure(kind, why), runtime, {})
+        assert task is not None
+        return task, time.monotonic() - child.started
 
     def submit(self, header: dict[str, Any], payload: bytes) -> None:
         self._backlog.append((header, payload))
@@ -426,7 +428,7 @@ class ProcessPool:
         # LOST: the broker runs it again (at the head of its key's lane), or after too
         # many deaths makes it a dead letter, so a poison task neither loops nor vanishes.
         if code == FENCED_EXIT:
-            return [fenced(child.task, time.monotonic() - child.started)]
+            return [_fenced(child.task, time.monotonic() - child.started)]
         reason = f"the worker process running the task died (exit code {code})"
         return [("done", child.task, p.LOST, p.failure("zq.WorkerLost", reason), 0.0, {})]
 
@@ -456,7 +458,7 @@ class ThreadPool:
         self.app = app
         self.size = size
         # When the supervisor last heard from the broker, and the fence: plain floats
-        # the threads read (tick and set_fence write them).
+        # the threads read (hear and set_fence write them).
         self._heard = time.monotonic()
         self._fence_after = fence_after
         self._jobs: queue.SimpleQueue[tuple[dict[str, Any], bytes, object] | None] = (
@@ -493,7 +495,7 @@ class ThreadPool:
                     continue  # withdrawn
                 del self._waiting[task_id]
             if header.get("key") is not None and _fence_closed(self._heard, self._fence_after):
-                self._emit(fenced(task_id, None))  # e.g. the process was frozen (SIGSTOP)
+                self._emit(_fenced(task_id, None))  # e.g. the process was frozen (SIGSTOP)
                 continue
             self._emit(("started", task_id))
             start = time.monotonic()
