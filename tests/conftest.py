@@ -28,13 +28,19 @@ def app(broker: BrokerProcess) -> Iterator[zq.App]:
 
 @pytest.fixture
 def start_worker(broker: BrokerProcess) -> Iterator:
-    """Start workers of tests.tasks on the broker; waits until the broker lists them."""
+    """Start workers of tests.tasks on the broker (or on ``endpoint``, a way to it);
+    waits until the broker lists them."""
     started: list[WorkerProcess] = []
 
     def start(
-        spec: str = "tests.tasks", *, concurrency: int = 2, wait: bool = True, **kwargs
+        spec: str = "tests.tasks",
+        *,
+        concurrency: int = 2,
+        wait: bool = True,
+        endpoint: str | None = None,
+        **kwargs,
     ) -> WorkerProcess:
-        proc = WorkerProcess(spec, broker.endpoint, concurrency=concurrency, **kwargs)
+        proc = WorkerProcess(spec, endpoint or broker.endpoint, concurrency=concurrency, **kwargs)
         started.append(proc)
         if wait:
             wait_for_workers(broker.endpoint, lambda pids: proc.pid in pids)

@@ -302,6 +302,18 @@ def test_ready_with_non_list_tasks_gets_an_error(raw):
     raw.expect_error(r"tasks", timeout_ms=1000)
 
 
+def test_the_broker_echoes_a_workers_time_in_its_welcome_and_heartbeat_answers(raw):
+    """The worker's lease: the broker answers READY and each HEARTBEAT with the time
+    the worker sent it, whatever else that time is."""
+    raw.send(p.message(p.WORKER, p.READY, {**READY, "t": 12.5}))
+    command, welcome = raw.recv_broker()
+    assert command == p.WELCOME and welcome["t"] == 12.5
+    raw.send(p.message(p.WORKER, p.HEARTBEAT, {"t": 13.25}))
+    assert raw.recv_broker() == (p.HEARTBEAT, {"t": 13.25})
+    raw.send(p.message(p.WORKER, p.HEARTBEAT, {"t": "not a time"}))
+    assert raw.recv_broker() == (p.HEARTBEAT, {})
+
+
 def test_ready_with_unhashable_running_ids_gets_an_error(raw):
     raw.send(p.message(p.WORKER, p.READY, READY))
     assert raw.recv_broker()[0] == p.WELCOME

@@ -10,11 +10,13 @@ import os
 import select
 import signal
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from tests import tasks
 from tests.conftest import wait_for_workers
+from tests.partition import UP, Partition
 from tests.tasks import read_records
 from zq import protocol as p
 from zq.pool import Limits, ProcessPool, ThreadPool
@@ -73,6 +75,39 @@ def test_frozen_worker_is_fenced_declared_dead_and_rejoins(app, broker, start_wo
     survivor.close()
     wait_for_workers(broker.endpoint, lambda pids: pids == {frozen.pid}, timeout=10)
     assert tasks.add.delay(2, 2).get(timeout=10) == 4
+
+
+@pytest.fixture
+def partition(broker) -> Iterator[Partition]:
+    """A proxy to the broker that can cut one direction of the traffic."""
+    proxy = Partition(broker.endpoint)
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.parametrize("broker", [("--heartbeat", "0.5")], indirect=True)
+def test_a_worker_cut_off_one_way_stops_its_keyed_task_before_the_key_moves(
+    app, broker, start_worker, partition, tmp_path
+):
+    """Only the worker-to-broker direction is cut: the worker still hears the broker,
+    the broker hears nothing and gives the key to another worker after the dead-after
+    window. The cut-off worker used to run its keyed task on to its end, beside the
+    other worker's run of it (for 0.9 s at the defaults); its heartbeats go unanswered
+    now, so its lease lapses and the task stops first."""
+    cut = start_worker(concurrency=1, endpoint=partition.endpoint)
+    first = tasks.keyed.delay("one-way", 1, 4.0, str(tmp_path))
+    wait_for(lambda: first.status == "STARTED", 15, "the first task to start")
+    survivor = start_worker(concurrency=1)
+    partition.hold(UP)
+    second = tasks.keyed.delay("one-way", 2, 0.0, str(tmp_path))
+    assert [r.get(timeout=30)["seq"] for r in (first, second)] == [1, 2]
+    records = read_records(tmp_path)
+    # Only the survivor's runs ended: the cut-off worker's was stopped (fenced).
+    runs = sorted((r["seq"], r["worker"]) for r in records)
+    assert runs == [(1, survivor.pid), (2, survivor.pid)]
+    assert not [r for r in records if r["overlap"]]
+    partition.heal()  # and it comes back
+    wait_for_workers(broker.endpoint, lambda pids: cut.pid in pids, timeout=15)
 
 
 def _holds(broker, worker, count: int) -> None:
@@ -237,7 +272,7 @@ def test_keyed_tasks_sent_with_the_welcome_after_an_outage_run_at_once(
     assert app.client.flush(10)
     broker.kill()
     worker = start_worker(concurrency=2, wait=False)
-    wait_for(lambda: any("no word from broker" in line for line in worker.output), 10, "silence")
+    wait_for(lambda: any("no answer from broker" in line for line in worker.output), 10, "silence")
     broker.restart()
     assert sorted(r.get(timeout=20)["key"] for r in results) == ["k0", "k1", "k2", "k3"]
     assert app.status()["counters"].get("redelivered", 0) == 0

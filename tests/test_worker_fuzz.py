@@ -30,15 +30,16 @@ class FakeBroker:
         self.largest_done_header = 0
 
     def recv(self, timeout: float = 5.0) -> tuple[bytes, dict]:
-        """The worker's next message; a HEARTBEAT is answered (a worker that hears
-        nothing for 1.5 heartbeats gives its connection up)."""
+        """The worker's next message; a HEARTBEAT is answered, echoing its time, as a
+        real broker does (a worker whose lease is 1.5 heartbeats old gives its
+        connection up)."""
         assert self.sock.poll(timeout * 1000), "the worker went silent"
         frames = self.sock.recv_multipart()
         self.worker = frames[0]
         self.header_bytes = len(frames[3]) if len(frames) > 3 else 0
         _, command, header, self.payload = p.parse(frames[1:])
         if command == p.HEARTBEAT:
-            self.send(p.BROKER, p.HEARTBEAT, p.pack_header({}))
+            self.send(p.BROKER, p.HEARTBEAT, p.pack_header({"t": header["t"]}))
         return command, header
 
     def dones(self, count: int, timeout: float = 10.0) -> dict[str, tuple[dict, bytes]]:
@@ -87,8 +88,9 @@ def worker_on_fake_broker(
     broker = FakeBroker()
     worker = WorkerProcess("tests.tasks", broker.endpoint, pool=pool, concurrency=1)
     try:
-        broker.expect(p.READY)
+        ready = broker.expect(p.READY)
         welcome = {
+            "t": ready["t"],
             "broker": "fake",
             "heartbeat": 1.0,
             "liveness": 3,

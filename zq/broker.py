@@ -100,8 +100,9 @@ class BrokerSettings:
         if self.heartbeat <= 0:
             raise ValueError(f"heartbeat must be > 0 seconds, got {self.heartbeat}")
         if self.liveness < 3:
-            # A cut-off worker stops its keyed tasks 1.5 heartbeats after it last heard
-            # the broker; declared dead any sooner than 2.25, its keys could run twice.
+            # A cut-off worker stops its keyed tasks 1.5 heartbeats (and its children's
+            # check) after it sent the last message we answered; 3 keeps 1.35 or more
+            # between that and its keys going elsewhere (2 would keep 0.35: a GC pause).
             raise ValueError(f"liveness must be >= 3 (keyed tasks' fencing), got {self.liveness}")
         if self.prefetch is not None and not 0 <= self.prefetch <= PREFETCH_MAX:
             raise ValueError(f"prefetch must be 0..{PREFETCH_MAX}, got {self.prefetch}")
@@ -122,7 +123,7 @@ def default_pub_bind(bind: str) -> str:
 class _Peer:
     """A connected worker's identity and liveness, as the socket loop sees it."""
 
-    __slots__ = ("ident", "info", "last_seen", "last_sent", "runtimes", "slots", "wid")
+    __slots__ = ("ident", "info", "last_seen", "runtimes", "slots", "wid")
 
     def __init__(
         self, ident: bytes, wid: bytes, info: dict[str, Any], now: float, slots: int
@@ -131,7 +132,6 @@ class _Peer:
         self.wid = wid
         self.info = info
         self.last_seen = now
-        self.last_sent = now
         self.slots = slots  # its concurrency; 0 while it drains (it gets no more tasks)
         self.runtimes = RunTimes()  # for the automatic prefetch
 
@@ -795,8 +795,10 @@ class Broker:
         # A draining worker (stopping gracefully) keeps its tasks but gets no more.
         slots = 0 if header.get("draining") else concurrency
         peer = self.peers[ident] = self.by_wid[wkey] = _Peer(ident, wkey, info, now, slots)
-        self._send(ident, p.WELCOME, self._welcome())
-        peer.last_sent = now
+        welcome = self._welcome()
+        if type(header.get("t")) is float:  # the worker's lease starts at its READY
+            welcome["t"] = header["t"]
+        self._send(ident, p.WELCOME, welcome)
         log.info(
             "worker %s online (%s pid %s, %d slots, queues %s)",
             wid,
@@ -1190,7 +1192,13 @@ class Broker:
         self._dispatched(out)
 
     def _on_worker_heartbeat(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
+        """Answer at once, echoing the worker's send time: its lease (keyed tasks run
+        only while it is fresh) then runs from a time at or before this one, whichever
+        way a network fails. At once: not behind this turn's journal commit."""
         self._worker(ident)
+        sent = header.get("t")
+        echo = {"t": sent} if type(sent) is float else {}
+        wire.send(self._router, [ident, p.BROKER, p.HEARTBEAT, p.pack_header(echo)])
 
     def _on_worker_disconnect(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         peer = self.peers.get(ident)
@@ -1221,7 +1229,6 @@ class Broker:
             dead, self.dispatch.dead = self.dispatch.dead, []
             for task in dead:
                 self._bury(task)
-        now = time.monotonic()
         stopped: list[Assignment] = []
         for wid, task in assignments:
             if task.id in self._terminating:
@@ -1241,7 +1248,6 @@ class Broker:
                 task_header["inputs"] = len(inputs)
             self._send_task(peer.ident, p.pack_header(task_header), body, inputs)
             self.journal.task_assigned(task.id, wid.decode(), task.redeliveries, task.delivery)
-            peer.last_sent = now
         self.counters["dispatched"] += len(assignments) - len(stopped)
         for wid, task in stopped:
             _, more = self.dispatch.done(wid, task.id, task.delivery)
@@ -1264,17 +1270,15 @@ class Broker:
     # ----------------------------------------------------------------- timers
 
     def _on_tick(self, now: float) -> None:
-        """Heartbeat the workers, bury the silent ones, expire results and waits."""
+        """Bury the silent workers, expire results and waits. (Workers are not sent
+        heartbeats: each of theirs is answered.)"""
         dead_after = self.settings.heartbeat * self.settings.liveness
         # Messages still unread in our own queue may be the heartbeats of the very
         # workers that look silent: judge liveness only once they are read.
-        judge = not self._router.poll(0)
-        for peer in list(self.peers.values()):
-            if judge and now - peer.last_seen > dead_after:
-                self._drop_worker(peer, f"silent for {now - peer.last_seen:.1f}s")
-            elif now - peer.last_sent >= self.settings.heartbeat / 2:
-                self._send(peer.ident, p.HEARTBEAT, {"broker": self.instance})
-                peer.last_sent = now
+        if not self._router.poll(0):
+            for peer in list(self.peers.values()):
+                if now - peer.last_seen > dead_after:
+                    self._drop_worker(peer, f"silent for {now - peer.last_seen:.1f}s")
         for wid, deadline in list(self._placeholders.items()):
             if wid in self.by_wid:
                 del self._placeholders[wid]  # it came back and re-attached its tasks

@@ -107,8 +107,9 @@ def _fenced(task_id: str, runtime: float | None) -> Event:
 
 
 def _fence_closed(heard: float, fence_after: float) -> bool:
-    """True while the supervisor has not heard from the broker for ``fence_after`` s:
-    the broker may give this worker's keys to another, so no keyed task may start."""
+    """True once the worker's lease (``heard``: the send time of its latest message the
+    broker answered) is over ``fence_after`` s old: the broker may give this worker's
+    keys to another, so no keyed task may start."""
     return time.monotonic() - heard > fence_after
 
 
@@ -199,8 +200,8 @@ def _child_main(
 
 def _fence(heard: Any, fence_after: Any, parent: int, keyed: threading.Event) -> None:
     """Exit the child when its supervisor is gone (SIGKILL), or, while it runs a keyed
-    task, when the supervisor has not heard from the broker for ``fence_after`` seconds
-    (a partition, a frozen supervisor): the broker may soon give the key to another
+    task, when the supervisor's lease is over ``fence_after`` seconds old (a partition
+    either way, a frozen supervisor or broker): the broker may soon give the key to another
     worker, and a key must never run twice at once. Unkeyed tasks run on."""
     while True:
         time.sleep(min(FENCE_POLL, fence_after.value / 10))
@@ -249,7 +250,7 @@ class ProcessPool:
         self.fence_after = fence_after
         self.limits = limits
         self._mp = multiprocessing.get_context("spawn")
-        # Shared with the children: when the broker was last heard, and the fence.
+        # Shared with the children: the lease (see hear), and the fence.
         self._heard = self._mp.RawValue("d", time.monotonic())
         self._fence_after = self._mp.RawValue("d", fence_after)
         self._children: dict[int, _Child] = {}  # by pipe fd
@@ -293,7 +294,7 @@ class ProcessPool:
         return ids
 
     def set_fence(self, seconds: float) -> None:
-        """Broker silence after which children running keyed tasks stop."""
+        """The lease's age after which children running keyed tasks stop."""
         self._fence_after.value = seconds
 
     def started(self) -> list[Event]:
@@ -308,7 +309,8 @@ class ProcessPool:
         return events
 
     def hear(self, when: float) -> None:
-        """The broker was heard at ``when``: the children fence themselves on it."""
+        """The broker answered a message this worker sent at ``when`` (the lease): the
+        children fence themselves on it."""
         self._heard.value = when
 
     def fence(self) -> list[Event]:
@@ -457,8 +459,8 @@ class ThreadPool:
     def __init__(self, app: App, size: int, *, fence_after: float = float("inf")) -> None:
         self.app = app
         self.size = size
-        # When the supervisor last heard from the broker, and the fence: plain floats
-        # the threads read (hear and set_fence write them).
+        # The lease (see ProcessPool.hear) and the fence: plain floats the threads
+        # read (hear and set_fence write them).
         self._heard = time.monotonic()
         self._fence_after = fence_after
         self._jobs: queue.SimpleQueue[tuple[dict[str, Any], bytes, object] | None] = (
@@ -523,7 +525,7 @@ class ThreadPool:
         return list(self._running)
 
     def set_fence(self, seconds: float) -> None:
-        """Broker silence after which no keyed task starts."""
+        """The lease's age after which no keyed task starts."""
         self._fence_after = seconds
 
     def hear(self, when: float) -> None:

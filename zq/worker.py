@@ -1,17 +1,19 @@
 """The worker supervisor: one thread that owns the DEALER and the pool.
 
-The supervisor loop polls the broker socket and the pool's pipes, so it answers
-heartbeats at all times, whatever the tasks are doing. It announces its slots in
-READY; the broker never sends more tasks than that (credit), and the supervisor
-forwards each task to the pool and each STARTED/DONE back to the broker.
+The supervisor loop polls the broker socket and the pool's pipes, so it heartbeats
+at all times, whatever the tasks are doing. It announces its slots in READY; the
+broker never sends more tasks than that (credit), and the supervisor forwards each
+task to the pool and each STARTED/DONE back to the broker.
 
-If the broker goes silent for the fence time (1.5 heartbeats) the supervisor gives
-that connection up: the broker may soon declare this worker dead and give its tasks to
-others. It hands back the tasks it holds unstarted, drops its socket with whatever is
-still unread in it (TASKs sent before the silence, which another worker may run by
-now), connects again and says READY with the ids of the tasks it still runs, so the
-broker can re-attach them. A worker frozen (SIGSTOP) past the fence does the same
-before it starts anything when it thaws. ``stop()`` may be called from a signal handler.
+The broker answers each HEARTBEAT at once, echoing its send time: a lease. If no
+answer confirms a message sent in the last fence time (1.5 heartbeats), whichever
+way the network failed, the supervisor gives that connection up: the broker may soon
+declare this worker dead and give its tasks to others. It hands back the tasks it
+holds unstarted, drops its socket with whatever is still unread in it (TASKs sent
+before the silence, which another worker may run by now), connects again and says
+READY with the ids of the tasks it still runs, so the broker can re-attach them. A
+worker frozen (SIGSTOP) past the fence does the same before it starts anything when
+it thaws. ``stop()`` may be called from a signal handler.
 """
 
 from __future__ import annotations
@@ -75,6 +77,13 @@ class Worker:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._heartbeat = self.settings.heartbeat
         self._fence = _fence_after(self._heartbeat)
+        # The lease: when this worker sent the latest message the broker has answered
+        # (a HEARTBEAT or READY it echoed), on this process's monotonic clock. The
+        # broker heard this worker at that time or later, so it declares it dead no
+        # sooner than the dead-after window from it; see _fence_after.
+        self._confirmed = 0.0
+        self._connected_at = 0.0
+        self._last_ping = 0.0
         self._running = False
         # DONEs the broker has not acknowledged yet (it acks after its journal commit);
         # sent again after every reconnect, so a result outlives a broker outage.
@@ -211,27 +220,28 @@ class Worker:
         return len(ids)
 
     def _renew_if_silent(self, now: float) -> bool:
-        """Give the connection up if the broker has said nothing on it for the fence
-        time; returns whether it did.
+        """Give the connection up if the broker has answered none of this worker's
+        messages sent in the last fence time (and the connection is older than that);
+        returns whether it did.
 
-        The broker may declare this worker dead from 2.25 heartbeats of silence on (see
-        :func:`_fence_after`) and give its tasks, and their keys, to other workers. So
-        nothing this worker holds unstarted may start, and nothing still unread on this
-        connection may be trusted: a TASK read after the silence (the worker was frozen,
-        or the network held it) may be running elsewhere by now. The tasks waiting here
-        go back (to the outbox: the broker gets them after the WELCOME, or already gave
-        them to others), the socket goes with what it holds, and READY on a new one
-        claims only what runs. Keyed tasks given to a child process stop now: the
-        children stop them on their own at the fence, but children frozen with this
-        process may thaw after the new connection made the silence look over. (A
-        thread pool cannot stop a running task.)"""
-        silent = now - self._last_recv
+        The broker may declare this worker dead 3 heartbeats after the last message it
+        heard from it (see :func:`_fence_after`) and give its tasks, and their keys, to
+        other workers. So nothing this worker holds unstarted may start, and nothing
+        still unread on this connection may be trusted: a TASK read after the silence
+        (the worker was frozen, or the network held it) may be running elsewhere by
+        now. The tasks waiting here go back (to the outbox: the broker gets them after
+        the WELCOME, or already gave them to others), the socket goes with what it
+        holds, and READY on a new one claims only what runs. Keyed tasks given to a
+        child process stop now: the children stop them on their own at the fence, but
+        children frozen with this process may thaw after the new connection made the
+        silence look over. (A thread pool cannot stop a running task.)"""
+        silent = now - max(self._confirmed, self._connected_at)
         if silent <= self._fence:
             return False
         self._on_pool_events(self.pool.fence())
         given = self._give_back_waiting(None)
         log.warning(
-            "no word from broker %s for %.1fs; reconnecting (%d waiting tasks handed back)",
+            "no answer from broker %s for %.1fs; reconnecting (%d waiting tasks handed back)",
             self.settings.broker,
             silent,
             given,
@@ -265,7 +275,7 @@ class Worker:
         if self.settings.curve is not None:
             self.settings.curve.apply(self._dealer)
         self._dealer.connect(self.settings.broker)
-        self._last_recv = time.monotonic()
+        self._connected_at = time.monotonic()
         self._dones = []  # all in the outbox, sent again after the WELCOME
         self._started = []  # READY says what runs
         self._ready()
@@ -287,6 +297,7 @@ class Worker:
                 "running": self._held(),
                 "draining": self._draining_until is not None,
                 "periodic": [schedule.to_wire() for schedule in self.app.schedules.values()],
+                "t": time.monotonic(),  # the WELCOME echoes it: see _confirm
             },
         )
 
@@ -312,7 +323,6 @@ class Worker:
             wire.send(self._dealer, [p.WORKER, command, header, *payload], zmq.NOBLOCK)
         except zmq.Again:
             return False
-        self._last_sent = time.monotonic()
         return True
 
     def _drain_broker(self) -> None:
@@ -325,10 +335,6 @@ class Worker:
             now = time.monotonic()
             if self._renew_if_silent(now):  # frozen since the last read, say
                 return  # this message and the rest are dropped with the socket
-            self._last_recv = now
-            # Before a TASK in it is handed over: a pool starts no keyed task while the
-            # broker seems silent (a WELCOME and TASKs after a renew come in one read).
-            self.pool.hear(now)
             try:
                 self._handle(*p.parse(frames))
             except (ProtocolError, ValueError, TypeError, AttributeError) as exc:
@@ -352,6 +358,8 @@ class Worker:
                     raise ProtocolError("TASK batch does not match its frames")
                 self._on_task(task_header, payload[at], payload[at + 1 : at + 1 + inputs])
                 at += 1 + inputs
+        elif command == p.HEARTBEAT:
+            self._confirm(header.get("t"))
         elif command == p.ACCEPTED:
             self._on_accepted(header.get("ids", ()), header.get("deliveries"))
         elif command == p.REVOKE:
@@ -366,6 +374,9 @@ class Worker:
             self._give_back = float(give_back) if isinstance(give_back, (int, float)) else None
             self._fence = _fence_after(heartbeat)
             self.pool.set_fence(self._fence)
+            # Before the TASKs that follow it in this read are handed over: a pool
+            # starts no keyed task while the lease looks expired.
+            self._confirm(header.get("t"))
             self._awaiting_welcome = False
             # Every DONE not acknowledged yet, again, in this turn's DONE batches: one
             # message each could overflow the socket's queue (thousands with prefetch).
@@ -377,6 +388,13 @@ class Worker:
                     self._ready()
             else:
                 log.error("broker reported an error: %s", header.get("reason"))
+
+    def _confirm(self, sent: Any) -> None:
+        """The broker echoed ``sent``, the time this worker sent a HEARTBEAT or READY
+        it has heard: the lease runs from there (the pool's children fence on it)."""
+        if type(sent) is float and self._confirmed < sent <= time.monotonic():
+            self._confirmed = sent
+            self.pool.hear(sent)
 
     def _on_task(self, header: dict[str, Any], payload: bytes, inputs: list[bytes]) -> None:
         task_id, delivery = header.get("id"), header.get("delivery")
@@ -541,17 +559,22 @@ class Worker:
     def _on_tick(self, now: float) -> None:
         if self._drained(now):
             self._running = False
-        elif now - self._last_sent >= self._heartbeat / 2:
-            self._send(p.HEARTBEAT, {})
+        elif now - self._last_ping >= self._heartbeat / 2 and self._send_packed(
+            p.HEARTBEAT, p.pack_header({"t": now})
+        ):
+            self._last_ping = now  # however busy the connection: each renews the lease
 
 
 def _fence_after(heartbeat: float) -> float:
-    """Seconds without word from the broker after which keyed tasks are stopped, no
-    held task is started and the connection is given up.
+    """Seconds after the send time of the latest message the broker confirmed (the
+    lease) at which keyed tasks are stopped, no held task is started and the
+    connection is given up.
 
-    The broker speaks to a worker at least every heartbeat/2 (+ heartbeat/4 of loop
-    granularity), so a healthy worker never waits 1.5 heartbeats; a worker cut off at
-    time T has its keyed tasks stopped by T + 1.6 heartbeats, while the broker, which
-    heard it at T - 0.75 heartbeats at worst, declares it dead no sooner than
-    T + 2.25 heartbeats (liveness 3). See docs/protocol.md, "Fencing"."""
+    The broker heard that message at its send time or later, so it declares this
+    worker dead (liveness 3) no sooner than 3 heartbeats after it: keyed tasks stop
+    at least 1.35 heartbeats before their keys can go elsewhere (1.5, less the
+    children's check interval), however the worker was cut off or frozen, in either
+    direction. A healthy worker heartbeats every heartbeat/2 (+ heartbeat/4 of loop
+    granularity) and is answered at once, so its lease is never older than
+    0.75 heartbeats plus a round trip. See docs/protocol.md, "Fencing"."""
     return 1.5 * heartbeat
