@@ -176,14 +176,38 @@ def test_a_pool_starts_no_keyed_task_while_the_broker_is_silent_past_the_fence(k
         for task_id, key in (("keyed", "cust-1"), ("plain", None)):
             header = {"id": task_id, "name": "tests.tasks.add", "queue": "default", "key": key}
             pool.submit(header, p.encode([[1, 1], {}]))
-        done: dict[str, tuple] = {}
-        deadline = time.monotonic() + 20
-        while len(done) < 2:
-            assert time.monotonic() < deadline, f"only {done}"
-            for fd in select.select(pool.fds(), [], [], 1.0)[0]:
-                done.update((e[1], e) for e in pool.on_readable(fd) if e[0] == "done")
+        done = _outcomes(pool, 2)
         assert done["keyed"][2] == p.LOST and done["keyed"][5] == {"fenced": True}
         assert done["plain"][2] == p.SUCCESS and p.decode(done["plain"][3]) == 2
+    finally:
+        pool.close()
+
+
+def _outcomes(pool, count: int, timeout: float = 20.0) -> dict[str, tuple]:
+    """Poll a pool like the supervisor does until ``count`` tasks are done."""
+    done: dict[str, tuple] = {}
+    deadline = time.monotonic() + timeout
+    while len(done) < count:
+        assert time.monotonic() < deadline, f"only {done}"
+        for fd in select.select(pool.fds(), [], [], 1.0)[0]:
+            done.update((e[1], e) for e in pool.on_readable(fd) if e[0] == "done")
+    return done
+
+
+def test_a_process_pool_reads_a_large_result_without_waiting_for_it():
+    """A result of megabytes comes through the child's socket in many reads; the
+    supervisor takes each part as it comes (it used to block until the last) and
+    hears the other children meanwhile."""
+    pool = ProcessPool(tasks.app, "tests.tasks", 2, fence_after=60.0, limits=Limits())
+    pool.start()
+    try:
+        size = 3 * 1024 * 1024
+        for task_id, name, args in (("large", "blob", [size]), ("small", "add", [2, 3])):
+            header = {"id": task_id, "name": f"tests.tasks.{name}", "queue": "default"}
+            pool.submit(header, p.encode([args, {}]))
+        done = _outcomes(pool, 2)
+        assert done["large"][2] == p.SUCCESS and p.decode(done["large"][3]) == "x" * size
+        assert done["small"][2] == p.SUCCESS and p.decode(done["small"][3]) == 5
     finally:
         pool.close()
 

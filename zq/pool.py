@@ -26,6 +26,8 @@ import os
 import queue
 import resource
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -48,6 +50,12 @@ FENCED_EXIT = 70
 #: Seconds between a child's checks of its fence (at most; a tenth of the fence time
 #: if that is less, so short heartbeats keep their margin).
 FENCE_POLL = 0.1
+#: Bytes read from a supervisor-child socket at a time.
+READ_SIZE = 1 << 16
+#: The supervisor-child framing (multiprocessing.Connection's): a length, then the
+#: message (2 GiB and more: -1, then a 64-bit length).
+_LENGTH = struct.Struct("!i")
+_LONG_LENGTH = struct.Struct("!Q")
 
 
 def execute(
@@ -145,7 +153,7 @@ def _soft_limit_reached(signum: int, frame: Any) -> None:
 
 
 def _child_main(
-    spec: str, conn: Any, heard: Any, fence_after: Any, parent: int, limits: Limits
+    spec: str, sock: socket.socket, heard: Any, fence_after: Any, parent: int, limits: Limits
 ) -> None:
     """Entry point of a pool child: run the tasks the supervisor sends, one at a time."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
@@ -155,15 +163,18 @@ def _child_main(
     threading.Thread(target=_fence, args=args, daemon=True).start()
     app = load_app(spec)
     retiring = False
+    framer = _Framer()
     for ran in itertools.count(1):
-        try:
-            header, payload = p.decode(conn.recv_bytes())
-        except EOFError:
-            return
+        while not framer.messages:  # the supervisor sends one task at a time
+            data = sock.recv(READ_SIZE)
+            if not data:
+                return  # the supervisor closed our socket
+            framer.add(data)
+        header, payload = p.decode(framer.messages.popleft())
         task_id = header["id"]
         if header.get("key") is not None:
             if _fence_closed(heard.value, fence_after.value):
-                conn.send_bytes(p.encode([*_fenced(task_id, None), False]))
+                _send_message(sock, p.encode([*_fenced(task_id, None), False]))
                 continue
             keyed.set()
         soft, _ = limits.for_task(app, header.get("name", ""))
@@ -172,7 +183,7 @@ def _child_main(
             signal.setitimer(signal.ITIMER_REAL, soft)
 
         def report(info: dict[str, Any], task_id: str = task_id) -> None:
-            conn.send_bytes(p.encode(["progress", task_id, info]))
+            _send_message(sock, p.encode(["progress", task_id, info]))
 
         try:
             state, body, extra = execute(app, header, payload, report)
@@ -189,7 +200,7 @@ def _child_main(
         if limits.max_memory_per_child and peak_kib > limits.max_memory_per_child:
             retiring = True
         done = ["done", header["id"], state, body, runtime, extra, retiring]
-        conn.send_bytes(p.encode(done))
+        _send_message(sock, p.encode(done))
         if retiring:
             # Out now, whatever the task left running (a non-daemon thread would keep
             # a normal exit waiting, and the child would hold its slot with no task).
@@ -213,21 +224,23 @@ def _fence(heard: Any, fence_after: Any, parent: int, keyed: threading.Event) ->
 
 class _Child:
     __slots__ = (
-        "conn",
         "deadline",
         "fed_turn",
+        "framer",
         "hard",
         "keyed",
         "proc",
         "reported",
         "retiring",
+        "sock",
         "started",
         "task",
     )
 
-    def __init__(self, proc: Any, conn: Any) -> None:
+    def __init__(self, proc: Any, sock: socket.socket) -> None:
         self.proc = proc
-        self.conn = conn
+        self.sock = sock  # blocking, but read only with MSG_DONTWAIT
+        self.framer = _Framer()
         self.task: str | None = None
         self.keyed = False  # its task has a key
         self.started = 0.0  # when it was given its task
@@ -263,7 +276,10 @@ class ProcessPool:
             self._spawn()
 
     def _spawn(self) -> None:
-        mine, theirs = self._mp.Pipe()
+        # A socket pair read in whole buffers: one recv per wake-up for all that came.
+        # (A multiprocessing Connection cost the supervisor a poll, with a selector
+        # made per call, two reads and another poll per message.)
+        mine, theirs = socket.socketpair()
         proc = self._mp.Process(
             target=_child_main,
             name="zq-child",
@@ -384,7 +400,7 @@ class ProcessPool:
                 continue
             header, payload = self._backlog.popleft()
             try:
-                child.conn.send_bytes(p.encode([header, payload]))
+                _send_message(child.sock, p.encode([header, payload]))
             except OSError:  # it died (e.g. fenced) before we read its EOF: use another
                 self._backlog.appendleft((header, payload))
                 self._bury(fd, child)
@@ -403,25 +419,42 @@ class ProcessPool:
         if child is None:  # buried in this turn (time limit, terminate) after the poll
             return []
         events: list[Event] = []
-        try:
-            # poll() first, every time: the fd may be a replacement child's that reuses a
-            # buried one's number and has nothing to say (a bare read would block).
-            while child.conn.poll(0):
-                event = tuple(p.decode(child.conn.recv_bytes()))
-                if event[0] == "done":
-                    child.task = None
-                    child.retiring = bool(event[6:7] and event[6])
-                    event = event[:6]
-                events.append(event)
-        except (EOFError, OSError):
+        closed = self._read(child)
+        messages = child.framer.messages
+        while messages:  # what it said before it died still counts
+            event = tuple(p.decode(messages.popleft()))
+            if event[0] == "done":
+                child.task = None
+                child.retiring = bool(event[6:7] and event[6])
+                event = event[:6]
+            events.append(event)
+        if closed:
             events += self._bury(fd, child)
         self._feed()
         return events
 
+    @staticmethod
+    def _read(child: _Child) -> bool:
+        """Read all a child's socket holds into its framer; whether it has closed."""
+        while True:
+            try:
+                # Without waiting: the fd may be a replacement child's that reuses a
+                # buried one's number and has nothing to say (a bare read would block).
+                data = child.sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            if not data:
+                return True
+            child.framer.add(data)
+            if len(data) < READ_SIZE:
+                return False
+
     def _bury(self, fd: int, child: _Child) -> list[Event]:
         """A child died: report its task LOST, start a replacement."""
         del self._children[fd]
-        child.conn.close()
+        child.sock.close()
         child.proc.join(1.0)
         code = child.proc.exitcode
         self._spawn()
@@ -436,7 +469,7 @@ class ProcessPool:
 
     def close(self, timeout: float = 2.0) -> None:
         for child in self._children.values():
-            child.conn.close()
+            child.sock.close()
         deadline = time.monotonic() + timeout
         for child in self._children.values():
             child.proc.join(max(0.0, deadline - time.monotonic()))
@@ -444,6 +477,55 @@ class ProcessPool:
                 child.proc.kill()
                 child.proc.join(1.0)
         self._children.clear()
+
+
+class _Framer:
+    """Whole messages out of the bytes read from a supervisor-child socket, in
+    :attr:`messages`; a large one comes in many reads and is joined once."""
+
+    __slots__ = ("_chunks", "_held", "_need", "messages")
+
+    def __init__(self) -> None:
+        self.messages: deque[memoryview] = deque()
+        self._chunks: list[bytes] = []  # read, not yet a whole message
+        self._held = 0  # their bytes
+        self._need = 1  # bytes the next message needs, once its length is in
+
+    def add(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._held += len(data)
+        if self._held < self._need:
+            return
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        at, end, self._need = 0, len(data), 1
+        while end - at >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(data, at)
+            start = at + _LENGTH.size
+            if size == -1:
+                if end - start < _LONG_LENGTH.size:
+                    break
+                (size,) = _LONG_LENGTH.unpack_from(data, start)
+                start += _LONG_LENGTH.size
+            if end - start < size:
+                self._need = start + size - at
+                break
+            self.messages.append(memoryview(data)[start : start + size])
+            at = start + size
+        self._chunks = [data[at:]] if at < end else []
+        self._held = end - at
+
+
+def _send_message(sock: socket.socket, message: bytes) -> None:
+    """Send one whole message over a supervisor-child socket, framed for a
+    :class:`_Framer` (blocking while the other side's socket buffer is full)."""
+    size = len(message)
+    head = _LENGTH.pack(size) if size < 0x7FFFFFFF else _LENGTH.pack(-1) + _LONG_LENGTH.pack(size)
+    if size <= 16384:  # one write for a small message (a copy costs less than a syscall)
+        sock.sendall(head + message)
+    else:
+        sock.sendall(head)
+        sock.sendall(message)
 
 
 # -------------------------------------------------------------- thread pool
