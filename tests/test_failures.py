@@ -19,7 +19,8 @@ from tests.conftest import wait_for_workers
 from tests.partition import UP, Partition
 from tests.tasks import read_records
 from zq import protocol as p
-from zq.pool import Limits, ProcessPool, ThreadPool
+from zq.pool import ThreadPool
+from zq.procpool import Limits, ProcessPool
 from zq.testing import check_key_records, wait_for
 
 

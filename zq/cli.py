@@ -417,7 +417,7 @@ def worker(
     """Run a worker for the tasks of MODULE[:APP] (default: the demo's zq.scoring).
 
     Time limits and child replacement apply to the process pool only."""
-    from zq.pool import Limits
+    from zq.procpool import Limits
     from zq.security import ClientCurve
     from zq.worker import Worker, WorkerSettings
 

@@ -34,7 +34,8 @@ from zq import wire
 from zq.app import App, default_broker, load_app
 from zq.canvas import with_inputs
 from zq.errors import ProtocolError
-from zq.pool import Limits, ProcessPool, ThreadPool
+from zq.pool import ThreadPool
+from zq.procpool import Limits, ProcessPool
 from zq.security import ClientCurve
 
 log = logging.getLogger("zq.worker")
