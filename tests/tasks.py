@@ -66,6 +66,12 @@ def linger(seconds: float) -> int:
 
 
 @app.task
+def die() -> None:
+    """Kill the process running it (an unkeyed crash)."""
+    os.kill(os.getpid(), 9)
+
+
+@app.task
 def whoami_after(seconds: float) -> dict[str, int]:
     time.sleep(seconds)
     return {"pid": os.getpid(), "worker": os.getppid()}

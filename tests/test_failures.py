@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import time
 from collections.abc import Iterator
@@ -18,9 +17,6 @@ from tests import tasks
 from tests.conftest import wait_for_workers
 from tests.partition import UP, Partition
 from tests.tasks import read_records
-from zq import protocol as p
-from zq.pool import ThreadPool
-from zq.procpool import Limits, ProcessPool
 from zq.testing import check_key_records, wait_for
 
 
@@ -159,58 +155,6 @@ def test_a_thawed_worker_starts_none_of_the_tasks_it_held_unstarted(
         ("thaw-b", 2),
     ]
     assert check_key_records(records) == []
-
-
-@pytest.mark.parametrize("kind", ["process", "thread"])
-def test_a_pool_starts_no_keyed_task_while_the_broker_is_silent_past_the_fence(kind):
-    """The pool's own check, for a supervisor that froze after it read a TASK and
-    before it handed it over (its connection check came before the freeze): the keyed
-    task comes back LOST (fenced) unrun; an unkeyed one runs."""
-    pool = (
-        ProcessPool(tasks.app, "tests.tasks", 1, fence_after=1.5, limits=Limits())
-        if kind == "process"
-        else ThreadPool(tasks.app, 1, fence_after=1.5)
-    )
-    pool.start()
-    try:
-        pool.hear(time.monotonic() - 2.0)  # the broker was last heard 2 s ago
-        for task_id, key in (("keyed", "cust-1"), ("plain", None)):
-            header = {"id": task_id, "name": "tests.tasks.add", "queue": "default", "key": key}
-            pool.submit(header, p.encode([[1, 1], {}]))
-        done = _outcomes(pool, 2)
-        assert done["keyed"][2] == p.LOST and done["keyed"][5] == {"fenced": True}
-        assert done["plain"][2] == p.SUCCESS and p.decode(done["plain"][3]) == 2
-    finally:
-        pool.close()
-
-
-def _outcomes(pool, count: int, timeout: float = 20.0) -> dict[str, tuple]:
-    """Poll a pool like the supervisor does until ``count`` tasks are done."""
-    done: dict[str, tuple] = {}
-    deadline = time.monotonic() + timeout
-    while len(done) < count:
-        assert time.monotonic() < deadline, f"only {done}"
-        for fd in select.select(pool.fds(), [], [], 1.0)[0]:
-            done.update((e[1], e) for e in pool.on_readable(fd) if e[0] == "done")
-    return done
-
-
-def test_a_process_pool_reads_a_large_result_without_waiting_for_it():
-    """A result of megabytes comes through the child's socket in many reads; the
-    supervisor takes each part as it comes (it used to block until the last) and
-    hears the other children meanwhile."""
-    pool = ProcessPool(tasks.app, "tests.tasks", 2, fence_after=60.0, limits=Limits())
-    pool.start()
-    try:
-        size = 3 * 1024 * 1024
-        for task_id, name, args in (("large", "blob", [size]), ("small", "add", [2, 3])):
-            header = {"id": task_id, "name": f"tests.tasks.{name}", "queue": "default"}
-            pool.submit(header, p.encode([args, {}]))
-        done = _outcomes(pool, 2)
-        assert done["large"][2] == p.SUCCESS and p.decode(done["large"][3]) == "x" * size
-        assert done["small"][2] == p.SUCCESS and p.decode(done["small"][3]) == 5
-    finally:
-        pool.close()
 
 
 def test_a_task_sent_to_a_worker_that_renewed_its_connection_is_no_redelivery(

@@ -85,6 +85,11 @@ def fenced(task_id: str, runtime: float | None) -> Event:
     return ("done", task_id, p.LOST, p.failure("zq.Fenced", why), runtime, {"fenced": True})
 
 
+def revoked(task_id: str, why: str) -> Event:
+    """The event for a task revoked (with terminate) before or while it ran."""
+    return ("done", task_id, p.REVOKED, p.failure("zq.Revoked", why), 0.0, {})
+
+
 def fence_closed(heard: float, fence_after: float) -> bool:
     """True once the worker's lease (``heard``: the send time of its latest message the
     broker answered) is over ``fence_after`` s old: the broker may give this worker's
@@ -193,20 +198,13 @@ class ThreadPool:
     def started(self) -> list[Event]:
         return []  # the threads report each task started themselves
 
-    def terminate(self, task_id: str) -> Event | None:
+    def terminate(self, task_id: str) -> list[Event] | None:
         """Drop ``task_id`` if no thread has taken it (its DONE event, REVOKED); else
         None: threads cannot be killed, a running task runs to its end (use the
         process pool)."""
         if not self._take_back([task_id]):
             return None
-        return (
-            "done",
-            task_id,
-            p.REVOKED,
-            p.failure("zq.Revoked", "revoked before it started"),
-            0.0,
-            {},
-        )
+        return [revoked(task_id, "revoked before it started")]
 
     def waiting(self) -> int:
         """Tasks held that no thread has taken."""

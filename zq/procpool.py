@@ -15,7 +15,6 @@ before the broker can declare the worker dead and hand its keys to another worke
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing
 import os
 import resource
@@ -32,7 +31,7 @@ from typing import Any
 from zq import protocol as p
 from zq.app import App, load_app
 from zq.errors import SoftTimeLimitExceeded
-from zq.pool import Event, execute, fence_closed, fenced
+from zq.pool import Event, execute, fence_closed, fenced, revoked
 
 #: Exit code of a child that fenced itself off because its supervisor went silent.
 FENCED_EXIT = 70
@@ -69,30 +68,56 @@ def _soft_limit_reached(signum: int, frame: Any) -> None:
 
 
 def _child_main(
-    spec: str, sock: socket.socket, heard: Any, fence_after: Any, parent: int, limits: Limits
+    spec: str,
+    sock: socket.socket,
+    heard: Any,
+    fence_after: Any,
+    parent: int,
+    limits: Limits,
+    at: Any,
 ) -> None:
-    """Entry point of a pool child: run the tasks the supervisor sends, one at a time."""
+    """Entry point of a pool child: run the tasks the supervisor sends, in order, one
+    at a time, and say each one's outcome as soon as it has it.
+
+    Messages in: ``["run", [[seq, header, payload], ...]]`` (a batch: several short
+    tasks for one write) and ``["cancel", [seq, ...]]`` (do not start these). Out:
+    ``done`` and ``progress`` events, and ``["skipped", id]`` for a cancelled task.
+    Before a task starts, ``at`` says its number, then the socket is read again for
+    cancels: see :meth:`ProcessPool._cancel` for why that order is safe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     signal.signal(signal.SIGALRM, _soft_limit_reached)
     keyed = threading.Event()  # set while the task running here has a key
     args = (heard, fence_after, parent, keyed)
     threading.Thread(target=_fence, args=args, daemon=True).start()
     app = load_app(spec)
-    retiring = False
     framer = _Framer()
-    for ran in itertools.count(1):
-        while not framer.messages:  # the supervisor sends one task at a time
-            data = sock.recv(READ_SIZE)
+    queued: deque[list[Any]] = deque()
+    cancelled: set[int] = set()
+    ran = 0
+    while True:
+        _take(framer, queued, cancelled)
+        if not queued:
+            data = sock.recv(READ_SIZE)  # nothing to do: wait for the supervisor
             if not data:
-                return  # the supervisor closed our socket
+                return  # it closed our socket
             framer.add(data)
-        header, payload = p.decode(framer.messages.popleft())
+            continue
+        seq, header, payload = queued[0]
+        at.value = seq  # first, then look for a cancel of it
+        _read_now(sock, framer)
+        _take(framer, queued, cancelled)
+        queued.popleft()
         task_id = header["id"]
+        if seq in cancelled:
+            cancelled.discard(seq)
+            _send_message(sock, p.encode(["skipped", task_id]))
+            continue
         if header.get("key") is not None:
             if fence_closed(heard.value, fence_after.value):
                 _send_message(sock, p.encode([*fenced(task_id, None), False]))
                 continue
             keyed.set()
+        ran += 1
         soft, _ = limits.for_task(app, header.get("name", ""))
         start = time.monotonic()
         if soft:
@@ -108,14 +133,13 @@ def _child_main(
         runtime = time.monotonic() - start
         keyed.clear()
         # Recycled after this task (task count or peak memory): said in its "done", so
-        # that the supervisor gives it no other task to die with (it would come back
-        # LOST, as if the child had crashed) and starts a fresh child when it exits.
-        if limits.max_tasks_per_child is not None and ran >= limits.max_tasks_per_child:
-            retiring = True
+        # that the supervisor takes back what it queued here (it would come back LOST,
+        # as if the child had crashed) and starts a fresh child when it exits.
+        retiring = limits.max_tasks_per_child is not None and ran >= limits.max_tasks_per_child
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if limits.max_memory_per_child and peak_kib > limits.max_memory_per_child:
             retiring = True
-        done = ["done", header["id"], state, body, runtime, extra, retiring]
+        done = ["done", task_id, state, body, runtime, extra, retiring]
         _send_message(sock, p.encode(done))
         if retiring:
             # Out now, whatever the task left running (a non-daemon thread would keep
@@ -123,6 +147,31 @@ def _child_main(
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
+
+
+def _take(framer: _Framer, queued: deque[list[Any]], cancelled: set[int]) -> None:
+    """A child takes in the whole messages read so far: tasks to run, cancels."""
+    while framer.messages:
+        kind, items = p.decode(framer.messages.popleft())
+        if kind == "run":
+            queued.extend(items)
+        else:  # cancel; a number already passed would stay forever: drop those
+            first = queued[0][0] if queued else None
+            cancelled.update(seq for seq in items if first is not None and seq >= first)
+
+
+def _read_now(sock: socket.socket, framer: _Framer) -> None:
+    """Read what the socket holds, without waiting (a child, between two tasks)."""
+    while True:
+        try:
+            data = sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        if not data:
+            return  # closed: the blocking read that follows finds out
+        framer.add(data)
+        if len(data) < READ_SIZE:
+            return
 
 
 def _fence(heard: Any, fence_after: Any, parent: int, keyed: threading.Event) -> None:
@@ -138,37 +187,63 @@ def _fence(heard: Any, fence_after: Any, parent: int, keyed: threading.Event) ->
             os._exit(FENCED_EXIT)
 
 
+#: A task given to a child: (its number there, header, payload).
+_Given = tuple[int, dict[str, Any], bytes]
+
+
 class _Child:
     __slots__ = (
+        "at",
+        "cancelled",
         "deadline",
-        "fed_turn",
         "framer",
+        "given",
         "hard",
+        "head_turn",
         "keyed",
+        "numbered",
         "proc",
         "reported",
         "retiring",
         "sock",
         "started",
-        "task",
     )
 
-    def __init__(self, proc: Any, sock: socket.socket) -> None:
+    def __init__(self, proc: Any, sock: socket.socket, at: Any) -> None:
         self.proc = proc
         self.sock = sock  # blocking, but read only with MSG_DONTWAIT
+        self.at = at  # shared: the number of the task it starts or runs
         self.framer = _Framer()
-        self.task: str | None = None
-        self.keyed = False  # its task has a key
-        self.started = 0.0  # when it was given its task
-        self.fed_turn = 0  # the supervisor's loop turn it was given its task in
-        self.reported = False  # its task was reported started
+        # Given to it, in order, and not reported back: the first may be running, the
+        # others have not started (it runs them in order and reports each at once).
+        self.given: deque[_Given] = deque()
+        self.numbered = 0  # the number of the last task given to it
+        # Cancelled without knowing whether it starts them: what a "skipped" becomes
+        # (None: nothing, their outcome was reported when they were taken back).
+        self.cancelled: dict[str, str | None] = {}
+        self.keyed = False  # its first task has a key (keyed tasks go alone)
+        self.started = 0.0  # when its first task became first
+        self.head_turn = 0  # the supervisor's loop turn that happened in
+        self.reported = False  # its first task was reported started
         self.retiring = False  # it exits after its task (recycled): feed it nothing more
         self.deadline: float | None = None  # when the hard time limit kills it
         self.hard = 0.0
 
+    @property
+    def task(self) -> str | None:
+        """The task it runs (or is about to start)."""
+        return self.given[0][1]["id"] if self.given else None
+
 
 class ProcessPool:
-    """``size`` child processes running tasks of the app named by ``spec``."""
+    """``size`` child processes running tasks of the app named by ``spec``.
+
+    An idle child gets one task, or, when more tasks wait than there are idle children
+    (the broker prefetched short tasks), up to ``BATCH`` of them in one message: a
+    write and a wake-up per batch instead of per task. Keyed tasks and tasks with a
+    hard time limit always go alone (the fence and the limit are per child)."""
+
+    BATCH = 8
 
     def __init__(
         self, app: App, spec: str, size: int, *, fence_after: float, limits: Limits
@@ -182,7 +257,7 @@ class ProcessPool:
         # Shared with the children: the lease (see hear), and the fence.
         self._heard = self._mp.RawValue("d", time.monotonic())
         self._fence_after = self._mp.RawValue("d", fence_after)
-        self._children: dict[int, _Child] = {}  # by pipe fd
+        self._children: dict[int, _Child] = {}  # by socket fd
         self._backlog: deque[tuple[dict[str, Any], bytes]] = deque()
         self._turn = 0  # the supervisor's loop turns, counted by started()
         self.changed = True  # the set of fds to poll changed
@@ -196,15 +271,24 @@ class ProcessPool:
         # (A multiprocessing Connection cost the supervisor a poll, with a selector
         # made per call, two reads and another poll per message.)
         mine, theirs = socket.socketpair()
+        at = self._mp.RawValue("q", 0)
         proc = self._mp.Process(
             target=_child_main,
             name="zq-child",
             daemon=True,
-            args=(self.spec, theirs, self._heard, self._fence_after, os.getpid(), self.limits),
+            args=(
+                self.spec,
+                theirs,
+                self._heard,
+                self._fence_after,
+                os.getpid(),
+                self.limits,
+                at,
+            ),
         )
         proc.start()
         theirs.close()
-        self._children[mine.fileno()] = _Child(proc, mine)
+        self._children[mine.fileno()] = _Child(proc, mine, at)
         self.changed = True
 
     def fds(self) -> list[int]:
@@ -212,17 +296,21 @@ class ProcessPool:
         return list(self._children)
 
     def running(self) -> list[str]:
-        held = [c.task for c in self._children.values() if c.task is not None]
-        return held + [h["id"] for h, _ in self._backlog]
+        held = [header["id"] for c in self._children.values() for _, header, _ in c.given]
+        return held + [header["id"] for header, _ in self._backlog]
 
     def waiting(self) -> int:
-        """Tasks held that no child has started."""
-        return len(self._backlog)
+        """Tasks held that no child has started (as far as the supervisor knows)."""
+        queued = sum(len(c.given) - 1 for c in self._children.values() if c.given)
+        return len(self._backlog) + queued
 
     def withdraw(self) -> list[str]:
         """Take back every task no child has started; their ids."""
         ids = [header["id"] for header, _ in self._backlog]
         self._backlog.clear()
+        for child in self._children.values():
+            if len(child.given) > 1:
+                ids += self._cancel(child, list(child.given)[1:], "returned")
         return ids
 
     def set_fence(self, seconds: float) -> None:
@@ -230,13 +318,13 @@ class ProcessPool:
         self._fence_after.value = seconds
 
     def started(self) -> list[Event]:
-        """At the end of each supervisor loop turn: the tasks given to a child in an
-        earlier turn that have not ended, as started (each once)."""
+        """At the end of each supervisor loop turn: each child's first task, if it
+        became first in an earlier turn and has not ended, as started (each once)."""
         events: list[Event] = []
         for child in self._children.values():
-            if child.task is not None and not child.reported and child.fed_turn < self._turn:
+            if child.given and not child.reported and child.head_turn < self._turn:
                 child.reported = True
-                events.append(("started", child.task))
+                events.append(("started", child.given[0][1]["id"]))
         self._turn += 1
         return events
 
@@ -246,15 +334,15 @@ class ProcessPool:
         self._heard.value = when
 
     def fence(self) -> list[Event]:
-        """Stop every keyed task given to a child (running, or still in its pipe): the
-        supervisor gave its connection up, the broker may give the keys to others. The
-        children would stop them on their own, unless they were frozen too and thaw
-        only once a new connection has made the broker's silence look over."""
+        """Stop every keyed task given to a child (running, or still in its socket):
+        the supervisor gave its connection up, the broker may give the keys to others.
+        The children would stop them on their own, unless they were frozen too and
+        thaw only once a new connection has made the broker's silence look over."""
         events: list[Event] = []
         for fd, child in list(self._children.items()):
-            if child.task is not None and child.keyed:
+            if child.given and child.keyed:
                 events += self.on_readable(fd)  # it may have ended it: no kill then
-                if self._children.get(fd) is child and child.task is not None:
+                if self._children.get(fd) is child and child.given:
                     events.append(fenced(*self._stop(fd, child)))
         return events
 
@@ -263,7 +351,7 @@ class ProcessPool:
         now = time.monotonic()
         events: list[Event] = []
         for fd, child in list(self._children.items()):
-            if child.deadline is not None and now >= child.deadline and child.task is not None:
+            if child.deadline is not None and now >= child.deadline and child.given:
                 reason = (
                     f"the hard time limit ({child.hard:g}s) was exceeded; the process "
                     "running the task was killed and replaced"
@@ -273,23 +361,58 @@ class ProcessPool:
             self._feed()
         return events
 
-    def terminate(self, task_id: str) -> Event | None:
-        """Stop ``task_id`` (revoke with terminate): kill the child process running it
-        (the one the supervisor gave it to, and no other) or drop it from the backlog.
-        Returns its DONE event (REVOKED), or None if it is not here."""
-        for fd, child in list(self._children.items()):
-            if child.task == task_id:
-                pid = child.proc.pid
-                why = f"revoked: the process running it (pid {pid}) was killed and replaced"
-                event = self._kill(fd, child, p.REVOKED, "zq.Revoked", why)
-                self._feed()
-                return event
+    def terminate(self, task_id: str) -> list[Event] | None:
+        """Stop ``task_id`` (revoke with terminate): drop it from the backlog, or have
+        the child it was given to skip it, or kill that child if it runs it (that one
+        and no other; what was queued behind it goes to other children). Returns the
+        events that settles (its REVOKED, or its DONE if it just ended: nothing then
+        if it is to be skipped), or None if it is not here."""
         for item in self._backlog:
             if item[0]["id"] == task_id:
                 self._backlog.remove(item)
-                why = "revoked before it started"
-                return ("done", task_id, p.REVOKED, p.failure("zq.Revoked", why), 0.0, {})
+                return [revoked(task_id, "revoked before it started")]
+        for fd, child in list(self._children.items()):
+            given = [entry for entry in child.given if entry[1]["id"] == task_id]
+            if not given:
+                continue
+            if given[0] is not child.given[0] and self._cancel(child, given, "revoked"):
+                return [revoked(task_id, "revoked before it started")]
+            events = self.on_readable(fd)  # it may have ended by now: no kill then
+            if self._children.get(fd) is child and child.task == task_id:
+                pid = child.proc.pid
+                why = f"revoked: the process running it (pid {pid}) was killed and replaced"
+                events.append(self._kill(fd, child, p.REVOKED, "zq.Revoked", why))
+                self._feed()
+            elif task_id in self.running():  # its child died: it went back, maybe elsewhere
+                events += self.terminate(task_id) or []
+            return events
         return None
+
+    def _cancel(self, child: _Child, entries: list[_Given], why: str) -> list[str]:
+        """Tell ``child`` not to start ``entries`` (not its first); the ids of those it
+        surely will not start, taken back now. ``why`` ("revoked" or "returned") says
+        what a "skipped" for one of the others means.
+
+        The child writes a task's number to ``at`` *before* it reads its socket for
+        cancels and starts the task; this side sends the cancel *before* it reads
+        ``at``. So a task numbered above what ``at`` says here cannot have been
+        checked yet: the child will see the cancel and skip it. A task at or below
+        it may run (it passed its check) or be skipped: the child says which."""
+        try:
+            _send_message(child.sock, p.encode(["cancel", [seq for seq, _, _ in entries]]))
+        except OSError:  # it died: they go back to the backlog when its EOF is read
+            return []
+        at = child.at.value
+        taken: list[str] = []
+        for entry in entries:
+            task_id = entry[1]["id"]
+            if entry[0] > at:
+                child.given.remove(entry)
+                child.cancelled[task_id] = None
+                taken.append(task_id)
+            else:
+                child.cancelled[task_id] = why
+        return taken
 
     def _kill(self, fd: int, child: _Child, state: str, kind: str, why: str) -> Event:
         """Kill a child for a reason of ours (its task is not LOST) and replace it."""
@@ -297,38 +420,70 @@ class ProcessPool:
         return ("done", task, state, p.failure(kind, why), runtime, {})
 
     def _stop(self, fd: int, child: _Child) -> tuple[str, float]:
-        """Kill a child and replace it; its task's id and how long it had it."""
+        """Kill a child and replace it; its first task's id and how long it had it
+        (what was queued behind it goes back to the backlog)."""
         child.proc.kill()
-        task, child.task = child.task, None
+        _, header, _ = child.given.popleft()
+        self._take_back(child, 0)
         self._bury(fd, child)
-        assert task is not None
-        return task, time.monotonic() - child.started
+        return header["id"], time.monotonic() - child.started
 
     def submit(self, header: dict[str, Any], payload: bytes) -> None:
         self._backlog.append((header, payload))
         self._feed()
 
     def _feed(self) -> None:
-        for fd, child in list(self._children.items()):
-            if not self._backlog:
+        """Give the backlog's tasks to the idle children: one each, or, with more
+        tasks than idle children, an even share each, up to BATCH, of the tasks that
+        may go together."""
+        idle = [(fd, c) for fd, c in self._children.items() if not c.given and not c.retiring]
+        while self._backlog and idle:
+            fd, child = idle.pop()
+            share = min(self.BATCH, -(-len(self._backlog) // (len(idle) + 1)))
+            batch = [self._backlog.popleft()]
+            while len(batch) < share and self._batchable(batch[0][0]):
+                if not self._batchable(self._backlog[0][0]):
+                    break
+                batch.append(self._backlog.popleft())
+            if not self._give(fd, child, batch):
+                self._backlog.extendleft(reversed(batch))
+                self._feed()  # the replacement can take it (it reads once it runs)
                 return
-            if child.task is not None or child.retiring:
-                continue
-            header, payload = self._backlog.popleft()
-            try:
-                _send_message(child.sock, p.encode([header, payload]))
-            except OSError:  # it died (e.g. fenced) before we read its EOF: use another
-                self._backlog.appendleft((header, payload))
-                self._bury(fd, child)
-                self._feed()  # the replacement can take it (its pipe buffers until it runs)
-                return
-            child.task = header["id"]
-            child.keyed = header.get("key") is not None
-            child.started = time.monotonic()
-            child.fed_turn, child.reported = self._turn, False
-            _, hard = self.limits.for_task(self.app, header.get("name", ""))
-            child.hard = hard or 0.0
-            child.deadline = time.monotonic() + hard if hard else None
+
+    def _batchable(self, header: dict[str, Any]) -> bool:
+        return (
+            header.get("key") is None
+            and not self.limits.for_task(self.app, header.get("name", ""))[1]
+        )
+
+    def _give(self, fd: int, child: _Child, batch: list[tuple[dict[str, Any], bytes]]) -> bool:
+        """Send an idle child its tasks; False if it died meanwhile (buried now)."""
+        given = []
+        for header, payload in batch:
+            child.numbered += 1
+            given.append((child.numbered, header, payload))
+        try:
+            _send_message(child.sock, p.encode(["run", given]))
+        except OSError:  # it died (e.g. fenced) before we read its EOF
+            self._bury(fd, child)
+            return False
+        child.given.extend(given)
+        self._became_first(child)
+        return True
+
+    def _became_first(self, child: _Child) -> None:
+        """Its first task changed (given, or the one before it ended): time it from
+        now, report it started at the end of the next turn, arm its hard limit."""
+        if not child.given:
+            child.deadline = None
+            return
+        header = child.given[0][1]
+        child.keyed = header.get("key") is not None
+        child.started = time.monotonic()
+        child.head_turn, child.reported = self._turn, False
+        _, hard = self.limits.for_task(self.app, header.get("name", ""))
+        child.hard = hard or 0.0
+        child.deadline = child.started + hard if hard else None
 
     def on_readable(self, fd: int) -> list[Event]:
         child = self._children.get(fd)
@@ -340,14 +495,42 @@ class ProcessPool:
         while messages:  # what it said before it died still counts
             event = tuple(p.decode(messages.popleft()))
             if event[0] == "done":
-                child.task = None
-                child.retiring = bool(event[6:7] and event[6])
-                event = event[:6]
-            events.append(event)
+                self._ended(child, event[1])
+                if event[6:7] and event[6]:  # it retires: it starts nothing more
+                    child.retiring = True
+                    self._take_back(child, 0)
+                events.append(event[:6])
+            elif event[0] == "skipped":
+                why = child.cancelled.pop(event[1], None)
+                if why is not None:  # not taken back at the cancel: it is settled now
+                    self._ended(child, event[1])
+                    events.append(_skipped(event[1], why))
+            else:
+                events.append(event)
         if closed:
             events += self._bury(fd, child)
         self._feed()
         return events
+
+    def _ended(self, child: _Child, task_id: str) -> None:
+        """A task given to ``child`` was reported back: it is no longer held there."""
+        child.cancelled.pop(task_id, None)
+        first = bool(child.given) and child.given[0][1]["id"] == task_id
+        for entry in child.given:
+            if entry[1]["id"] == task_id:
+                child.given.remove(entry)
+                break
+        if first:
+            self._became_first(child)
+
+    def _take_back(self, child: _Child, first: int) -> None:
+        """Back to the front of the backlog, in order: the tasks given to ``child``
+        from the ``first``-th on, which it has not started (it runs them in order)."""
+        while len(child.given) > first:
+            _, header, payload = child.given.pop()
+            self._backlog.appendleft((header, payload))
+        if not child.given:
+            child.deadline = None
 
     @staticmethod
     def _read(child: _Child) -> bool:
@@ -368,20 +551,24 @@ class ProcessPool:
                 return False
 
     def _bury(self, fd: int, child: _Child) -> list[Event]:
-        """A child died: report its task LOST, start a replacement."""
+        """A child died: report its first task LOST, give what it held behind that to
+        the others, start a replacement."""
         del self._children[fd]
         child.sock.close()
         child.proc.join(1.0)
         code = child.proc.exitcode
         self._spawn()
-        if child.task is None:
+        self._take_back(child, 1)
+        if not child.given:
             return []
+        task_id = child.given[0][1]["id"]
+        child.given.clear()
         # LOST: the broker runs it again (at the head of its key's lane), or after too
         # many deaths makes it a dead letter, so a poison task neither loops nor vanishes.
         if code == FENCED_EXIT:
-            return [fenced(child.task, time.monotonic() - child.started)]
+            return [fenced(task_id, time.monotonic() - child.started)]
         reason = f"the worker process running the task died (exit code {code})"
-        return [("done", child.task, p.LOST, p.failure("zq.WorkerLost", reason), 0.0, {})]
+        return [("done", task_id, p.LOST, p.failure("zq.WorkerLost", reason), 0.0, {})]
 
     def close(self, timeout: float = 2.0) -> None:
         for child in self._children.values():
@@ -393,6 +580,13 @@ class ProcessPool:
                 child.proc.kill()
                 child.proc.join(1.0)
         self._children.clear()
+
+
+def _skipped(task_id: str, why: str) -> Event:
+    """The event for a task a child skipped on a cancel: REVOKED, or given back."""
+    if why == "revoked":
+        return revoked(task_id, "revoked before it started")
+    return ("done", task_id, p.LOST, b"", None, {"returned": True})
 
 
 class _Framer:

@@ -457,12 +457,12 @@ class Worker:
             return  # it ended meanwhile: its DONE is on its way
         if delivery is not None and self._deliveries[task_id] != delivery:
             return  # about an earlier assignment of the same task
-        event = self.pool.terminate(task_id)
-        if event is None:
+        events = self.pool.terminate(task_id)
+        if events is None:
             log.warning("cannot stop task %s: a thread pool runs tasks to their end", task_id)
             return
         log.info("task %s revoked and stopped", task_id)
-        self._on_pool_event(event)
+        self._on_pool_events(events)
 
     def _on_pool_events(self, events: list[tuple[Any, ...]]) -> None:
         """Report a turn's pool events; a task that started and ended within the turn
