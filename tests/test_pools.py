@@ -71,6 +71,16 @@ def _batch_behind(pool: ProcessPool, *rest: tuple[dict, bytes]) -> int:
     return _pid(_outcomes(events)["opener"][0])
 
 
+def _running_with(pool: ProcessPool, seconds: float, *queued: str) -> int:
+    """A batch whose first task, "running" (``seconds`` long), has started, with
+    ``queued`` (quick tasks) behind it in the same child; the child's pid."""
+    pid = _batch_behind(
+        pool, _task("running", "whoami_after", seconds), *(_task(q, "whoami") for q in queued)
+    )
+    _drive(pool, lambda events: ("started", "running") in events)
+    return pid
+
+
 @pytest.mark.parametrize("kind", ["process", "thread"])
 def test_a_pool_starts_no_keyed_task_while_the_broker_is_silent_past_the_fence(kind):
     """The pool's own check, for a supervisor that froze after it read a TASK and
@@ -112,13 +122,7 @@ def test_a_process_pool_reads_a_large_result_without_waiting_for_it():
 
 def test_terminate_of_a_task_queued_in_a_childs_batch_skips_it_and_kills_nothing(one_child):
     pool = one_child
-    pid = _batch_behind(
-        pool,
-        _task("running", "whoami_after", 1.0),
-        _task("revoked", "whoami"),
-        _task("after", "whoami"),
-    )
-    _drive(pool, lambda events: ("started", "running") in events)
+    pid = _running_with(pool, 1.0, "revoked", "after")
     assert pool.terminate("revoked") == [
         (
             "done",
@@ -140,13 +144,7 @@ def test_terminate_of_a_batchs_running_task_kills_its_child_and_the_rest_run_els
     one_child,
 ):
     pool = one_child
-    pid = _batch_behind(
-        pool,
-        _task("running", "whoami_after", 30.0),
-        _task("next", "whoami"),
-        _task("last", "whoami"),
-    )
-    _drive(pool, lambda events: ("started", "running") in events)
+    pid = _running_with(pool, 30.0, "next", "last")
     [event] = pool.terminate("running")
     assert event[:3] == ("done", "running", p.REVOKED)
     done = _outcomes(_drive(pool, _done("next", "last")))
@@ -179,13 +177,7 @@ def test_a_recycled_child_hands_back_the_rest_of_its_batch():
 
 def test_withdraw_takes_back_what_waits_in_a_child_not_what_it_runs(one_child):
     pool = one_child
-    pid = _batch_behind(
-        pool,
-        _task("running", "whoami_after", 1.0),
-        _task("waiting-1", "whoami"),
-        _task("waiting-2", "whoami"),
-    )
-    _drive(pool, lambda events: ("started", "running") in events)
+    pid = _running_with(pool, 1.0, "waiting-1", "waiting-2")
     assert pool.waiting() == 2
     assert pool.withdraw() == ["waiting-1", "waiting-2"]
     assert pool.running() == ["running"] and pool.waiting() == 0
