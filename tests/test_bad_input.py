@@ -314,6 +314,26 @@ def test_the_broker_echoes_a_workers_time_in_its_welcome_and_heartbeat_answers(r
     assert raw.recv_broker() == (p.HEARTBEAT, {})
 
 
+def test_a_late_ready_from_a_workers_old_connection_changes_nothing(raw_factory, app):
+    """After a partition heals TCP resends a dead connection's data late, while a new
+    connection gets through at once: a worker's READY from its old connection can come
+    after it registered on its new one. Taken for current, it handed the worker's
+    tasks (and their keys) to others at once, while the worker ran them on."""
+    old, new, client = raw_factory(), raw_factory(), raw_factory()
+    old.send(p.message(p.WORKER, p.READY, {**READY, "t": 1.0}))
+    assert old.recv_broker()[0] == p.WELCOME
+    new.send(p.message(p.WORKER, p.READY, {**READY, "t": 2.0}))
+    assert new.recv_broker()[0] == p.WELCOME
+    client.send(submit([task_header("held")], p.encode([[1, 2], {}])))
+    assert client.recv_broker()[0] == p.ACCEPTED
+    assert new.recv()[1] == p.TASK
+    old.send(p.message(p.WORKER, p.READY, {**READY, "t": 1.0}))  # the late one
+    old.expect_nothing()  # no WELCOME, and not the task
+    status = app.status()
+    assert status["counters"]["stale_ready"] == 1
+    assert [w["in_flight"] for w in status["workers"]] == [1]
+
+
 def test_ready_with_unhashable_running_ids_gets_an_error(raw):
     raw.send(p.message(p.WORKER, p.READY, READY))
     assert raw.recv_broker()[0] == p.WELCOME

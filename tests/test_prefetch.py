@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import select
+import signal
 import time
 from collections.abc import Callable, Iterator
 
@@ -263,3 +264,20 @@ def test_a_late_acknowledgement_of_an_earlier_delivery_keeps_a_newer_result():
         answer = broker.expect(p.DONE, "s")
         assert answer["delivery"] == 3
         assert p.decode(broker.payload[0]) == first, "ran again: the late ACCEPTED dropped it"
+
+
+@pytest.mark.parametrize("pool", ["thread", "process"])
+def test_a_stopping_worker_hands_back_a_task_that_crossed_its_draining_ready(pool):
+    """A TASK the broker sent just before it read the worker's draining READY is not
+    claimed in that READY, so the broker puts it back for others; the stopping worker
+    must not run it too (it did: a task ran twice, a key's tasks overlapped)."""
+    with worker_on_fake_broker(pool) as (broker, worker):
+        send_task(broker, "running", "tests.tasks.sleep", [1.0])
+        broker.expect(p.STARTED, "running")
+        worker.signal(signal.SIGTERM)
+        ready = broker.expect(p.READY)
+        assert ready["draining"] and list(ready["running"]) == ["running"]
+        send_task(broker, "crossed", "tests.tasks.add", [1, 2])
+        done = broker.dones(2)
+        assert done["crossed"][0]["state"] == p.LOST and done["crossed"][0]["returned"]
+        assert done["running"][0]["state"] == p.SUCCESS

@@ -123,7 +123,7 @@ def default_pub_bind(bind: str) -> str:
 class _Peer:
     """A connected worker's identity and liveness, as the socket loop sees it."""
 
-    __slots__ = ("ident", "info", "last_seen", "runtimes", "slots", "wid")
+    __slots__ = ("ident", "info", "last_seen", "ready_sent", "runtimes", "slots", "wid")
 
     def __init__(
         self, ident: bytes, wid: bytes, info: dict[str, Any], now: float, slots: int
@@ -132,6 +132,7 @@ class _Peer:
         self.wid = wid
         self.info = info
         self.last_seen = now
+        self.ready_sent: float | None = None  # its READY's "t" (the worker's clock)
         self.slots = slots  # its concurrency; 0 while it drains (it gets no more tasks)
         self.runtimes = RunTimes()  # for the automatic prefetch
 
@@ -784,10 +785,20 @@ class Broker:
             raise ProtocolError("READY 'periodic' must be a list of schedules")
         now = time.monotonic()
         wkey = wid.encode()
+        sent = header.get("t") if type(header.get("t")) is float else None
+        old = self.by_wid.get(wkey)
+        if old is not None and old.ident != ident and _before(sent, old.ready_sent):
+            # From the worker's previous connection, delivered late (after a partition
+            # heals TCP resends a dead connection's data on its backed-off timer, while
+            # a new connection gets through at once). Taken for current, it would drop
+            # the live registration and hand the tasks it runs, and their keys, to
+            # other workers at once.
+            self.counters["stale_ready"] += 1
+            log.info("ignored a late READY from an earlier connection of worker %s", wid)
+            return
         same_conn = self.peers.get(ident)
         if same_conn is not None and same_conn.wid != wkey:
             self._drop_worker(same_conn, "re-registered under another id")
-        old = self.by_wid.get(wkey)
         if old is not None and old.ident != ident:
             del self.peers[old.ident]  # the same worker on a new connection
         info = {k: header.get(k) for k in ("worker", "host", "pid", "concurrency", "queues")}
@@ -795,9 +806,10 @@ class Broker:
         # A draining worker (stopping gracefully) keeps its tasks but gets no more.
         slots = 0 if header.get("draining") else concurrency
         peer = self.peers[ident] = self.by_wid[wkey] = _Peer(ident, wkey, info, now, slots)
+        peer.ready_sent = sent
         welcome = self._welcome()
-        if type(header.get("t")) is float:  # the worker's lease starts at its READY
-            welcome["t"] = header["t"]
+        if sent is not None:  # the worker's lease starts at its READY
+            welcome["t"] = sent
         self._send(ident, p.WELCOME, welcome)
         log.info(
             "worker %s online (%s pid %s, %d slots, queues %s)",
@@ -1459,6 +1471,12 @@ def _task(task_id: str, header: dict[str, Any], body: Any) -> Task:
 def _delivery(header: dict[str, Any]) -> int | None:
     """The delivery a worker's report is about (see Dispatcher.held)."""
     return _as_delivery(header.get("delivery"))
+
+
+def _before(sent: float | None, than: float | None) -> bool:
+    """A READY's send time is known to come before another's (same worker, so the
+    same clock); unknown (a worker that does not say it) is never before."""
+    return sent is not None and than is not None and sent < than
 
 
 def _as_delivery(value: Any) -> int | None:

@@ -80,7 +80,7 @@ class Worker:
         self._fence = _fence_after(self._heartbeat)
         # The lease: when this worker sent the latest message the broker has answered
         # (a HEARTBEAT or READY it echoed), on this process's monotonic clock. The
-        # broker heard this worker at that time or later, so it declares it dead no
+        # broker lease this worker at that time or later, so it declares it dead no
         # sooner than the dead-after window from it; see _fence_after.
         self._confirmed = 0.0
         self._connected_at = 0.0
@@ -226,7 +226,7 @@ class Worker:
         returns whether it did.
 
         The broker may declare this worker dead 3 heartbeats after the last message it
-        heard from it (see :func:`_fence_after`) and give its tasks, and their keys, to
+        lease from it (see :func:`_fence_after`) and give its tasks, and their keys, to
         other workers. So nothing this worker holds unstarted may start, and nothing
         still unread on this connection may be trusted: a TASK read after the silence
         (the worker was frozen, or the network held it) may be running elsewhere by
@@ -392,10 +392,10 @@ class Worker:
 
     def _confirm(self, sent: Any) -> None:
         """The broker echoed ``sent``, the time this worker sent a HEARTBEAT or READY
-        it has heard: the lease runs from there (the pool's children fence on it)."""
+        it has lease: the lease runs from there (the pool's children fence on it)."""
         if type(sent) is float and self._confirmed < sent <= time.monotonic():
             self._confirmed = sent
-            self.pool.hear(sent)
+            self.pool.set_lease(sent)
 
     def _on_task(self, header: dict[str, Any], payload: bytes, inputs: list[bytes]) -> None:
         task_id, delivery = header.get("id"), header.get("delivery")
@@ -415,6 +415,13 @@ class Worker:
             # Sent again while it still runs here (the broker had given up on this
             # worker): the run in progress answers the new delivery.
             self._deliveries[task_id] = delivery
+        elif self._draining_until is not None:
+            # Sent before the broker read our draining READY, which does not claim it:
+            # the broker puts it back for other workers. Run here too, it could run
+            # twice, beside its key's next task. Handed back (stale to the broker if
+            # it has sent it on already).
+            self._deliveries[task_id] = delivery
+            self._on_pool_event(("done", task_id, p.LOST, b"", None, {"returned": True}))
         else:
             # A LOST still in the outbox (its process died, or it was given back) is no
             # result: the broker sends the task again to have it run, so it runs.
@@ -571,7 +578,7 @@ def _fence_after(heartbeat: float) -> float:
     lease) at which keyed tasks are stopped, no held task is started and the
     connection is given up.
 
-    The broker heard that message at its send time or later, so it declares this
+    The broker lease that message at its send time or later, so it declares this
     worker dead (liveness 3) no sooner than 3 heartbeats after it: keyed tasks stop
     at least 1.35 heartbeats before their keys can go elsewhere (1.5, less the
     children's check interval), however the worker was cut off or frozen, in either
