@@ -296,7 +296,10 @@ class FakeWorkers:
                 sock.send_multipart(self._ready(i))
                 poller.register(sock, zmq.POLLIN)
                 socks.append(sock)
-            heartbeat = p.message(p.WORKER, p.HEARTBEAT, {})
+
+            def heartbeat(now: float) -> list[bytes]:  # with its time: the broker echoes it
+                return p.message(p.WORKER, p.HEARTBEAT, {"t": now})
+
             index = {sock: i for i, sock in enumerate(socks)}
             # Spread the heartbeats over the interval, as independent workers would.
             due = [time.monotonic() + self.interval * i / self.count for i in range(self.count)]
@@ -313,7 +316,7 @@ class FakeWorkers:
                 now = time.monotonic()
                 for i, sock in enumerate(socks):
                     if now >= due[i]:
-                        sock.send_multipart(heartbeat)
+                        sock.send_multipart(heartbeat(now))
                         due[i] = now + self.interval
         except BaseException as exc:  # reported by the caller
             self._error = exc

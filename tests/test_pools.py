@@ -93,7 +93,7 @@ def test_a_pool_starts_no_keyed_task_while_the_broker_is_silent_past_the_fence(k
     )
     pool.start()
     try:
-        pool.hear(time.monotonic() - 2.0)  # the lease is 2 s old
+        pool.set_lease(time.monotonic() - 2.0)  # the lease is 2 s old
         pool.submit(*_task("keyed", "add", 1, 1, key="cust-1"))
         pool.submit(*_task("plain", "add", 1, 1))
         done = _outcomes(_drive(pool, _done("keyed", "plain")))

@@ -78,9 +78,8 @@ def _failed(task: Task, header: dict[str, Any], exc: Exception) -> Outcome:
 
 
 def fenced(task_id: str, runtime: float | None) -> Event:
-    """The DONE event of a keyed task stopped, or not started, because the supervisor
-    had not heard from the broker for the fence time: LOST, run again elsewhere, not
-    counted as a crash."""
+    """The DONE event of a keyed task stopped, or not started, because the worker's
+    lease was past the fence: LOST, run again elsewhere, not counted as a crash."""
     why = "the worker lost touch with the broker: a keyed task stops (it runs again)"
     return ("done", task_id, p.LOST, p.failure("zq.Fenced", why), runtime, {"fenced": True})
 
@@ -90,11 +89,11 @@ def revoked(task_id: str, why: str) -> Event:
     return ("done", task_id, p.REVOKED, p.failure("zq.Revoked", why), 0.0, {})
 
 
-def fence_closed(heard: float, fence_after: float) -> bool:
-    """True once the worker's lease (``heard``: the send time of its latest message the
+def fence_closed(lease: float, fence_after: float) -> bool:
+    """True once the worker's ``lease`` (the send time of its latest message the
     broker answered) is over ``fence_after`` s old: the broker may give this worker's
     keys to another, so no keyed task may start."""
-    return time.monotonic() - heard > fence_after
+    return time.monotonic() - lease > fence_after
 
 
 def _type_name(exc: BaseException) -> str:
@@ -111,15 +110,15 @@ class ThreadPool:
     """``size`` threads in the supervisor's process, for I/O-bound tasks.
 
     A running task cannot be stopped: no time limits, no terminate, and no fence for a
-    keyed task that is running when the broker goes silent. A keyed task is not
-    started while the broker is silent past the fence, though (it comes back LOST)."""
+    keyed task that is running when the worker is cut off. A keyed task is not started
+    while the worker's lease is past the fence, though (it comes back LOST)."""
 
     def __init__(self, app: App, size: int, *, fence_after: float = float("inf")) -> None:
         self.app = app
         self.size = size
-        # The lease (see ProcessPool.hear) and the fence: plain floats the threads
-        # read (hear and set_fence write them).
-        self._heard = time.monotonic()
+        # The lease (see ProcessPool.set_lease) and the fence: plain floats the threads
+        # read (set_lease and set_fence write them).
+        self._lease = time.monotonic()
         self._fence_after = fence_after
         self._jobs: queue.SimpleQueue[tuple[dict[str, Any], bytes, object] | None] = (
             queue.SimpleQueue()
@@ -154,7 +153,7 @@ class ThreadPool:
                 if self._waiting.get(task_id) is not token:
                     continue  # withdrawn
                 del self._waiting[task_id]
-            if header.get("key") is not None and fence_closed(self._heard, self._fence_after):
+            if header.get("key") is not None and fence_closed(self._lease, self._fence_after):
                 self._emit(fenced(task_id, None))  # e.g. the process was frozen (SIGSTOP)
                 continue
             self._emit(("started", task_id))
@@ -186,8 +185,8 @@ class ThreadPool:
         """The lease's age after which no keyed task starts."""
         self._fence_after = seconds
 
-    def hear(self, when: float) -> None:
-        self._heard = when
+    def set_lease(self, when: float) -> None:
+        self._lease = when
 
     def fence(self) -> list[Event]:
         return []  # a running thread cannot be stopped (unstarted keyed tasks are)

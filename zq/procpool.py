@@ -70,7 +70,7 @@ def _soft_limit_reached(signum: int, frame: Any) -> None:
 def _child_main(
     spec: str,
     sock: socket.socket,
-    heard: Any,
+    lease: Any,
     fence_after: Any,
     parent: int,
     limits: Limits,
@@ -87,7 +87,7 @@ def _child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     signal.signal(signal.SIGALRM, _soft_limit_reached)
     keyed = threading.Event()  # set while the task running here has a key
-    args = (heard, fence_after, parent, keyed)
+    args = (lease, fence_after, parent, keyed)
     threading.Thread(target=_fence, args=args, daemon=True).start()
     app = load_app(spec)
     framer = _Framer()
@@ -113,7 +113,7 @@ def _child_main(
             _send_message(sock, p.encode(["skipped", task_id]))
             continue
         if header.get("key") is not None:
-            if fence_closed(heard.value, fence_after.value):
+            if fence_closed(lease.value, fence_after.value):
                 _send_message(sock, p.encode([*fenced(task_id, None), False]))
                 continue
             keyed.set()
@@ -174,7 +174,7 @@ def _read_now(sock: socket.socket, framer: _Framer) -> None:
             return
 
 
-def _fence(heard: Any, fence_after: Any, parent: int, keyed: threading.Event) -> None:
+def _fence(lease: Any, fence_after: Any, parent: int, keyed: threading.Event) -> None:
     """Exit the child when its supervisor is gone (SIGKILL), or, while it runs a keyed
     task, when the supervisor's lease is over ``fence_after`` seconds old (a partition
     either way, a frozen supervisor or broker): the broker may soon give the key to another
@@ -183,7 +183,7 @@ def _fence(heard: Any, fence_after: Any, parent: int, keyed: threading.Event) ->
         time.sleep(min(FENCE_POLL, fence_after.value / 10))
         if os.getppid() != parent:
             os._exit(FENCED_EXIT)
-        if keyed.is_set() and fence_closed(heard.value, fence_after.value):
+        if keyed.is_set() and fence_closed(lease.value, fence_after.value):
             os._exit(FENCED_EXIT)
 
 
@@ -254,8 +254,8 @@ class ProcessPool:
         self.fence_after = fence_after
         self.limits = limits
         self._mp = multiprocessing.get_context("spawn")
-        # Shared with the children: the lease (see hear), and the fence.
-        self._heard = self._mp.RawValue("d", time.monotonic())
+        # Shared with the children: the lease (see set_lease), and the fence.
+        self._lease = self._mp.RawValue("d", time.monotonic())
         self._fence_after = self._mp.RawValue("d", fence_after)
         self._children: dict[int, _Child] = {}  # by socket fd
         self._backlog: deque[tuple[dict[str, Any], bytes]] = deque()
@@ -279,7 +279,7 @@ class ProcessPool:
             args=(
                 self.spec,
                 theirs,
-                self._heard,
+                self._lease,
                 self._fence_after,
                 os.getpid(),
                 self.limits,
@@ -328,10 +328,10 @@ class ProcessPool:
         self._turn += 1
         return events
 
-    def hear(self, when: float) -> None:
+    def set_lease(self, when: float) -> None:
         """The broker answered a message this worker sent at ``when`` (the lease): the
         children fence themselves on it."""
-        self._heard.value = when
+        self._lease.value = when
 
     def fence(self) -> list[Event]:
         """Stop every keyed task given to a child (running, or still in its socket):
