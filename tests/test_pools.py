@@ -4,7 +4,9 @@ given to one child in one message) under revoke, crashes, recycling and give-bac
 
 from __future__ import annotations
 
+import os
 import select
+import signal
 import time
 from collections.abc import Callable, Iterator
 
@@ -14,6 +16,7 @@ from tests import tasks
 from zq import protocol as p
 from zq.pool import Event, ThreadPool
 from zq.procpool import Limits, ProcessPool
+from zq.testing import wait_for
 
 
 def _task(task_id: str, name: str, *args: object, **header: object) -> tuple[dict, bytes]:
@@ -160,17 +163,23 @@ def test_a_child_that_dies_mid_batch_loses_only_the_task_it_ran(one_child):
     assert all(len(events) == 1 for events in done.values())
 
 
-def test_a_recycled_child_hands_back_the_rest_of_its_batch():
-    pool = ProcessPool(
-        tasks.app, "tests.tasks", 1, fence_after=60.0, limits=Limits(max_tasks_per_child=2)
-    )
+@pytest.mark.parametrize(
+    "limits",
+    [Limits(max_memory_per_child=1), Limits(max_tasks_per_child=2)],
+    ids=["memory", "count"],
+)
+def test_a_recycled_child_hands_back_the_rest_of_its_batch(limits):
+    """A child recycled after a task (past its memory limit: after every task here)
+    starts nothing more; what was queued behind it runs on the next child, once."""
+    pool = ProcessPool(tasks.app, "tests.tasks", 1, fence_after=60.0, limits=limits)
     pool.start()
     try:
-        pid = _batch_behind(pool, *(_task(f"t{i}", "whoami") for i in range(4)))
-        done = _outcomes(_drive(pool, _done("t0", "t1", "t2", "t3")))
-        pids = [_pid(done[f"t{i}"][0]) for i in range(4)]  # none LOST: each ran once
-        assert pids[0] == pid  # the opener's child ran its second task, then retired
-        assert pids[1] == pids[2] != pid and pids[3] not in (pid, pids[1])
+        for i in range(6):
+            pool.submit(*_task(f"t{i}", "whoami"))
+        done = _outcomes(_drive(pool, _done(*(f"t{i}" for i in range(6)))))
+        pids = [_pid(done[f"t{i}"][0]) for i in range(6)]  # none LOST: each ran once
+        per_child = 1 if limits.max_memory_per_child else 2
+        assert max(pids.count(pid) for pid in pids) == per_child
     finally:
         pool.close()
 
@@ -187,3 +196,54 @@ def test_withdraw_takes_back_what_waits_in_a_child_not_what_it_runs(one_child):
     done = _outcomes(events)
     assert sorted(done) == ["later", "running"]
     assert _pid(done["running"][0]) == _pid(done["later"][0]) == pid
+
+
+def test_a_batch_stays_well_under_what_a_childs_socket_buffers(one_child):
+    """Sending a batch must never wait for the child (one still importing the app
+    would stall the supervisor, and its lease, for as long): a batch adds at most
+    BATCH_BYTES of payloads to its first task."""
+    pool = one_child
+    pool.submit(*_task("opener", "whoami_after", 0.2))
+    for i in range(6):
+        pool.submit(*_task(f"big-{i}", "add", "x" * 40_000, ""))
+    _drive(pool, _done("opener"))
+    [child] = pool._children.values()
+    assert [entry[1]["id"] for entry in child.given] == ["big-0", "big-1"]
+    assert _drive(pool, _done(*(f"big-{i}" for i in range(6))))
+
+
+def test_an_idle_child_takes_what_waits_behind_a_slow_task_in_another():
+    """The tasks batched behind a slow one run on the other child once it is idle,
+    not after the slow one (they waited behind it for its whole run)."""
+    pool = ProcessPool(tasks.app, "tests.tasks", 2, fence_after=60.0, limits=Limits())
+    pool.start()
+    try:
+        pool.submit(*_task("a", "whoami_after", 0.2))
+        pool.submit(*_task("b", "whoami_after", 0.6))
+        pool.submit(*_task("slow", "whoami_after", 3.0))
+        quick = [f"q{i}" for i in range(5)]
+        for task_id in quick:
+            pool.submit(*_task(task_id, "whoami"))
+        events = _drive(pool, _done(*quick))
+        assert "slow" not in _outcomes(events)  # the quick ones did not wait for it
+        done = _outcomes(events + _drive(pool, _done("slow")))
+        assert {_pid(done[q][0]) for q in quick} != {_pid(done["slow"][0])}
+    finally:
+        pool.close()
+
+
+def test_withdraw_takes_back_what_waited_in_a_child_that_just_died(one_child):
+    """A child killed behind the supervisor's back (its EOF not read yet) starts
+    nothing more: what waited in it comes back, and does not run here later."""
+    pool = one_child
+    pid = _running_with(pool, 5.0, "waiting")
+    [child] = pool._children.values()
+    os.kill(pid, signal.SIGKILL)
+    hangup = select.poll()  # once its end of the socket is gone (the kernel closes a
+    hangup.register(child.sock, select.POLLHUP)  # dead process's files a tick later)
+    wait_for(lambda: hangup.poll(0), 10, "the child's end of its socket to close")
+    assert pool.withdraw() == ["waiting"]
+    events = _drive(pool, _done("running"))
+    pool.submit(*_task("later", "whoami"))
+    done = _outcomes(events + _drive(pool, _done("later")))
+    assert sorted(done) == ["later", "running"] and done["running"][0][2] == p.LOST

@@ -81,7 +81,7 @@ def _child_main(
 
     Messages in: ``["run", [[seq, header, payload], ...]]`` (a batch: several short
     tasks for one write) and ``["cancel", [seq, ...]]`` (do not start these). Out:
-    ``done`` and ``progress`` events, and ``["skipped", id]`` for a cancelled task.
+    ``done`` and ``progress`` events, and ``["skipped", seq]`` for a cancelled task.
     Before a task starts, ``at`` says its number, then the socket is read again for
     cancels: see :meth:`ProcessPool._cancel` for why that order is safe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
@@ -97,7 +97,10 @@ def _child_main(
     while True:
         _take(framer, queued, cancelled)
         if not queued:
-            data = sock.recv(READ_SIZE)  # nothing to do: wait for the supervisor
+            try:
+                data = sock.recv(READ_SIZE)  # nothing to do: wait for the supervisor
+            except OSError:  # reset: it closed our socket with messages unread
+                data = b""
             if not data:
                 return  # it closed our socket
             framer.add(data)
@@ -110,7 +113,7 @@ def _child_main(
         task_id = header["id"]
         if seq in cancelled:
             cancelled.discard(seq)
-            _send_message(sock, p.encode(["skipped", task_id]))
+            _send_message(sock, p.encode(["skipped", seq]))
             continue
         if header.get("key") is not None:
             if fence_closed(lease.value, fence_after.value):
@@ -155,9 +158,8 @@ def _take(framer: _Framer, queued: deque[list[Any]], cancelled: set[int]) -> Non
         kind, items = p.decode(framer.messages.popleft())
         if kind == "run":
             queued.extend(items)
-        else:  # cancel; a number already passed would stay forever: drop those
-            first = queued[0][0] if queued else None
-            cancelled.update(seq for seq in items if first is not None and seq >= first)
+        elif kind == "cancel" and queued:  # a number already passed would stay: not those
+            cancelled.update(seq for seq in items if seq >= queued[0][0])
 
 
 def _read_now(sock: socket.socket, framer: _Framer) -> None:
@@ -165,7 +167,7 @@ def _read_now(sock: socket.socket, framer: _Framer) -> None:
     while True:
         try:
             data = sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
-        except BlockingIOError:
+        except OSError:  # nothing to read (BlockingIOError), or reset
             return
         if not data:
             return  # closed: the blocking read that follows finds out
@@ -196,6 +198,7 @@ class _Child:
         "at",
         "cancelled",
         "deadline",
+        "done",
         "framer",
         "given",
         "hard",
@@ -218,9 +221,11 @@ class _Child:
         # others have not started (it runs them in order and reports each at once).
         self.given: deque[_Given] = deque()
         self.numbered = 0  # the number of the last task given to it
-        # Cancelled without knowing whether it starts them: what a "skipped" becomes
-        # (None: nothing, their outcome was reported when they were taken back).
-        self.cancelled: dict[str, str | None] = {}
+        # Cancelled, by number: what a "skipped" does. None: nothing (taken back at the
+        # cancel); for those it may still start: "revoked" or "returned" (an event
+        # says so), "requeue" (back to the backlog: see _steal).
+        self.cancelled: dict[int, str | None] = {}
+        self.done = 0  # tasks it reported done (its budget, with max_tasks_per_child)
         self.keyed = False  # its first task has a key (keyed tasks go alone)
         self.started = 0.0  # when its first task became first
         self.head_turn = 0  # the supervisor's loop turn that happened in
@@ -239,11 +244,18 @@ class ProcessPool:
     """``size`` child processes running tasks of the app named by ``spec``.
 
     An idle child gets one task, or, when more tasks wait than there are idle children
-    (the broker prefetched short tasks), up to ``BATCH`` of them in one message: a
-    write and a wake-up per batch instead of per task. Keyed tasks and tasks with a
-    hard time limit always go alone (the fence and the limit are per child)."""
+    (the broker prefetched short tasks), an even share of them, up to ``BATCH`` and
+    ``BATCH_BYTES``, in one message: a write and a wake-up per batch instead of per
+    task. Keyed tasks and tasks with a hard time limit always go alone (the fence and
+    the limit are per child). A child that goes idle with nothing waiting takes the
+    unstarted half of the longest queue (see :meth:`_steal`), so one slow task holds
+    up nothing another child could run."""
 
     BATCH = 8
+    #: Payload bytes a batch may add to its first task: well under what a socket
+    #: pair buffers (~200 KB), so that sending it never waits for the child (one
+    #: that is still importing the app, say), and the supervisor never stalls.
+    BATCH_BYTES = 64 * 1024
 
     def __init__(
         self, app: App, spec: str, size: int, *, fence_after: float, limits: Limits
@@ -305,12 +317,15 @@ class ProcessPool:
         return len(self._backlog) + queued
 
     def withdraw(self) -> list[str]:
-        """Take back every task no child has started; their ids."""
+        """Take back the tasks no child has started; their ids. A task queued in a
+        child that may have just started it stays, and comes back later as a DONE,
+        or as LOST ``returned`` if the child skips it."""
         ids = [header["id"] for header, _ in self._backlog]
         self._backlog.clear()
-        for child in self._children.values():
+        for child in list(self._children.values()):
             if len(child.given) > 1:
-                ids += self._cancel(child, list(child.given)[1:], "returned")
+                taken = self._cancel(child, list(child.given)[1:], "returned")
+                ids += [header["id"] for _, header, _ in taken]
         return ids
 
     def set_fence(self, seconds: float) -> None:
@@ -362,56 +377,68 @@ class ProcessPool:
         return events
 
     def terminate(self, task_id: str) -> list[Event] | None:
-        """Stop ``task_id`` (revoke with terminate): drop it from the backlog, or have
-        the child it was given to skip it, or kill that child if it runs it (that one
-        and no other; what was queued behind it goes to other children). Returns the
-        events that settles (its REVOKED, or its DONE if it just ended: nothing then
-        if it is to be skipped), or None if it is not here."""
-        for item in self._backlog:
-            if item[0]["id"] == task_id:
-                self._backlog.remove(item)
-                return [revoked(task_id, "revoked before it started")]
-        for fd, child in list(self._children.items()):
-            given = [entry for entry in child.given if entry[1]["id"] == task_id]
-            if not given:
-                continue
-            if given[0] is not child.given[0] and self._cancel(child, given, "revoked"):
-                return [revoked(task_id, "revoked before it started")]
-            events = self.on_readable(fd)  # it may have ended by now: no kill then
+        """Stop ``task_id`` (revoke with terminate): drop it from the backlog, have the
+        child it was given to skip it, or kill that child if it runs it (that one and
+        no other; what was queued behind it goes to other children). Returns the
+        events that settle it (its REVOKED, or its DONE if it ended meanwhile), or
+        None if it is not here. A child caught between choosing the task and reading
+        the cancel is killed too (the task ends REVOKED, never run)."""
+        events: list[Event] = []
+        while True:  # again if the child it was with died: it went back, maybe elsewhere
+            for item in self._backlog:
+                if item[0]["id"] == task_id:
+                    self._backlog.remove(item)
+                    return [*events, revoked(task_id, "revoked before it started")]
+            held = [
+                (fd, child, entry)
+                for fd, child in self._children.items()
+                for entry in child.given
+                if entry[1]["id"] == task_id
+            ]
+            if not held:
+                return events or None
+            fd, child, entry = held[0]
+            if entry is not child.given[0] and self._cancel(child, [entry], "revoked"):
+                return [*events, revoked(task_id, "revoked before it started")]
+            events += self.on_readable(fd)  # it may have ended, or been skipped, by now
             if self._children.get(fd) is child and child.task == task_id:
                 pid = child.proc.pid
                 why = f"revoked: the process running it (pid {pid}) was killed and replaced"
                 events.append(self._kill(fd, child, p.REVOKED, "zq.Revoked", why))
                 self._feed()
-            elif task_id in self.running():  # its child died: it went back, maybe elsewhere
-                events += self.terminate(task_id) or []
-            return events
-        return None
+                return events
+            if task_id not in self.running():
+                return events
 
-    def _cancel(self, child: _Child, entries: list[_Given], why: str) -> list[str]:
-        """Tell ``child`` not to start ``entries`` (not its first); the ids of those it
-        surely will not start, taken back now. ``why`` ("revoked" or "returned") says
-        what a "skipped" for one of the others means.
+    def _cancel(self, child: _Child, entries: list[_Given], why: str) -> list[_Given]:
+        """Tell ``child`` not to start ``entries`` (not its first); those it surely
+        will not start are taken back from it and returned. For the others ``why``
+        says what their "skipped" does, if the child skips them (it may have started
+        one already: then its DONE comes as usual).
 
         The child writes a task's number to ``at`` *before* it reads its socket for
         cancels and starts the task; this side sends the cancel *before* it reads
         ``at``. So a task numbered above what ``at`` says here cannot have been
-        checked yet: the child will see the cancel and skip it. A task at or below
-        it may run (it passed its check) or be skipped: the child says which."""
+        checked yet: the child will see the cancel and skip it. (Both sides go through
+        a system call on the same socket between their write and their read, and the
+        kernel takes that socket's lock in both: the two cannot pass each other.)"""
         try:
             _send_message(child.sock, p.encode(["cancel", [seq for seq, _, _ in entries]]))
-        except OSError:  # it died: they go back to the backlog when its EOF is read
-            return []
-        at = child.at.value
-        taken: list[str] = []
+        except OSError:  # it has died: it can start nothing more
+            at = -1
+        else:
+            at = child.at.value
+        taken: list[_Given] = []
         for entry in entries:
-            task_id = entry[1]["id"]
-            if entry[0] > at:
+            if at < 0 or entry[0] > at:
                 child.given.remove(entry)
-                child.cancelled[task_id] = None
-                taken.append(task_id)
-            else:
-                child.cancelled[task_id] = why
+                if at >= 0:
+                    child.cancelled[entry[0]] = None  # its "skipped" will say nothing
+                taken.append(entry)
+            else:  # a first cancel's word stands (a revoke is not undone by a steal)
+                child.cancelled.setdefault(entry[0], why)
+        if not child.given:
+            child.deadline = None
         return taken
 
     def _kill(self, fd: int, child: _Child, state: str, kind: str, why: str) -> Event:
@@ -433,28 +460,54 @@ class ProcessPool:
         self._feed()
 
     def _feed(self) -> None:
-        """Give the backlog's tasks to the idle children: one each, or, with more
-        tasks than idle children, an even share each, up to BATCH, of the tasks that
-        may go together."""
+        """Give the idle children work: from the backlog, one task each, or, with more
+        tasks than idle children, an even share each of the tasks that may go
+        together; with the backlog empty, what waits in a busy child (see _steal)."""
         idle = [(fd, c) for fd, c in self._children.items() if not c.given and not c.retiring]
-        while self._backlog and idle:
+        while idle and (self._backlog or self._steal()):
             fd, child = idle.pop()
-            share = min(self.BATCH, -(-len(self._backlog) // (len(idle) + 1)))
-            batch = [self._backlog.popleft()]
-            while len(batch) < share and self._batchable(batch[0][0]):
-                if not self._batchable(self._backlog[0][0]):
-                    break
-                batch.append(self._backlog.popleft())
+            batch = self._batch(child, len(idle) + 1)
             if not self._give(fd, child, batch):
                 self._backlog.extendleft(reversed(batch))
                 self._feed()  # the replacement can take it (it reads once it runs)
                 return
+
+    def _batch(self, child: _Child, idle: int) -> list[tuple[dict[str, Any], bytes]]:
+        """The backlog's first task, and, if it may go with others, those after it
+        that may too: up to an even share over ``idle`` children, BATCH, BATCH_BYTES
+        and the tasks ``child`` has left before it is recycled."""
+        batch = [self._backlog.popleft()]
+        if not self._batchable(batch[0][0]):
+            return batch
+        share = min(self.BATCH, -(-(len(self._backlog) + 1) // idle))
+        if self.limits.max_tasks_per_child is not None:
+            share = min(share, max(1, self.limits.max_tasks_per_child - child.done))
+        size = 0
+        while len(batch) < share and self._backlog and self._batchable(self._backlog[0][0]):
+            size += len(self._backlog[0][1])
+            if size > self.BATCH_BYTES:
+                break
+            batch.append(self._backlog.popleft())
+        return batch
 
     def _batchable(self, header: dict[str, Any]) -> bool:
         return (
             header.get("key") is None
             and not self.limits.for_task(self.app, header.get("name", ""))[1]
         )
+
+    def _steal(self) -> bool:
+        """Take back, into the backlog, the unstarted back half of the longest queue
+        in a child (a child is idle and nothing else waits); whether any came."""
+        busiest = max(self._children.values(), key=lambda c: len(c.given), default=None)
+        if busiest is None or len(busiest.given) < 2:
+            return False
+        unstarted = [e for e in list(busiest.given)[1:] if e[0] not in busiest.cancelled]
+        if not unstarted:
+            return False
+        taken = self._cancel(busiest, unstarted[len(unstarted) // 2 :], "requeue")
+        self._backlog.extend((header, payload) for _, header, payload in taken)
+        return bool(taken)
 
     def _give(self, fd: int, child: _Child, batch: list[tuple[dict[str, Any], bytes]]) -> bool:
         """Send an idle child its tasks; False if it died meanwhile (buried now)."""
@@ -495,16 +548,14 @@ class ProcessPool:
         while messages:  # what it said before it died still counts
             event = tuple(p.decode(messages.popleft()))
             if event[0] == "done":
+                child.done += 1
                 self._ended(child, event[1])
                 if event[6:7] and event[6]:  # it retires: it starts nothing more
                     child.retiring = True
                     self._take_back(child, 0)
                 events.append(event[:6])
             elif event[0] == "skipped":
-                why = child.cancelled.pop(event[1], None)
-                if why is not None:  # not taken back at the cancel: it is settled now
-                    self._ended(child, event[1])
-                    events.append(_skipped(event[1], why))
+                events += self._skipped(child, event[1])
             else:
                 events.append(event)
         if closed:
@@ -513,15 +564,36 @@ class ProcessPool:
         return events
 
     def _ended(self, child: _Child, task_id: str) -> None:
-        """A task given to ``child`` was reported back: it is no longer held there."""
-        child.cancelled.pop(task_id, None)
-        first = bool(child.given) and child.given[0][1]["id"] == task_id
-        for entry in child.given:
+        """A task given to ``child`` was reported done: it is no longer held there."""
+        for at, entry in enumerate(child.given):
             if entry[1]["id"] == task_id:
-                child.given.remove(entry)
-                break
-        if first:
+                self._drop(child, at)
+                return
+
+    def _drop(self, child: _Child, at: int) -> _Given:
+        """Remove the ``at``-th task given to ``child``, which it reported back."""
+        entry = child.given[at]
+        del child.given[at]
+        child.cancelled.pop(entry[0], None)
+        if at == 0:
             self._became_first(child)
+        return entry
+
+    def _skipped(self, child: _Child, seq: int) -> list[Event]:
+        """The child skipped task number ``seq`` on a cancel: settle it as the cancel
+        said (nothing if it was taken back when cancelled)."""
+        why = child.cancelled.get(seq)
+        at = next((i for i, entry in enumerate(child.given) if entry[0] == seq), None)
+        if why is None or at is None:
+            child.cancelled.pop(seq, None)
+            return []
+        _, header, payload = self._drop(child, at)
+        if why == "requeue":
+            self._backlog.appendleft((header, payload))
+            return []
+        if why == "revoked":
+            return [revoked(header["id"], "revoked before it started")]
+        return [("done", header["id"], p.LOST, b"", None, {"returned": True})]
 
     def _take_back(self, child: _Child, first: int) -> None:
         """Back to the front of the backlog, in order: the tasks given to ``child``
@@ -580,13 +652,6 @@ class ProcessPool:
                 child.proc.kill()
                 child.proc.join(1.0)
         self._children.clear()
-
-
-def _skipped(task_id: str, why: str) -> Event:
-    """The event for a task a child skipped on a cancel: REVOKED, or given back."""
-    if why == "revoked":
-        return revoked(task_id, "revoked before it started")
-    return ("done", task_id, p.LOST, b"", None, {"returned": True})
 
 
 class _Framer:
