@@ -785,7 +785,7 @@ class Broker:
             raise ProtocolError("READY 'periodic' must be a list of schedules")
         now = time.monotonic()
         wkey = wid.encode()
-        sent = header.get("t") if type(header.get("t")) is float else None
+        sent = _sent_at(header)
         old = self.by_wid.get(wkey)
         if old is not None and old.ident != ident and _before(sent, old.ready_sent):
             # From the worker's previous connection, delivered late (after a partition
@@ -1208,8 +1208,8 @@ class Broker:
         only while it is fresh) then runs from a time at or before this one, whichever
         way a network fails. At once: not behind this turn's journal commit."""
         self._worker(ident)
-        sent = header.get("t")
-        echo = {"t": sent} if type(sent) is float else {}
+        sent = _sent_at(header)
+        echo = {} if sent is None else {"t": sent}
         wire.send(self._router, [ident, p.BROKER, p.HEARTBEAT, p.pack_header(echo)])
 
     def _on_worker_disconnect(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
@@ -1471,6 +1471,12 @@ def _task(task_id: str, header: dict[str, Any], body: Any) -> Task:
 def _delivery(header: dict[str, Any]) -> int | None:
     """The delivery a worker's report is about (see Dispatcher.held)."""
     return _as_delivery(header.get("delivery"))
+
+
+def _sent_at(header: dict[str, Any]) -> float | None:
+    """A worker's send time ``t`` (its monotonic clock), if it says one."""
+    sent = header.get("t")
+    return sent if type(sent) is float else None
 
 
 def _before(sent: float | None, than: float | None) -> bool:

@@ -84,6 +84,12 @@ def fenced(task_id: str, runtime: float | None) -> Event:
     return ("done", task_id, p.LOST, p.failure("zq.Fenced", why), runtime, {"fenced": True})
 
 
+def returned(task_id: str, runtime: float | None = None) -> Event:
+    """The event for a task handed back unrun (LOST ``returned``: requeued by the
+    broker, not counted as a redelivery); ``runtime``: how long slots were stuck."""
+    return ("done", task_id, p.LOST, b"", runtime, {"returned": True})
+
+
 def revoked(task_id: str, why: str) -> Event:
     """The event for a task revoked (with terminate) before or while it ran."""
     return ("done", task_id, p.REVOKED, p.failure("zq.Revoked", why), 0.0, {})

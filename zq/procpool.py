@@ -31,7 +31,7 @@ from typing import Any
 from zq import protocol as p
 from zq.app import App, load_app
 from zq.errors import SoftTimeLimitExceeded
-from zq.pool import Event, execute, fence_closed, fenced, revoked
+from zq.pool import Event, execute, fence_closed, fenced, returned, revoked
 
 #: Exit code of a child that fenced itself off because its supervisor went silent.
 FENCED_EXIT = 70
@@ -107,7 +107,7 @@ def _child_main(
             continue
         seq, header, payload = queued[0]
         at.value = seq  # first, then look for a cancel of it
-        _read_now(sock, framer)
+        _read_now(sock, framer)  # (closed: the blocking read after this task finds out)
         _take(framer, queued, cancelled)
         queued.popleft()
         task_id = header["id"]
@@ -162,18 +162,21 @@ def _take(framer: _Framer, queued: deque[list[Any]], cancelled: set[int]) -> Non
             cancelled.update(seq for seq in items if seq >= queued[0][0])
 
 
-def _read_now(sock: socket.socket, framer: _Framer) -> None:
-    """Read what the socket holds, without waiting (a child, between two tasks)."""
+def _read_now(sock: socket.socket, framer: _Framer) -> bool:
+    """Read all a supervisor-child socket holds into ``framer``, without waiting;
+    whether the other side has closed it."""
     while True:
         try:
             data = sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
-        except OSError:  # nothing to read (BlockingIOError), or reset
-            return
+        except BlockingIOError:
+            return False
+        except OSError:  # reset
+            return True
         if not data:
-            return  # closed: the blocking read that follows finds out
+            return True
         framer.add(data)
         if len(data) < READ_SIZE:
-            return
+            return False
 
 
 def _fence(lease: Any, fence_after: Any, parent: int, keyed: threading.Event) -> None:
@@ -201,9 +204,7 @@ class _Child:
         "done",
         "framer",
         "given",
-        "hard",
         "head_turn",
-        "keyed",
         "numbered",
         "proc",
         "reported",
@@ -226,18 +227,21 @@ class _Child:
         # says so), "requeue" (back to the backlog: see _steal).
         self.cancelled: dict[int, str | None] = {}
         self.done = 0  # tasks it reported done (its budget, with max_tasks_per_child)
-        self.keyed = False  # its first task has a key (keyed tasks go alone)
         self.started = 0.0  # when its first task became first
         self.head_turn = 0  # the supervisor's loop turn that happened in
         self.reported = False  # its first task was reported started
         self.retiring = False  # it exits after its task (recycled): feed it nothing more
-        self.deadline: float | None = None  # when the hard time limit kills it
-        self.hard = 0.0
+        self.deadline: float | None = None  # when the hard time limit kills its first task
 
     @property
     def task(self) -> str | None:
         """The task it runs (or is about to start)."""
         return self.given[0][1]["id"] if self.given else None
+
+    @property
+    def keyed(self) -> bool:
+        """Its first task has a key (keyed tasks go alone)."""
+        return bool(self.given) and self.given[0][1].get("key") is not None
 
 
 class ProcessPool:
@@ -263,7 +267,6 @@ class ProcessPool:
         self.app = app
         self.spec = spec
         self.size = size
-        self.fence_after = fence_after
         self.limits = limits
         self._mp = multiprocessing.get_context("spawn")
         # Shared with the children: the lease (see set_lease), and the fence.
@@ -355,7 +358,7 @@ class ProcessPool:
         thaw only once a new connection has made the broker's silence look over."""
         events: list[Event] = []
         for fd, child in list(self._children.items()):
-            if child.given and child.keyed:
+            if child.keyed:
                 events += self.on_readable(fd)  # it may have ended it: no kill then
                 if self._children.get(fd) is child and child.given:
                     events.append(fenced(*self._stop(fd, child)))
@@ -367,8 +370,9 @@ class ProcessPool:
         events: list[Event] = []
         for fd, child in list(self._children.items()):
             if child.deadline is not None and now >= child.deadline and child.given:
+                _, hard = self.limits.for_task(self.app, child.given[0][1].get("name", ""))
                 reason = (
-                    f"the hard time limit ({child.hard:g}s) was exceeded; the process "
+                    f"the hard time limit ({hard:g}s) was exceeded; the process "
                     "running the task was killed and replaced"
                 )
                 events.append(self._kill(fd, child, p.FAILURE, "zq.TimeLimitExceeded", reason))
@@ -437,8 +441,6 @@ class ProcessPool:
                 taken.append(entry)
             else:  # a first cancel's word stands (a revoke is not undone by a steal)
                 child.cancelled.setdefault(entry[0], why)
-        if not child.given:
-            child.deadline = None
         return taken
 
     def _kill(self, fd: int, child: _Child, state: str, kind: str, why: str) -> Event:
@@ -528,14 +530,10 @@ class ProcessPool:
         """Its first task changed (given, or the one before it ended): time it from
         now, report it started at the end of the next turn, arm its hard limit."""
         if not child.given:
-            child.deadline = None
-            return
-        header = child.given[0][1]
-        child.keyed = header.get("key") is not None
+            return  # (its deadline counts only while it holds a task: see tick)
         child.started = time.monotonic()
         child.head_turn, child.reported = self._turn, False
-        _, hard = self.limits.for_task(self.app, header.get("name", ""))
-        child.hard = hard or 0.0
+        _, hard = self.limits.for_task(self.app, child.given[0][1].get("name", ""))
         child.deadline = child.started + hard if hard else None
 
     def on_readable(self, fd: int) -> list[Event]:
@@ -543,7 +541,9 @@ class ProcessPool:
         if child is None:  # buried in this turn (time limit, terminate) after the poll
             return []
         events: list[Event] = []
-        closed = self._read(child)
+        # Without waiting: the fd may be a replacement child's that reuses a buried
+        # one's number and has nothing to say (a bare read would block).
+        closed = _read_now(child.sock, child.framer)
         messages = child.framer.messages
         while messages:  # what it said before it died still counts
             event = tuple(p.decode(messages.popleft()))
@@ -593,7 +593,7 @@ class ProcessPool:
             return []
         if why == "revoked":
             return [revoked(header["id"], "revoked before it started")]
-        return [("done", header["id"], p.LOST, b"", None, {"returned": True})]
+        return [returned(header["id"])]
 
     def _take_back(self, child: _Child, first: int) -> None:
         """Back to the front of the backlog, in order: the tasks given to ``child``
@@ -601,26 +601,6 @@ class ProcessPool:
         while len(child.given) > first:
             _, header, payload = child.given.pop()
             self._backlog.appendleft((header, payload))
-        if not child.given:
-            child.deadline = None
-
-    @staticmethod
-    def _read(child: _Child) -> bool:
-        """Read all a child's socket holds into its framer; whether it has closed."""
-        while True:
-            try:
-                # Without waiting: the fd may be a replacement child's that reuses a
-                # buried one's number and has nothing to say (a bare read would block).
-                data = child.sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return False
-            except OSError:
-                return True
-            if not data:
-                return True
-            child.framer.add(data)
-            if len(data) < READ_SIZE:
-                return False
 
     def _bury(self, fd: int, child: _Child) -> list[Event]:
         """A child died: report its first task LOST, give what it held behind that to

@@ -34,7 +34,7 @@ from zq import wire
 from zq.app import App, default_broker, load_app
 from zq.canvas import with_inputs
 from zq.errors import ProtocolError
-from zq.pool import ThreadPool
+from zq.pool import ThreadPool, returned
 from zq.procpool import Limits, ProcessPool
 from zq.security import ClientCurve
 
@@ -80,7 +80,7 @@ class Worker:
         self._fence = _fence_after(self._heartbeat)
         # The lease: when this worker sent the latest message the broker has answered
         # (a HEARTBEAT or READY it echoed), on this process's monotonic clock. The
-        # broker lease this worker at that time or later, so it declares it dead no
+        # broker heard this worker at that time or later, so it declares it dead no
         # sooner than the dead-after window from it; see _fence_after.
         self._confirmed = 0.0
         self._connected_at = 0.0
@@ -217,7 +217,7 @@ class Worker:
         how many."""
         ids = self.pool.withdraw()
         for task_id in ids:
-            self._on_pool_event(("done", task_id, p.LOST, b"", stuck, {"returned": True}))
+            self._on_pool_event(returned(task_id, stuck))
         return len(ids)
 
     def _renew_if_silent(self, now: float) -> bool:
@@ -226,7 +226,7 @@ class Worker:
         returns whether it did.
 
         The broker may declare this worker dead 3 heartbeats after the last message it
-        lease from it (see :func:`_fence_after`) and give its tasks, and their keys, to
+        heard from it (see :func:`_fence_after`) and give its tasks, and their keys, to
         other workers. So nothing this worker holds unstarted may start, and nothing
         still unread on this connection may be trusted: a TASK read after the silence
         (the worker was frozen, or the network held it) may be running elsewhere by
@@ -392,7 +392,7 @@ class Worker:
 
     def _confirm(self, sent: Any) -> None:
         """The broker echoed ``sent``, the time this worker sent a HEARTBEAT or READY
-        it has lease: the lease runs from there (the pool's children fence on it)."""
+        it has heard: the lease runs from there (the pool's children fence on it)."""
         if type(sent) is float and self._confirmed < sent <= time.monotonic():
             self._confirmed = sent
             self.pool.set_lease(sent)
@@ -421,7 +421,7 @@ class Worker:
             # twice, beside its key's next task. Handed back (stale to the broker if
             # it has sent it on already).
             self._deliveries[task_id] = delivery
-            self._on_pool_event(("done", task_id, p.LOST, b"", None, {"returned": True}))
+            self._on_pool_event(returned(task_id))
         else:
             # A LOST still in the outbox (its process died, or it was given back) is no
             # result: the broker sends the task again to have it run, so it runs.
@@ -578,7 +578,7 @@ def _fence_after(heartbeat: float) -> float:
     lease) at which keyed tasks are stopped, no held task is started and the
     connection is given up.
 
-    The broker lease that message at its send time or later, so it declares this
+    The broker heard that message at its send time or later, so it declares this
     worker dead (liveness 3) no sooner than 3 heartbeats after it: keyed tasks stop
     at least 1.35 heartbeats before their keys can go elsewhere (1.5, less the
     children's check interval), however the worker was cut off or frozen, in either
