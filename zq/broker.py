@@ -305,6 +305,16 @@ class Broker:
 
     def _send_out(self, outgoing: _Outgoing) -> None:
         acks, out, pub_out = outgoing
+        # Results first: a lone task's latency runs through them, and they go out on
+        # the other socket, to other peers, so their order with the replies below is
+        # nobody's to see.
+        for frames in pub_out:
+            batch = frames[2]
+            if type(batch) is _Batch:
+                if len(batch.headers) == 1:  # as a single result: on the task's topic
+                    frames[0:2] = [batch.topic, p.RESULT]
+                frames[2] = batch.header("results")
+            wire.send(self._pub, frames)
         router = self._router
         # Acknowledgements first: a task a worker reported (e.g. LOST, or given back)
         # and is sent again in this turn must find its outbox entry gone, or the worker
@@ -319,13 +329,6 @@ class Broker:
             if type(batch) is _Batch:
                 frames[3] = batch.header("tasks")
             wire.send(router, frames)
-        for frames in pub_out:
-            batch = frames[2]
-            if type(batch) is _Batch:
-                if len(batch.headers) == 1:  # as a single result: on the task's topic
-                    frames[0:2] = [batch.topic, p.RESULT]
-                frames[2] = batch.header("results")
-            wire.send(self._pub, frames)
 
     def _close(self) -> None:
         try:  # what the last turns decided, once on disk
@@ -535,13 +538,13 @@ class Broker:
             if self.journal.durable:
                 self.journal.task_accepted(task_id, p.pack_header(task_header), _bytes(body))
             self._enter(task, out)
+        self._dispatched(out)  # before the ACCEPTED: a lone task's latency runs through it
         self.counters["accepted"] += len(accepted)
         if accepted:
             self._send(ident, p.ACCEPTED, {"ids": accepted})
         if rejected:
             self.counters["rejected"] += len(rejected)
             self._send(ident, p.REJECTED, {"rejected": rejected})
-        self._dispatched(out)
 
     def _known(self, task_id: str) -> bool:
         """True if the id was accepted already (a resent SUBMIT is a duplicate)."""
