@@ -447,6 +447,32 @@ def test_a_bad_entry_in_a_done_batch_costs_that_entry_only(raw, raw_factory):
     assert p.unpack_header(frames[2])["state"] == p.SUCCESS and p.decode(frames[3]) == 3
 
 
+def test_a_retry_the_broker_cannot_hold_fails_the_task_instead_of_leaving_it_held(
+    raw, raw_factory, app
+):
+    raw.send(p.message(p.WORKER, p.READY, READY))
+    assert raw.recv_broker()[0] == p.WELCOME
+    client = raw_factory()
+    client.send(submit([task_header("later", key="k")], p.encode([[1, 2], {}])))
+    assert client.recv_broker()[0] == p.ACCEPTED
+    frames = raw.recv()
+    assert frames[1] == p.TASK
+    delivery = p.unpack_header(frames[2])["delivery"]
+    retry = {"id": "later", "state": p.RETRY, "delivery": delivery, "countdown": 1e12}
+    raw.send(p.message(p.WORKER, p.DONE, retry, p.failure("Retry", "later")))
+    assert raw.recv_broker() == (p.ACCEPTED, {"ids": ["later"], "deliveries": [delivery]})
+    client.send(p.message(p.CLIENT, p.FETCH, {"ids": ["later"], "wait": 0}))
+    frames = client.recv()
+    assert p.unpack_header(frames[2])["state"] == p.FAILURE
+    error = p.decode(frames[3])
+    assert error["type"] == "zq.ProtocolError"
+    assert_readable(error["message"], r"retried after 1000000000000.0 seconds.*0 to 604800")
+    assert app.status()["counters"]["malformed"] == 1
+    # The key is free: its next task goes to the worker.
+    client.send(submit([task_header("next", key="k")], p.encode([[1, 2], {}])))
+    assert raw.recv()[1] == p.TASK
+
+
 def test_a_done_batch_must_match_its_frames(raw):
     raw.send(p.message(p.WORKER, p.READY, READY))
     assert raw.recv_broker()[0] == p.WELCOME

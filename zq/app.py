@@ -54,10 +54,18 @@ class RetryPolicy:
     backoff_max: float = 600.0
     jitter: bool = True
 
-    def countdown(self, attempt: int, asked: float | None = None) -> float:
-        """Seconds before retry number ``attempt + 1``; ``asked`` is Retry(countdown=)."""
+    def __post_init__(self) -> None:
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries must be a whole number >= 0, got {self.retries!r}")
+        retry_seconds("retry_delay", self.delay)
+        retry_seconds("retry_backoff", self.backoff)
+        retry_seconds("retry_backoff_max", self.backoff_max)
+
+    def countdown(self, attempt: int, asked: Any = None) -> float:
+        """Seconds before retry number ``attempt + 1``; ``asked`` is Retry(countdown=),
+        checked here (a ValueError says what is wrong with it)."""
         if asked is not None:
-            return max(0.0, asked)
+            return retry_seconds("Retry(countdown=...)", asked)
         if not self.backoff:
             return self.delay
         return backoff(attempt, base=self.backoff, cap=self.backoff_max, jitter=self.jitter)
@@ -245,7 +253,7 @@ class App:
                     retries=retries,
                     autoretry_for=tuple(autoretry_for),
                     delay=retry_delay,
-                    backoff=float(retry_backoff) if retry_backoff else 0.0,
+                    backoff=1.0 if retry_backoff is True else retry_backoff or 0.0,
                     backoff_max=retry_backoff_max,
                     jitter=retry_jitter,
                 ),
@@ -451,6 +459,17 @@ def seconds(name: str, value: Any) -> float:
     if value < 0:
         raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
     return float(value)
+
+
+def retry_seconds(name: str, value: Any) -> float:
+    """``value`` as seconds a task may wait to be retried (0 to MAX_RETRY_COUNTDOWN):
+    the broker holds the task, and its key, that long."""
+    value = seconds(name, value)
+    if value > p.MAX_RETRY_COUNTDOWN:
+        raise ValueError(
+            f"{name} must be at most {p.MAX_RETRY_COUNTDOWN:g} seconds (7 days), got {value!r}"
+        )
+    return value
 
 
 def _unix_time(name: str, value: Any) -> float:

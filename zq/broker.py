@@ -44,8 +44,6 @@ _Outgoing = tuple[dict[bytes, list[tuple[str, int | None]]], list[list[Any]], li
 MAX_BATCH = 2000
 #: Longest a FETCH may ask the broker to hold a wait for a result.
 MAX_WAIT = 3600.0
-#: Longest retry countdown a worker may ask for (a week).
-MAX_COUNTDOWN = 7 * 24 * 3600.0
 #: Seconds between sweeps of expired FETCH waits.
 PURGE_EVERY = 10.0
 #: Payloads up to this many bytes are kept as bytes rather than zero-copy frames.
@@ -961,8 +959,21 @@ class Broker:
             self._dispatched(out)
             return
         if state == p.RETRY:
-            self._on_retry(peer, task_id, delivery, header.get("countdown"))
-            return
+            countdown = header.get("countdown")
+            if type(countdown) in (int, float) and 0 <= countdown <= p.MAX_RETRY_COUNTDOWN:
+                self._on_retry(peer, task_id, delivery, countdown)
+                return
+            # The worker has let go of the task (its DONE is acknowledged): a retry the
+            # broker cannot hold fails it, or it would stay on that worker, key and all.
+            self.counters["malformed"] += 1
+            log.warning("%s: %s asked for a retry after %r s: failed", peer.wid, task_id, countdown)
+            state = p.FAILURE
+            header = {k: v for k, v in header.items() if k != "countdown"} | {"state": state}
+            body = p.failure(
+                "zq.ProtocolError",
+                f"the task asked to be retried after {countdown!r} seconds; a retry waits "
+                f"a number of seconds from 0 to {p.MAX_RETRY_COUNTDOWN:g}",
+            )
         task, out = self.dispatch.done(peer.wid, task_id, delivery)
         if task is None:
             # Not this worker's task (any more): it was handed to another worker, or it
@@ -974,10 +985,8 @@ class Broker:
             self._finish(task, state, p.pack_header(header), body)
         self._dispatched(out)
 
-    def _on_retry(self, peer: _Peer, task_id: str, delivery: int | None, countdown: Any) -> None:
+    def _on_retry(self, peer: _Peer, task_id: str, delivery: int | None, countdown: float) -> None:
         """The task asked to run again later: hold it (and its key) for the countdown."""
-        if not isinstance(countdown, (int, float)) or not 0 <= countdown <= MAX_COUNTDOWN:
-            raise ProtocolError(f"RETRY needs a 'countdown' of 0..{MAX_COUNTDOWN:g} seconds")
         task, out = self.dispatch.retry(peer.wid, task_id, delivery)
         if task is None:
             self.counters["stale_done"] += 1

@@ -73,7 +73,10 @@ def _failed(task: Task, header: dict[str, Any], exc: Exception) -> Outcome:
     if attempt >= policy.retries:
         message = f"{cause} (gave up after {attempt} retries)"
         return p.FAILURE, p.failure(_type_name(cause), message, traceback.format_exc()), {}
-    countdown = policy.countdown(attempt, exc.countdown if asked else None)  # type: ignore[union-attr]
+    try:
+        countdown = policy.countdown(attempt, exc.countdown if asked else None)  # type: ignore[union-attr]
+    except ValueError as bad:  # a countdown the broker could not hold: fail, clearly
+        return p.FAILURE, p.failure("ValueError", f"{bad} (on retrying: {cause})"), {}
     return p.RETRY, info, {"countdown": countdown}
 
 

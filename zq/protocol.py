@@ -243,6 +243,10 @@ def failure(type_name: str, message: str, tb: str = "") -> bytes:
 
 # ---------------------------------------------------------------- validation
 
+#: Longest a task may ask to wait before it runs again (a RETRY's ``countdown``, and
+#: a task's retry delays), in seconds: the broker holds the task, and its key, meanwhile.
+MAX_RETRY_COUNTDOWN = 7 * 24 * 3600.0
+
 #: Limits on submit header fields, checked by the broker.
 MAX_ID_LEN = 64
 MAX_NAME_LEN = 200

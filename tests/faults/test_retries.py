@@ -50,3 +50,35 @@ def test_a_retry_outlives_its_worker_and_a_broker_restart(app, broker, start_wor
     survivor = start_worker(concurrency=1, wait=False)
     wait_for_workers(broker.endpoint, lambda pids: survivor.pid in pids)
     assert res.get(timeout=20) == "second run"
+
+
+def test_a_retry_the_broker_cannot_hold_fails_the_task_and_frees_its_key(
+    app, start_worker, tmp_path
+):
+    start_worker()
+    # Ten years: longer than the broker holds a retry (7 days).
+    res = tasks.retry_once.delay("k", 1, str(tmp_path), 10 * 365 * 86400.0)
+    with pytest.raises(zq.TaskFailed) as info:
+        res.get(timeout=15)
+    assert info.value.exc_type == "ValueError"
+    assert "at most 604800 seconds" in info.value.exc_message
+    assert tasks.keyed.delay("k", 2, 0.0, str(tmp_path)).get(timeout=10) is not None
+
+
+@pytest.mark.parametrize(
+    "options, pattern",
+    [
+        ({"retry_delay": -1}, "retry_delay must be >= 0"),
+        ({"retry_delay": 8 * 86400}, "retry_delay must be at most"),
+        ({"retry_backoff_max": float("inf")}, "retry_backoff_max must be a number"),
+        ({"retry_backoff": "fast"}, "retry_backoff must be a number"),
+        ({"retries": -1}, "retries must be a whole number"),
+        ({"retries": 2.5}, "retries must be a whole number"),
+    ],
+)
+def test_a_retry_policy_the_broker_could_not_hold_is_refused_when_the_task_is_made(
+    options, pattern
+):
+    app = zq.App("policies")
+    with pytest.raises(ValueError, match=pattern):
+        app.task(lambda: None, name="bad", **options)
