@@ -184,6 +184,7 @@ def test_a_keyed_task_in_a_frozen_childs_pipe_never_starts_after_its_key_moved(
     Thawed, the supervisor first (it renews its connection and hears the broker again,
     so the child's own check would pass), the worker must stop that task."""
     victim = start_worker(concurrency=1)
+    assert tasks.add.delay(1, 1).get(timeout=10) == 2  # its child has loaded the app
     [child] = _pool_children(victim.pid)
     os.kill(child, signal.SIGSTOP)
     try:

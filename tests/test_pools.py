@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests import tasks
+from tests import slow_boot, tasks
 from zq import protocol as p
 from zq.pool import Event, ThreadPool
 from zq.procpool import Limits, ProcessPool
@@ -55,10 +55,17 @@ def _pid(event: Event) -> int:
     return p.decode(event[3])["pid"]
 
 
+def _ready(pool: ProcessPool) -> None:
+    """Start ``pool`` and wait until its children have loaded the app (nothing goes to
+    a child before), so that tasks are given as a running pool gives them."""
+    pool.start()
+    _drive(pool, lambda _: all(c.booted for c in pool._children.values()))
+
+
 @pytest.fixture
 def one_child() -> Iterator[ProcessPool]:
     pool = ProcessPool(tasks.app, "tests.tasks", 1, fence_after=60.0, limits=Limits())
-    pool.start()
+    _ready(pool)
     yield pool
     pool.close()
 
@@ -172,7 +179,7 @@ def test_a_recycled_child_hands_back_the_rest_of_its_batch(limits):
     """A child recycled after a task (past its memory limit: after every task here)
     starts nothing more; what was queued behind it runs on the next child, once."""
     pool = ProcessPool(tasks.app, "tests.tasks", 1, fence_after=60.0, limits=limits)
-    pool.start()
+    _ready(pool)
     try:
         for i in range(6):
             pool.submit(*_task(f"t{i}", "whoami"))
@@ -216,7 +223,7 @@ def test_an_idle_child_takes_what_waits_behind_a_slow_task_in_another():
     """The tasks batched behind a slow one run on the other child once it is idle,
     not after the slow one (they waited behind it for its whole run)."""
     pool = ProcessPool(tasks.app, "tests.tasks", 2, fence_after=60.0, limits=Limits())
-    pool.start()
+    _ready(pool)
     try:
         pool.submit(*_task("a", "whoami_after", 0.2))
         pool.submit(*_task("b", "whoami_after", 0.6))
@@ -247,3 +254,49 @@ def test_withdraw_takes_back_what_waited_in_a_child_that_just_died(one_child):
     pool.submit(*_task("later", "whoami"))
     done = _outcomes(events + _drive(pool, _done("later")))
     assert sorted(done) == ["later", "running"] and done["running"][0][2] == p.LOST
+
+
+def _slow_boot_pool(monkeypatch, boot: str) -> ProcessPool:
+    monkeypatch.setenv("ZQ_TEST_CHILD_BOOT", boot)  # the children get it when spawned
+    pool = ProcessPool(slow_boot.app, "tests.slow_boot", 1, fence_after=60.0, limits=Limits())
+    pool.start()
+    return pool
+
+
+def _blob(task_id: str, size: int) -> tuple[dict, bytes]:
+    header = {"id": task_id, "name": "tests.slow_boot.size", "queue": "default"}
+    return header, p.encode([[b"x" * size], {}])
+
+
+def test_nothing_goes_to_a_child_before_it_has_loaded_the_app(monkeypatch):
+    """A child still importing the app reads nothing: a payload larger than its socket
+    buffers would block the supervisor (its heartbeats, its lease) for the whole import."""
+    pool = _slow_boot_pool(monkeypatch, "2")
+    try:
+        start = time.monotonic()
+        pool.submit(*_blob("big", 2_000_000))
+        assert time.monotonic() - start < 0.5, "the submit waited for the child's import"
+        [done] = _outcomes(_drive(pool, _done("big")))["big"]
+        assert done[2] == p.SUCCESS and p.decode(done[3]) == 2_000_000
+    finally:
+        pool.close()
+
+
+def test_a_child_that_dies_loading_the_app_loses_nothing_and_is_replaced_after_a_wait(
+    monkeypatch, caplog
+):
+    pool = _slow_boot_pool(monkeypatch, "fail")
+    try:
+        pool.submit(*_blob("t", 10))
+        deadline = time.monotonic() + 1.2
+        events = _drive(pool, lambda _: time.monotonic() > deadline)
+        assert not events, "no task went to a child that could not load the app"
+        assert pool.waiting() == 1  # (so the worker gives it back: see _give_back_if_stalled)
+        deaths = [r for r in caplog.records if "died loading the app" in r.getMessage()]
+        # At 0 s and after waits of 0.5 and 1 s: not a loop of process starts.
+        assert 1 <= len(deaths) <= 2, [r.getMessage() for r in deaths]
+        monkeypatch.delenv("ZQ_TEST_CHILD_BOOT")  # the next child loads the app
+        [done] = _outcomes(_drive(pool, _done("t")))["t"]
+        assert done[2] == p.SUCCESS and p.decode(done[3]) == 10
+    finally:
+        pool.close()

@@ -15,6 +15,8 @@ before the broker can declare the worker dead and hand its keys to another worke
 
 from __future__ import annotations
 
+import bisect
+import logging
 import multiprocessing
 import os
 import resource
@@ -33,6 +35,13 @@ from zq.app import App, load_app
 from zq.errors import SoftTimeLimitExceeded
 from zq.pool import Event, execute, fence_closed, fenced, returned, revoked
 
+log = logging.getLogger("zq.worker")
+
+#: Seconds before a child that died loading the app is replaced, doubled for each
+#: such death in a row up to BOOT_RETRY_MAX (a child that cannot start must not make
+#: the supervisor a loop of process starts).
+BOOT_RETRY = 0.5
+BOOT_RETRY_MAX = 30.0
 #: Exit code of a child that fenced itself off because its supervisor went silent.
 FENCED_EXIT = 70
 #: Seconds between a child's checks of its fence (at most; a tenth of the fence time
@@ -81,6 +90,8 @@ def _child_main(
 
     Messages in: ``["run", [[seq, header, payload], ...]]`` (a batch: several short
     tasks for one write) and ``["cancel", [seq, ...]]`` (do not start these). Out:
+    ``["ready"]`` once the app is loaded (nothing is sent to a child before: a large
+    payload would fill the socket and block the supervisor until the import ended),
     ``done`` and ``progress`` events, and ``["skipped", seq]`` for a cancelled task.
     Before a task starts, ``at`` says its number, then the socket is read again for
     cancels: see :meth:`ProcessPool._cancel` for why that order is safe."""
@@ -90,6 +101,10 @@ def _child_main(
     args = (lease, fence_after, parent, keyed)
     threading.Thread(target=_fence, args=args, daemon=True).start()
     app = load_app(spec)
+    try:
+        _send_message(sock, p.encode(["ready"]))
+    except OSError:  # the supervisor gave up on us while we loaded the app
+        return
     framer = _Framer()
     queued: deque[list[Any]] = deque()
     cancelled: set[int] = set()
@@ -199,6 +214,7 @@ _Given = tuple[int, dict[str, Any], bytes]
 class _Child:
     __slots__ = (
         "at",
+        "booted",
         "cancelled",
         "deadline",
         "done",
@@ -217,6 +233,7 @@ class _Child:
         self.proc = proc
         self.sock = sock  # blocking, but read only with MSG_DONTWAIT
         self.at = at  # shared: the number of the task it starts or runs
+        self.booted = False  # it said "ready": it has loaded the app, it reads its socket
         self.framer = _Framer()
         # Given to it, in order, and not reported back: the first may be running, the
         # others have not started (it runs them in order and reports each at once).
@@ -275,6 +292,8 @@ class ProcessPool:
         self._children: dict[int, _Child] = {}  # by socket fd
         self._backlog: deque[tuple[dict[str, Any], bytes]] = deque()
         self._turn = 0  # the supervisor's loop turns, counted by started()
+        self._boot_failures = 0  # children in a row that died loading the app
+        self._respawns: list[float] = []  # when to replace those (see tick)
         self.changed = True  # the set of fds to poll changed
 
     def start(self) -> None:
@@ -315,9 +334,12 @@ class ProcessPool:
         return held + [header["id"] for header, _ in self._backlog]
 
     def waiting(self) -> int:
-        """Tasks held that no child has started (as far as the supervisor knows)."""
+        """Tasks held that no child has started (as far as the supervisor knows), less
+        one for each child still loading the app: it takes one as soon as it can (a
+        slot that is starting up is not a slot stuck on a long task)."""
         queued = sum(len(c.given) - 1 for c in self._children.values() if c.given)
-        return len(self._backlog) + queued
+        booting = sum(not c.booted for c in self._children.values())
+        return max(0, len(self._backlog) - booting) + queued
 
     def withdraw(self) -> list[str]:
         """Take back the tasks no child has started; their ids. A task queued in a
@@ -365,8 +387,12 @@ class ProcessPool:
         return events
 
     def tick(self) -> list[Event]:
-        """Kill the children past their task's hard time limit."""
+        """Kill the children past their task's hard time limit; replace those that
+        died loading the app, once their wait is over."""
         now = time.monotonic()
+        while self._respawns and self._respawns[0] <= now:
+            self._respawns.pop(0)
+            self._spawn()
         events: list[Event] = []
         for fd, child in list(self._children.items()):
             if child.deadline is not None and now >= child.deadline and child.given:
@@ -465,7 +491,11 @@ class ProcessPool:
         """Give the idle children work: from the backlog, one task each, or, with more
         tasks than idle children, an even share each of the tasks that may go
         together; with the backlog empty, what waits in a busy child (see _steal)."""
-        idle = [(fd, c) for fd, c in self._children.items() if not c.given and not c.retiring]
+        idle = [
+            (fd, c)
+            for fd, c in self._children.items()
+            if c.booted and not c.given and not c.retiring
+        ]
         while idle and (self._backlog or self._steal()):
             fd, child = idle.pop()
             batch = self._batch(child, len(idle) + 1)
@@ -556,6 +586,9 @@ class ProcessPool:
                 events.append(event[:6])
             elif event[0] == "skipped":
                 events += self._skipped(child, event[1])
+            elif event[0] == "ready":
+                child.booted = True
+                self._boot_failures = 0
             else:
                 events.append(event)
         if closed:
@@ -609,7 +642,20 @@ class ProcessPool:
         child.sock.close()
         child.proc.join(1.0)
         code = child.proc.exitcode
-        self._spawn()
+        if child.booted:
+            self._spawn()
+        else:  # it held no task (none goes to a child before it is ready)
+            self._boot_failures += 1
+            wait = min(BOOT_RETRY_MAX, BOOT_RETRY * 2 ** (self._boot_failures - 1))
+            bisect.insort(self._respawns, time.monotonic() + wait)
+            log.error(
+                "a pool process (pid %s) died loading the app %s (exit code %s); "
+                "the next one starts in %.1fs",
+                child.proc.pid,
+                self.spec,
+                code,
+                wait,
+            )
         self._take_back(child, 1)
         if not child.given:
             return []
