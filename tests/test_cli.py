@@ -105,6 +105,21 @@ def test_a_liveness_under_3_is_refused_with_the_reason():
         BrokerSettings(liveness=2)
 
 
+@pytest.mark.parametrize(
+    "option, value, field",
+    [("--heartbeat", "0.001", "heartbeat"), ("--max-message-size", "2048", "max_message_size")],
+)
+def test_a_setting_the_brokers_peers_would_refuse_is_refused_by_the_broker(option, value, field):
+    """Workers and clients refuse a WELCOME outside these bounds (a heartbeat that short
+    had a worker renew its connection without end): the broker must not start with one."""
+    out = run("-m", "zq", "broker", option, value, "--bind", "tcp://127.0.0.1:*")
+    assert out.returncode == 2 and f"'{option}': {value} is not in the range" in out.stderr
+    from zq.broker import BrokerSettings
+
+    with pytest.raises(ValueError, match=f"{field} must be"):
+        BrokerSettings(**{field: type(getattr(BrokerSettings(), field))(float(value))})
+
+
 def test_client_script_scores_orders(broker, start_worker):
     start_worker("zq.scoring", concurrency=2)  # what `python worker.py` serves
     out = run(

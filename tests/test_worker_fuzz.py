@@ -20,7 +20,8 @@ from zq.testing import WorkerProcess
 class FakeBroker:
     """A bare ROUTER the worker connects to, speaking just enough ZQ/1."""
 
-    def __init__(self) -> None:
+    def __init__(self, give_back: float | None = None) -> None:
+        self.give_back = give_back
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.linger = 0
@@ -30,9 +31,10 @@ class FakeBroker:
         self.largest_done_header = 0
 
     def recv(self, timeout: float = 5.0) -> tuple[bytes, dict]:
-        """The worker's next message; a HEARTBEAT is answered, echoing its time, as a
-        real broker does (a worker whose lease is 1.5 heartbeats old gives its
-        connection up)."""
+        """The worker's next message. A HEARTBEAT is answered, echoing its time, and a
+        READY with a WELCOME, as a real broker does: a worker whose lease is 1.5
+        heartbeats old gives its connection up, and says READY on a new one (a random
+        WELCOME with a short heartbeat may have it do so)."""
         assert self.sock.poll(timeout * 1000), "the worker went silent"
         frames = self.sock.recv_multipart()
         self.worker = frames[0]
@@ -40,6 +42,17 @@ class FakeBroker:
         _, command, header, self.payload = p.parse(frames[1:])
         if command == p.HEARTBEAT:
             self.send(p.BROKER, p.HEARTBEAT, p.pack_header({"t": header["t"]}))
+        elif command == p.READY:
+            welcome = {
+                "t": header["t"],
+                "broker": "fake",
+                "heartbeat": 1.0,
+                "liveness": 3,
+                "max_message_size": p.DEFAULT_MAX_MESSAGE,
+                "pub": "tcp://127.0.0.1:9",
+                "give_back": self.give_back,
+            }
+            self.send(p.BROKER, p.WELCOME, p.pack_header(welcome))
         return command, header
 
     def dones(self, count: int, timeout: float = 10.0) -> dict[str, tuple[dict, bytes]]:
@@ -85,20 +98,10 @@ def worker_on_fake_broker(
     pool: str = "thread", give_back: float | None = None
 ) -> Iterator[tuple[FakeBroker, WorkerProcess]]:
     """A real worker (1 slot) on a :class:`FakeBroker` that has welcomed it."""
-    broker = FakeBroker()
+    broker = FakeBroker(give_back)
     worker = WorkerProcess("tests.tasks", broker.endpoint, pool=pool, concurrency=1)
     try:
-        ready = broker.expect(p.READY)
-        welcome = {
-            "t": ready["t"],
-            "broker": "fake",
-            "heartbeat": 1.0,
-            "liveness": 3,
-            "max_message_size": p.DEFAULT_MAX_MESSAGE,
-            "pub": "tcp://127.0.0.1:9",
-            "give_back": give_back,
-        }
-        broker.send(p.BROKER, p.WELCOME, p.pack_header(welcome))
+        broker.expect(p.READY)  # (welcomed on the way)
         yield broker, worker
     finally:
         worker.close()
@@ -220,3 +223,18 @@ def test_worker_still_runs_tasks_after_the_fuzzing(fake):
     done = _run_a_task(broker, "after-fuzz", 7)
     assert done["state"] == "SUCCESS" and done["delivery"] == 7
     assert worker.proc.poll() is None
+
+
+@pytest.mark.parametrize("welcome", [{"heartbeat": 1e-9}, {"max_message_size": 2048}])
+def test_an_implausible_welcome_changes_nothing(welcome):
+    """A heartbeat of 1e-9 s used to be taken: the worker then renewed its connection
+    (a READY on a new socket) every turn of its loop, without end. (Last in this
+    module: while it runs, nobody answers the module's fake worker.)"""
+    with worker_on_fake_broker() as (broker, worker):
+        broker.send(p.BROKER, p.WELCOME, p.pack_header(welcome))
+        readies, deadline = 0, time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            if broker.sock.poll(100):
+                readies += broker.recv()[0] == p.READY
+        assert readies == 0 and worker.proc.poll() is None
+        assert _run_a_task(broker, "after", 1)["state"] == "SUCCESS"

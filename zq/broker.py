@@ -95,8 +95,16 @@ class BrokerSettings:
     max_results: int = 1_000_000  # results kept; past it the oldest are dropped (counted)
 
     def __post_init__(self) -> None:
-        if self.heartbeat <= 0:
-            raise ValueError(f"heartbeat must be > 0 seconds, got {self.heartbeat}")
+        if not p.MIN_HEARTBEAT <= self.heartbeat <= p.MAX_HEARTBEAT:
+            raise ValueError(
+                f"heartbeat must be {p.MIN_HEARTBEAT:g} to {p.MAX_HEARTBEAT:g} seconds, "
+                f"got {self.heartbeat}"
+            )
+        if not p.MIN_MAX_MESSAGE <= self.max_message_size <= p.PEER_MAX_MESSAGE:
+            raise ValueError(
+                f"max_message_size must be {p.MIN_MAX_MESSAGE} to {p.PEER_MAX_MESSAGE} "
+                f"bytes, got {self.max_message_size}"
+            )
         if self.liveness < 3:
             # A cut-off worker stops its keyed tasks 1.5 heartbeats (and its children's
             # check) after it sent the last message we answered; 3 keeps 1.35 or more

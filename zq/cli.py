@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from zq import protocol as p
 from zq.app import DEFAULT_QUEUE, App, default_broker
 
 BROKER_HELP = "Broker address. [env ZQ_BROKER; default tcp://127.0.0.1:5555]"
@@ -195,10 +196,11 @@ def _stop_on_signals(stop: Any) -> None:
 )
 @click.option(
     "--heartbeat",
-    type=click.FloatRange(min=0.05),
+    type=click.FloatRange(min=p.MIN_HEARTBEAT, max=p.MAX_HEARTBEAT),
     default=1.0,
     show_default=True,
-    help="Seconds between heartbeats to workers and clients.",
+    help="Heartbeat period H in seconds: workers and clients send a heartbeat every H "
+    "(workers every H/2) and the broker answers each one.",
 )
 @click.option(
     "--liveness",
@@ -251,8 +253,8 @@ def _stop_on_signals(stop: Any) -> None:
 )
 @click.option(
     "--max-message-size",
-    type=click.IntRange(min=1024),
-    default=4 * 1024 * 1024,
+    type=click.IntRange(min=p.MIN_MAX_MESSAGE, max=p.PEER_MAX_MESSAGE),
+    default=p.DEFAULT_MAX_MESSAGE,
     show_default=True,
     help="Bytes in one message; a peer that sends more is disconnected, and clients and "
     "workers refuse to send more.",

@@ -453,15 +453,16 @@ class Client:
             log.error("broker reported an error: %s", header.get("reason"))
 
     def _on_welcome(self, header: dict[str, Any]) -> None:
+        settings = p.welcome_settings(
+            header, self._heartbeat, self._liveness, self.max_message_size
+        )
         pub = _reachable(header.get("pub", ""), self.broker)
         if pub != self._pub_endpoint:
             if self._pub_endpoint:
                 self._sub.disconnect(self._pub_endpoint)
             self._sub.connect(pub)
             self._pub_endpoint = pub
-        self._heartbeat = float(header.get("heartbeat", self._heartbeat))
-        self._liveness = int(header.get("liveness", self._liveness))
-        self.max_message_size = int(header.get("max_message_size", self.max_message_size))
+        self._heartbeat, self._liveness, self.max_message_size = settings
         if self._broker_instance and header.get("broker") != self._broker_instance:
             log.warning("broker %s restarted; sending unacknowledged work again", self.broker)
         reconnected = bool(self._broker_instance)

@@ -243,6 +243,35 @@ def failure(type_name: str, message: str, tb: str = "") -> bytes:
 
 # ---------------------------------------------------------------- validation
 
+#: Heartbeat periods a broker may set (``zq broker --heartbeat``) and its peers accept
+#: from a WELCOME: much shorter, and a worker would spend its time renewing its lease.
+MIN_HEARTBEAT = 0.05
+MAX_HEARTBEAT = 3600.0
+#: The smallest message size limit a broker may set (``--max-message-size``): peers
+#: leave ENVELOPE of each message to the frames and header around a payload.
+MIN_MAX_MESSAGE = 2 * ENVELOPE
+
+
+def welcome_settings(
+    header: dict[str, Any], heartbeat: float, liveness: int, max_message: int
+) -> tuple[float, int, int]:
+    """The heartbeat, liveness and message size limit a WELCOME sets (the values given
+    here for what it leaves out); :class:`ProtocolError` if one is implausible."""
+    heartbeat = header.get("heartbeat", heartbeat)
+    liveness = header.get("liveness", liveness)
+    max_message = header.get("max_message_size", max_message)
+    if not (
+        type(heartbeat) in (int, float)
+        and MIN_HEARTBEAT <= heartbeat <= MAX_HEARTBEAT
+        and type(liveness) is int
+        and liveness >= 3
+        and type(max_message) is int
+        and MIN_MAX_MESSAGE <= max_message <= PEER_MAX_MESSAGE
+    ):
+        raise ProtocolError(f"implausible WELCOME {header!r:.200}")
+    return float(heartbeat), liveness, max_message
+
+
 #: Longest a task may ask to wait before it runs again (a RETRY's ``countdown``, and
 #: a task's retry delays), in seconds: the broker holds the task, and its key, meanwhile.
 MAX_RETRY_COUNTDOWN = 7 * 24 * 3600.0

@@ -366,10 +366,9 @@ class Worker:
         elif command == p.REVOKE:
             self._on_revoke(header.get("id"), header.get("delivery"))
         elif command == p.WELCOME:
-            heartbeat = float(header.get("heartbeat", self._heartbeat))
-            max_message = int(header.get("max_message_size", self._max_message))
-            if not (0 < heartbeat < 3600 and max_message > p.ENVELOPE):
-                raise ProtocolError(f"implausible WELCOME {header!r:.200}")
+            heartbeat, _, max_message = p.welcome_settings(
+                header, self._heartbeat, 3, self._max_message
+            )
             self._heartbeat, self._max_message = heartbeat, max_message
             give_back = header.get("give_back")
             self._give_back = float(give_back) if isinstance(give_back, (int, float)) else None
