@@ -135,7 +135,13 @@ class Broker:
         return self.proc.pid
 
 
-def start_broker(stack: contextlib.ExitStack, journal: bool, *extra: str) -> Broker:
+#: How the benchmarks run the ``zq`` command.
+ZQ = (sys.executable, "-m", "zq")
+
+
+def start_broker(
+    stack: contextlib.ExitStack, journal: bool, *extra: str, zq: Sequence[str] = ZQ
+) -> Broker:
     """``zq broker`` on a random loopback port; ``journal`` False is ``:memory:``,
     True a SQLite file in a temporary directory (removed with the stack)."""
     if journal:
@@ -143,7 +149,7 @@ def start_broker(stack: contextlib.ExitStack, journal: bool, *extra: str) -> Bro
         path = os.path.join(tmp, "journal.db")
     else:
         path = ":memory:"
-    args = [sys.executable, "-m", "zq", "broker", "--bind", LOOPBACK, "--journal", path, *extra]
+    args = [*zq, "broker", "--bind", LOOPBACK, "--journal", path, *extra]
     proc = stack.enter_context(Proc(args, "broker"))
     match = proc.wait_line(_LISTENING, 20)
     return Broker(proc, match.group(1), path)
@@ -156,9 +162,10 @@ def start_worker(
     pool: str = "thread",
     concurrency: int = 1,
     spec: str = "bench.tasks",
+    zq: Sequence[str] = ZQ,
 ) -> Proc:
     """``zq worker bench.tasks`` for the broker at ``endpoint``; waits for its banner."""
-    args = [sys.executable, "-m", "zq", "worker", spec, "--broker", endpoint]
+    args = [*zq, "worker", spec, "--broker", endpoint]
     args += ["--pool", pool, "--concurrency", str(concurrency)]
     proc = stack.enter_context(Proc(args, f"worker-{pool}{concurrency}"))
     proc.wait_line(_WORKER_STARTED, 30)
