@@ -300,3 +300,17 @@ def test_a_child_that_dies_loading_the_app_loses_nothing_and_is_replaced_after_a
         assert done[2] == p.SUCCESS and p.decode(done[3]) == 10
     finally:
         pool.close()
+
+
+def test_a_pool_whose_children_cannot_load_the_app_gives_up(monkeypatch):
+    """After BOOT_FAILURES_MAX children in a row die loading the app, the pool says
+    why in ``failure`` (the worker then stops) instead of starting more for ever."""
+    monkeypatch.setattr("zq.procpool.BOOT_RETRY", 0.05)
+    pool = _slow_boot_pool(monkeypatch, "fail")
+    try:
+        pool.submit(*_blob("t", 10))
+        _drive(pool, lambda _: pool.failure is not None)
+        assert "5 in a row" in pool.failure and "died loading the app" in pool.failure
+        assert "(exit code 3)" in pool.failure and pool.waiting() == 1
+    finally:
+        pool.close()

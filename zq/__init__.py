@@ -27,6 +27,7 @@ from zq.errors import (
     TaskFailed,
     TaskRejected,
     TimeoutError,
+    WorkerError,
     ZQError,
 )
 from zq.worker import Worker, WorkerSettings
@@ -52,6 +53,7 @@ __all__ = [
     "TaskRejected",
     "TimeoutError",
     "Worker",
+    "WorkerError",
     "WorkerSettings",
     "ZQError",
     "__version__",

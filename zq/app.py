@@ -57,9 +57,10 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
             raise ValueError(f"retries must be a whole number >= 0, got {self.retries!r}")
-        retry_seconds("retry_delay", self.delay)
-        retry_seconds("retry_backoff", self.backoff)
-        retry_seconds("retry_backoff_max", self.backoff_max)
+        # As seconds (a timedelta is fine), checked: a task must not fail to retry later.
+        for field in ("delay", "backoff", "backoff_max"):
+            value = retry_seconds(f"retry_{field}", getattr(self, field))
+            object.__setattr__(self, field, value)  # (a frozen dataclass)
 
     def countdown(self, attempt: int, asked: Any = None) -> float:
         """Seconds before retry number ``attempt + 1``; ``asked`` is Retry(countdown=),

@@ -95,21 +95,10 @@ class BrokerSettings:
     max_results: int = 1_000_000  # results kept; past it the oldest are dropped (counted)
 
     def __post_init__(self) -> None:
-        if not p.MIN_HEARTBEAT <= self.heartbeat <= p.MAX_HEARTBEAT:
-            raise ValueError(
-                f"heartbeat must be {p.MIN_HEARTBEAT:g} to {p.MAX_HEARTBEAT:g} seconds, "
-                f"got {self.heartbeat}"
-            )
-        if not p.MIN_MAX_MESSAGE <= self.max_message_size <= p.PEER_MAX_MESSAGE:
-            raise ValueError(
-                f"max_message_size must be {p.MIN_MAX_MESSAGE} to {p.PEER_MAX_MESSAGE} "
-                f"bytes, got {self.max_message_size}"
-            )
-        if self.liveness < 3:
-            # A cut-off worker stops its keyed tasks 1.5 heartbeats (and its children's
-            # check) after it sent the last message we answered; 3 keeps 1.35 or more
-            # between that and its keys going elsewhere (2 would keep 0.35: a GC pause).
-            raise ValueError(f"liveness must be >= 3 (keyed tasks' fencing), got {self.liveness}")
+        # What its workers and clients would refuse in its WELCOME.
+        problem = p.settings_problem(self.heartbeat, self.liveness, self.max_message_size)
+        if problem is not None:
+            raise ValueError(problem)
         if self.prefetch is not None and not 0 <= self.prefetch <= PREFETCH_MAX:
             raise ValueError(f"prefetch must be 0..{PREFETCH_MAX}, got {self.prefetch}")
         if (self.curve_secret is None) != (self.authorized_keys is None):
@@ -966,15 +955,13 @@ class Broker:
                 self._end_terminated([task])
             self._dispatched(out)
             return
-        if state == p.RETRY:
-            countdown = header.get("countdown")
+        bad_retry, countdown = state == p.RETRY, header.get("countdown")
+        if bad_retry:
             if type(countdown) in (int, float) and 0 <= countdown <= p.MAX_RETRY_COUNTDOWN:
                 self._on_retry(peer, task_id, delivery, countdown)
                 return
             # The worker has let go of the task (its DONE is acknowledged): a retry the
             # broker cannot hold fails it, or it would stay on that worker, key and all.
-            self.counters["malformed"] += 1
-            log.warning("%s: %s asked for a retry after %r s: failed", peer.wid, task_id, countdown)
             state = p.FAILURE
             header = {k: v for k, v in header.items() if k != "countdown"} | {"state": state}
             body = p.failure(
@@ -990,6 +977,11 @@ class Broker:
             log.info("ignored DONE for %s from %s, which does not hold it", task_id, peer.wid)
         else:
             self.counters["done"] += 1
+            if bad_retry:
+                self.counters["malformed"] += 1
+                log.warning(
+                    "%s asked for a retry of %s after %r s: failed", peer.wid, task_id, countdown
+                )
             self._finish(task, state, p.pack_header(header), body)
         self._dispatched(out)
 

@@ -15,6 +15,7 @@ import click
 
 from zq import protocol as p
 from zq.app import DEFAULT_QUEUE, App, default_broker
+from zq.errors import WorkerError
 
 BROKER_HELP = "Broker address. [env ZQ_BROKER; default tcp://127.0.0.1:5555]"
 
@@ -446,7 +447,10 @@ def worker(
         raise click.ClickException(str(exc)) from None
     _stop_on_signals(w.stop)
     click.echo(f"zq worker {w.id} for {app_spec} ({len(w.app.tasks)} tasks) -> {broker}")
-    w.run()
+    try:
+        w.run()
+    except WorkerError as exc:
+        raise click.ClickException(f"the worker stopped: {exc}") from None
 
 
 def _parse_value(text: str) -> Any:

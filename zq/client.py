@@ -29,7 +29,13 @@ import zmq
 
 from zq import protocol as p
 from zq import wire
-from zq.errors import BrokerUnavailable, ResultUnavailable, TaskFailed, TaskRejected
+from zq.errors import (
+    BrokerUnavailable,
+    ProtocolError,
+    ResultUnavailable,
+    TaskFailed,
+    TaskRejected,
+)
 from zq.errors import TimeoutError as ZQTimeoutError
 from zq.security import ClientCurve
 
@@ -265,6 +271,7 @@ class Client:
             self.curve.apply(self._sub)
         self._sub.setsockopt(zmq.SUBSCRIBE, self.id.encode())
         self._pub_endpoint = ""
+        self._refused = ""  # why the broker's last WELCOME was refused, if it was
         self._broker_instance = ""
         self._flushes: list[concurrent.futures.Future[bool]] = []
         self._connect()
@@ -453,9 +460,15 @@ class Client:
             log.error("broker reported an error: %s", header.get("reason"))
 
     def _on_welcome(self, header: dict[str, Any]) -> None:
-        settings = p.welcome_settings(
-            header, self._heartbeat, self._liveness, self.max_message_size
-        )
+        try:
+            settings = p.welcome_settings(
+                header, self._heartbeat, self._liveness, self.max_message_size
+            )
+        except ProtocolError as exc:  # not welcomed: submits wait; said once, not per HELLO
+            if exc.reason != self._refused:
+                self._refused = exc.reason
+                log.error("refused the broker's welcome (%s): nothing is sent", exc.reason)
+            return
         pub = _reachable(header.get("pub", ""), self.broker)
         if pub != self._pub_endpoint:
             if self._pub_endpoint:

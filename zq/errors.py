@@ -39,6 +39,11 @@ class BrokerUnavailable(ZQError):
     """The broker did not answer within the time allowed."""
 
 
+class WorkerError(ZQError):
+    """A worker stopped on its own: it cannot run tasks (e.g. its pool's processes die
+    loading the app)."""
+
+
 class TimeoutError(ZQError, builtins.TimeoutError):
     """A wait for a task's result ran out before the task finished."""
 

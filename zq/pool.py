@@ -75,7 +75,7 @@ def _failed(task: Task, header: dict[str, Any], exc: Exception) -> Outcome:
         return p.FAILURE, p.failure(_type_name(cause), message, traceback.format_exc()), {}
     try:
         countdown = policy.countdown(attempt, exc.countdown if asked else None)  # type: ignore[union-attr]
-    except ValueError as bad:  # a countdown the broker could not hold: fail, clearly
+    except Exception as bad:  # a countdown the broker could not hold: fail, clearly
         return p.FAILURE, p.failure("ValueError", f"{bad} (on retrying: {cause})"), {}
     return p.RETRY, info, {"countdown": countdown}
 
@@ -121,6 +121,8 @@ class ThreadPool:
     A running task cannot be stopped: no time limits, no terminate, and no fence for a
     keyed task that is running when the worker is cut off. A keyed task is not started
     while the worker's lease is past the fence, though (it comes back LOST)."""
+
+    failure: str | None = None  # (never: see ProcessPool.failure)
 
     def __init__(self, app: App, size: int, *, fence_after: float = float("inf")) -> None:
         self.app = app

@@ -42,6 +42,8 @@ log = logging.getLogger("zq.worker")
 #: the supervisor a loop of process starts).
 BOOT_RETRY = 0.5
 BOOT_RETRY_MAX = 30.0
+#: Children in a row that die loading the app before the pool gives up (see failure).
+BOOT_FAILURES_MAX = 5
 #: Exit code of a child that fenced itself off because its supervisor went silent.
 FENCED_EXIT = 70
 #: Seconds between a child's checks of its fence (at most; a tenth of the fence time
@@ -294,6 +296,8 @@ class ProcessPool:
         self._turn = 0  # the supervisor's loop turns, counted by started()
         self._boot_failures = 0  # children in a row that died loading the app
         self._respawns: list[float] = []  # when to replace those (see tick)
+        #: Why the pool cannot run tasks (its children die loading the app), or None.
+        self.failure: str | None = None
         self.changed = True  # the set of fds to poll changed
 
     def start(self) -> None:
@@ -496,9 +500,10 @@ class ProcessPool:
             for fd, c in self._children.items()
             if c.booted and not c.given and not c.retiring
         ]
+        booting = sum(not c.booted for c in self._children.values())
         while idle and (self._backlog or self._steal()):
             fd, child = idle.pop()
-            batch = self._batch(child, len(idle) + 1)
+            batch = self._batch(child, len(idle) + 1 + booting)  # a share for each
             if not self._give(fd, child, batch):
                 self._backlog.extendleft(reversed(batch))
                 self._feed()  # the replacement can take it (it reads once it runs)
@@ -646,16 +651,14 @@ class ProcessPool:
             self._spawn()
         else:  # it held no task (none goes to a child before it is ready)
             self._boot_failures += 1
-            wait = min(BOOT_RETRY_MAX, BOOT_RETRY * 2 ** (self._boot_failures - 1))
-            bisect.insort(self._respawns, time.monotonic() + wait)
-            log.error(
-                "a pool process (pid %s) died loading the app %s (exit code %s); "
-                "the next one starts in %.1fs",
-                child.proc.pid,
-                self.spec,
-                code,
-                wait,
-            )
+            pid = child.proc.pid
+            why = f"pool process {pid} died loading the app {self.spec} (exit code {code})"
+            if self._boot_failures >= BOOT_FAILURES_MAX:
+                self.failure = f"{self._boot_failures} in a row: {why}"
+            else:
+                wait = min(BOOT_RETRY_MAX, BOOT_RETRY * 2 ** (self._boot_failures - 1))
+                bisect.insort(self._respawns, time.monotonic() + wait)
+                log.error("%s; the next one starts in %.1fs", why, wait)
         self._take_back(child, 1)
         if not child.given:
             return []

@@ -260,16 +260,29 @@ def welcome_settings(
     heartbeat = header.get("heartbeat", heartbeat)
     liveness = header.get("liveness", liveness)
     max_message = header.get("max_message_size", max_message)
-    if not (
-        type(heartbeat) in (int, float)
-        and MIN_HEARTBEAT <= heartbeat <= MAX_HEARTBEAT
-        and type(liveness) is int
-        and liveness >= 3
-        and type(max_message) is int
-        and MIN_MAX_MESSAGE <= max_message <= PEER_MAX_MESSAGE
-    ):
-        raise ProtocolError(f"implausible WELCOME {header!r:.200}")
+    problem = settings_problem(heartbeat, liveness, max_message)
+    if problem is not None:
+        raise ProtocolError(f"implausible WELCOME: {problem}")
     return float(heartbeat), liveness, max_message
+
+
+def settings_problem(heartbeat: Any, liveness: Any, max_message: Any) -> str | None:
+    """What is wrong with a broker's heartbeat, liveness or message size limit, for
+    its workers and clients; None if nothing."""
+    if type(heartbeat) not in (int, float) or not MIN_HEARTBEAT <= heartbeat <= MAX_HEARTBEAT:
+        bounds = f"{MIN_HEARTBEAT:g} to {MAX_HEARTBEAT:g} seconds"
+        return f"heartbeat must be {bounds}, got {heartbeat!r}"
+    if type(liveness) is not int or liveness < 3:
+        # A cut-off worker stops its keyed tasks 1.5 heartbeats (and its children's
+        # check) after it sent the last message the broker answered; 3 keeps 1.35 or
+        # more between that and its keys going elsewhere (2 would keep 0.35: a GC pause).
+        return f"liveness must be >= 3 (keyed tasks' fencing), got {liveness!r}"
+    if type(max_message) is not int or not MIN_MAX_MESSAGE <= max_message <= PEER_MAX_MESSAGE:
+        return (
+            f"max_message_size must be {MIN_MAX_MESSAGE} to {PEER_MAX_MESSAGE} bytes, "
+            f"got {max_message!r}"
+        )
+    return None
 
 
 #: Longest a task may ask to wait before it runs again (a RETRY's ``countdown``, and

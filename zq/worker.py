@@ -33,7 +33,7 @@ from zq import protocol as p
 from zq import wire
 from zq.app import App, default_broker, load_app
 from zq.canvas import with_inputs
-from zq.errors import ProtocolError
+from zq.errors import ProtocolError, WorkerError
 from zq.pool import ThreadPool, returned
 from zq.procpool import Limits, ProcessPool
 from zq.security import ClientCurve
@@ -102,6 +102,7 @@ class Worker:
         # broker's WELCOME; None: never), they go back to the broker for other workers.
         self._give_back: float | None = None
         self._stalled_since: float | None = None  # tasks waiting, and no slot freed since
+        self.failure: str | None = None  # why it stopped on its own (see _give_up)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
@@ -120,7 +121,8 @@ class Worker:
             os.write(self._wake_w, b"x")
 
     def run(self) -> None:
-        """Serve until :meth:`stop`."""
+        """Serve until :meth:`stop`; raises :class:`WorkerError` if the worker
+        stopped because its pool could not run tasks."""
         s = self.settings
         fence = self._fence
         self.pool: ProcessPool | ThreadPool = (
@@ -156,6 +158,8 @@ class Worker:
             self._closed = True
             os.close(self._wake_r)
             os.close(self._wake_w)
+        if self.failure is not None:
+            raise WorkerError(self.failure)
 
     def _loop(self) -> None:
         poller = zmq.Poller()
@@ -171,6 +175,8 @@ class Worker:
             if self._renew_if_silent(time.monotonic()):
                 continue  # first: a thawed worker must start nothing it held
             self._on_pool_events(self.pool.tick())
+            if self.pool.failure is not None and self.failure is None:
+                self._give_up(self.pool.failure)
             pool_events: list[tuple[Any, ...]] = []
             for item in events:
                 if item is self._dealer:
@@ -194,6 +200,15 @@ class Worker:
             due = self._stalled_since + self._give_back - time.monotonic()
             timeout = min(timeout, max(0.0, due) * 1000)
         return timeout
+
+    def _give_up(self, why: str) -> None:
+        """The pool cannot run tasks: hand back those waiting, stop (as on SIGTERM),
+        and have :meth:`run` raise: better a worker that exits, for its process manager
+        and its operator to see, than one that takes tasks it cannot run."""
+        self.failure = why
+        log.error("%s; this worker stops", why)
+        self._give_back_waiting(None)
+        self.stop()
 
     def _give_back_if_stalled(self, now: float) -> None:
         """Hand the broker back the tasks waiting here (prefetched) once no slot has

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import signal
 
 import pytest
@@ -82,3 +83,31 @@ def test_a_retry_policy_the_broker_could_not_hold_is_refused_when_the_task_is_ma
     app = zq.App("policies")
     with pytest.raises(ValueError, match=pattern):
         app.task(lambda: None, name="bad", **options)
+
+
+def test_retry_delays_may_be_timedeltas():
+    task = zq.App("policies").task(
+        lambda: None,
+        name="td",
+        retry_delay=datetime.timedelta(seconds=2),
+        retry_backoff=datetime.timedelta(seconds=3),
+        retry_backoff_max=datetime.timedelta(minutes=1),
+    )
+    assert (task.retry.delay, task.retry.backoff, task.retry.backoff_max) == (2.0, 3.0, 60.0)
+
+
+def test_a_worker_whose_pool_cannot_load_the_app_hands_its_tasks_back_and_stops(
+    broker, start_worker
+):
+    bad = start_worker("tests.slow_boot", concurrency=2, env={"ZQ_TEST_CHILD_BOOT": "fail"})
+    good = start_worker("tests.slow_boot", concurrency=1, pool="thread")
+    app = zq.App("boot", broker=broker.endpoint)
+    try:
+        results = [app.send_task("tests.slow_boot.size", [b"x" * n]) for n in range(6)]
+        assert [r.get(timeout=30) for r in results] == list(range(6))
+        wait_for(lambda: bad.proc.poll() is not None, 30, "the worker to stop")
+        assert bad.proc.returncode == 1
+        assert any("the worker stopped: 5 in a row" in line for line in bad.output)
+        assert good.proc.poll() is None
+    finally:
+        app.close()
