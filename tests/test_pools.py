@@ -314,3 +314,18 @@ def test_a_pool_whose_children_cannot_load_the_app_gives_up(monkeypatch):
         assert "(exit code 3)" in pool.failure and pool.waiting() == 1
     finally:
         pool.close()
+
+
+def test_withdraw_leaves_a_booting_child_its_share(monkeypatch):
+    """A task that waits for a child still loading the app is as good as given to it
+    (it was, before children said "ready"): a give-back must not take it."""
+    pool = _slow_boot_pool(monkeypatch, "1")
+    try:
+        for i in range(3):
+            pool.submit(*_blob(f"t{i}", i))
+        assert pool.waiting() == 2
+        assert pool.withdraw() == ["t1", "t2"]
+        [done] = _outcomes(_drive(pool, _done("t0")))["t0"]
+        assert done[2] == p.SUCCESS
+    finally:
+        pool.close()

@@ -205,6 +205,9 @@ class ThreadPool:
     def tick(self) -> list[Event]:
         return []
 
+    def next_due(self) -> float | None:
+        return None  # (no time limits, nothing to replace)
+
     def started(self) -> list[Event]:
         return []  # the threads report each task started themselves
 

@@ -348,9 +348,14 @@ class ProcessPool:
     def withdraw(self) -> list[str]:
         """Take back the tasks no child has started; their ids. A task queued in a
         child that may have just started it stays, and comes back later as a DONE,
-        or as LOST ``returned`` if the child skips it."""
+        or as LOST ``returned`` if the child skips it. So do the first tasks of the
+        backlog, one for each child still loading the app: it takes one as soon as it
+        can, as a task already given to it would (see :meth:`waiting`)."""
+        booting = sum(not c.booted for c in self._children.values())
+        kept = [self._backlog.popleft() for _ in range(min(booting, len(self._backlog)))]
         ids = [header["id"] for header, _ in self._backlog]
         self._backlog.clear()
+        self._backlog.extend(kept)
         for child in list(self._children.values()):
             if len(child.given) > 1:
                 taken = self._cancel(child, list(child.given)[1:], "returned")
@@ -389,6 +394,12 @@ class ProcessPool:
                 if self._children.get(fd) is child and child.given:
                     events.append(fenced(*self._stop(fd, child)))
         return events
+
+    def next_due(self) -> float | None:
+        """When :meth:`tick` next has something to do (a hard time limit, a child to
+        replace), or None: the supervisor's poll waits no longer."""
+        deadlines = [c.deadline for c in self._children.values() if c.given and c.deadline]
+        return min(deadlines + self._respawns[:1], default=None)
 
     def tick(self) -> list[Event]:
         """Kill the children past their task's hard time limit; replace those that

@@ -192,8 +192,13 @@ class Worker:
             self._on_tick(now)
 
     def _poll_timeout(self) -> float:
-        """Milliseconds: a quarter heartbeat, or less when waiting tasks are due back."""
+        """Milliseconds: a quarter heartbeat, or less when waiting tasks are due back,
+        DONEs due out, or the pool due to act (a hard time limit: a long heartbeat must
+        not make one late)."""
         timeout = self._heartbeat * 250
+        due = self.pool.next_due()
+        if due is not None:
+            timeout = min(timeout, max(0.0, due - time.monotonic()) * 1000)
         if self._dones or self._started:  # held back: see _flush_dones
             timeout = min(timeout, max(0.0, self._dones_due - time.monotonic()) * 1000)
         if self._stalled_since is not None and self._give_back is not None:

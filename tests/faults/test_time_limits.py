@@ -38,6 +38,18 @@ def test_worker_wide_time_limit(app, start_worker):
         tasks.sleep.delay(30).get(timeout=10)
 
 
+@pytest.mark.parametrize("broker", [("--heartbeat", "20")], indirect=True)
+def test_a_hard_limit_is_not_late_with_a_long_heartbeat(app, start_worker):
+    """The supervisor polls for a quarter heartbeat (5 s here) when nothing happens: it
+    must wake for a hard time limit instead (it used to kill the child up to 5 s late)."""
+    start_worker(concurrency=1, extra=["--time-limit", "0.5"])
+    assert tasks.add.delay(1, 1).get(timeout=10) == 2  # the child is up
+    started = time.monotonic()
+    with pytest.raises(zq.TaskFailed, match="hard time limit"):
+        tasks.sleep.delay(30).get(timeout=10)
+    assert time.monotonic() - started < 2.5
+
+
 def test_max_tasks_per_child_recycles_processes(app, start_worker):
     start_worker(concurrency=1, extra=["--max-tasks-per-child", "2"])
     pids = [tasks.whoami.delay().get(timeout=10)["pid"] for _ in range(6)]
