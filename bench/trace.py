@@ -22,13 +22,13 @@ import collections
 import contextlib
 import itertools
 import signal
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import median
 from zq import protocol as p
 
 _NAMES = {command.hex(): name for command, name in p.COMMAND_NAMES.items()}
@@ -104,7 +104,7 @@ def _steps(records: list[tuple[int, str, str, str]]) -> tuple[int, int, list[tup
         count,
         len(tasks),
         [
-            (f"{a} -> {b}", statistics.median(g))
+            (f"{a} -> {b}", median(g))
             for (a, b), g in zip(itertools.pairwise(names), gaps, strict=True)
         ],
     )
@@ -149,10 +149,10 @@ def main() -> None:
                 records.append((int(stamp), role, what, command))
     count, total, steps = _steps(records)
     print(f"journal {'on' if args.journal else 'off'}: {count} of {total} tasks in this order")
-    for step, median in steps:
-        print(f"  {step:<44} {median:8.1f} us")
+    for step, us in steps:
+        print(f"  {step:<44} {us:8.1f} us")
     print(f"  {'sum of the step medians':<44} {sum(s for _, s in steps):8.1f} us")
-    print(f"  {'median call to return (the latency)':<44} {statistics.median(latencies):8.1f} us")
+    print(f"  {'median call to return (the latency)':<44} {median(latencies):8.1f} us")
 
 
 if __name__ == "__main__":

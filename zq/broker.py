@@ -955,20 +955,20 @@ class Broker:
                 self._end_terminated([task])
             self._dispatched(out)
             return
-        bad_retry, countdown = state == p.RETRY, header.get("countdown")
-        if bad_retry:
+        bad_retry = None  # why a RETRY cannot be held, if it cannot
+        if state == p.RETRY:
+            countdown = header.pop("countdown", None)
             if type(countdown) in (int, float) and 0 <= countdown <= p.MAX_RETRY_COUNTDOWN:
                 self._on_retry(peer, task_id, delivery, countdown)
                 return
             # The worker has let go of the task (its DONE is acknowledged): a retry the
             # broker cannot hold fails it, or it would stay on that worker, key and all.
-            state = p.FAILURE
-            header = {k: v for k, v in header.items() if k != "countdown"} | {"state": state}
-            body = p.failure(
-                "zq.ProtocolError",
+            bad_retry = (
                 f"the task asked to be retried after {countdown!r} seconds; a retry waits "
-                f"a number of seconds from 0 to {p.MAX_RETRY_COUNTDOWN:g}",
+                f"a number of seconds from 0 to {p.MAX_RETRY_COUNTDOWN:g}"
             )
+            state = header["state"] = p.FAILURE
+            body = p.failure("zq.ProtocolError", bad_retry)
         task, out = self.dispatch.done(peer.wid, task_id, delivery)
         if task is None:
             # Not this worker's task (any more): it was handed to another worker, or it
@@ -977,11 +977,9 @@ class Broker:
             log.info("ignored DONE for %s from %s, which does not hold it", task_id, peer.wid)
         else:
             self.counters["done"] += 1
-            if bad_retry:
+            if bad_retry is not None:
                 self.counters["malformed"] += 1
-                log.warning(
-                    "%s asked for a retry of %s after %r s: failed", peer.wid, task_id, countdown
-                )
+                log.warning("%s from %s failed: %s", task_id, peer.wid, bad_retry)
             self._finish(task, state, p.pack_header(header), body)
         self._dispatched(out)
 

@@ -38,10 +38,9 @@ from zq.pool import Event, execute, fence_closed, fenced, returned, revoked
 log = logging.getLogger("zq.worker")
 
 #: Seconds before a child that died loading the app is replaced, doubled for each
-#: such death in a row up to BOOT_RETRY_MAX (a child that cannot start must not make
-#: the supervisor a loop of process starts).
+#: such death in a row (a child that cannot start must not make the supervisor a loop
+#: of process starts).
 BOOT_RETRY = 0.5
-BOOT_RETRY_MAX = 30.0
 #: Children in a row that die loading the app before the pool gives up (see failure).
 BOOT_FAILURES_MAX = 5
 #: Exit code of a child that fenced itself off because its supervisor went silent.
@@ -342,8 +341,11 @@ class ProcessPool:
         one for each child still loading the app: it takes one as soon as it can (a
         slot that is starting up is not a slot stuck on a long task)."""
         queued = sum(len(c.given) - 1 for c in self._children.values() if c.given)
-        booting = sum(not c.booted for c in self._children.values())
-        return max(0, len(self._backlog) - booting) + queued
+        return max(0, len(self._backlog) - self._booting()) + queued
+
+    def _booting(self) -> int:
+        """Children still loading the app (each about to take a task)."""
+        return sum(not c.booted for c in self._children.values())
 
     def withdraw(self) -> list[str]:
         """Take back the tasks no child has started; their ids. A task queued in a
@@ -351,8 +353,7 @@ class ProcessPool:
         or as LOST ``returned`` if the child skips it. So do the first tasks of the
         backlog, one for each child still loading the app: it takes one as soon as it
         can, as a task already given to it would (see :meth:`waiting`)."""
-        booting = sum(not c.booted for c in self._children.values())
-        kept = [self._backlog.popleft() for _ in range(min(booting, len(self._backlog)))]
+        kept = [self._backlog.popleft() for _ in range(min(self._booting(), len(self._backlog)))]
         ids = [header["id"] for header, _ in self._backlog]
         self._backlog.clear()
         self._backlog.extend(kept)
@@ -511,7 +512,9 @@ class ProcessPool:
             for fd, c in self._children.items()
             if c.booted and not c.given and not c.retiring
         ]
-        booting = sum(not c.booted for c in self._children.values())
+        if not idle:  # (most calls: a child reported while the others are busy)
+            return
+        booting = self._booting()
         while idle and (self._backlog or self._steal()):
             fd, child = idle.pop()
             batch = self._batch(child, len(idle) + 1 + booting)  # a share for each
@@ -667,7 +670,7 @@ class ProcessPool:
             if self._boot_failures >= BOOT_FAILURES_MAX:
                 self.failure = f"{self._boot_failures} in a row: {why}"
             else:
-                wait = min(BOOT_RETRY_MAX, BOOT_RETRY * 2 ** (self._boot_failures - 1))
+                wait = BOOT_RETRY * 2 ** (self._boot_failures - 1)
                 bisect.insort(self._respawns, time.monotonic() + wait)
                 log.error("%s; the next one starts in %.1fs", why, wait)
         self._take_back(child, 1)
