@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import zq
+from tests.records import write_record
 
 app = zq.App("periodic-tests")
 
@@ -17,7 +18,7 @@ def _record(name: str) -> Path:
     directory = Path(os.environ["ZQ_TEST_RECORDS"])
     record = {"name": name, "start": time.time(), "id": zq.current_task().id}
     path = directory / f"{name}-{record['start']:.6f}-{os.getpid()}.json"
-    path.write_text(json.dumps(record))
+    write_record(path, record)
     return path
 
 
@@ -34,7 +35,7 @@ def slow() -> None:
     time.sleep(1.2)
     record = json.loads(path.read_text())
     record["end"] = time.time()
-    path.write_text(json.dumps(record))
+    write_record(path, record)
 
 
 @app.periodic(cron="* * * * * */2", name="every-2s-cron", args=("cron",))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import zq
+from tests.records import write_record
 
 app = zq.App("tests")
 
@@ -104,9 +105,7 @@ def keyed(key: str, seq: int, seconds: float, record_dir: str) -> dict[str, Any]
         "pid": os.getpid(),
         "worker": os.getppid(),
     }
-    tmp = directory / f".{key}-{seq}-{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record))
-    tmp.rename(directory / f"run-{key}-{seq}-{os.getpid()}-{start}.json")
+    write_record(directory / f"run-{key}-{seq}-{os.getpid()}-{start}.json", record)
     return record
 
 
@@ -166,8 +165,7 @@ def _record_run(record_dir: str, key: str, seq: int, start: float, tag: str = ""
         "pid": os.getpid(),
         "worker": os.getppid(),
     }
-    path = Path(record_dir) / f"run-{key}-{seq}-{tag}{os.getpid()}-{start}.json"
-    path.write_text(json.dumps(record))
+    write_record(Path(record_dir) / f"run-{key}-{seq}-{tag}{os.getpid()}-{start}.json", record)
 
 
 @app.task(autoretry_for=(ConnectionError,), retries=2, retry_delay=0.1)
