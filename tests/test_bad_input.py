@@ -294,7 +294,8 @@ def test_broker_keeps_serving_and_counts_malformed(raw, raw_factory, broker, app
 
 # ------------------------------------------------- worker messages with bad fields
 
-READY = {"worker": "w-raw", "concurrency": 1, "queues": ["nowhere"]}
+#: A raw worker's READY: it takes the tasks these tests submit (routing is by name too).
+READY = {"worker": "w-raw", "concurrency": 1, "queues": ["nowhere"], "tasks": ["tests.tasks.add"]}
 
 
 def test_ready_with_non_list_tasks_gets_an_error(raw):

@@ -30,6 +30,8 @@ from zq.dispatch import (
 QUEUES = ("a", "b")
 WORKER_IDS = (b"w0", b"w1", b"w2")
 KEYS = (None, "k1", "k2", "k3", "k4")
+NAMES = ("x", "y")  # task names: a worker takes only those it registered
+name_sets = st.frozensets(st.sampled_from(NAMES), min_size=0, max_size=2)
 queue_lists = st.lists(st.sampled_from(QUEUES), unique=True, min_size=1, max_size=2).map(tuple)
 priorities = st.integers(0, 9)
 
@@ -63,6 +65,15 @@ class Meta(NamedTuple):
     key: str | None
     priority: int
     seq: int  # submission order
+    name: str = "x"
+
+
+class Spec(NamedTuple):
+    """What the model knows of a connected worker."""
+
+    queues: tuple[str, ...]
+    capacity: int
+    names: frozenset[str]
 
 
 class DispatchMachine(RuleBasedStateMachine):
@@ -74,7 +85,7 @@ class DispatchMachine(RuleBasedStateMachine):
         self.d = Dispatcher(max_redeliveries=1_000_000)
         self.n = 0
         self.info: dict[str, Meta] = {}
-        self.workers: dict[bytes, tuple[tuple[str, ...], int]] = {}  # id -> (queues, capacity)
+        self.workers: dict[bytes, Spec] = {}
         self.held: dict[bytes, set[str]] = {}
         self.holder: dict[str, bytes] = {}
         self.done_ids: set[str] = set()
@@ -91,16 +102,17 @@ class DispatchMachine(RuleBasedStateMachine):
         """Tasks waiting for a worker (in a ready deque or a lane)."""
         return self.unkeyed_waiting.union(*self.pending.values())
 
-    def eligible(self, queue: str) -> set[str]:
-        """Tasks of ``queue`` that may be assigned now: unkeyed ones, and lane heads
-        whose key is free. These are exactly the dispatcher's ready entries."""
+    def eligible(self, queue: str, names: frozenset[str] | None = None) -> set[str]:
+        """Tasks of ``queue`` (and of ``names``, if given) that may be assigned now:
+        unkeyed ones, and lane heads whose key is free. These are exactly the
+        dispatcher's ready entries."""
         out = {t for t in self.unkeyed_waiting if self.info[t].queue == queue}
         out.update(
             p[0]
             for k, p in self.pending.items()
             if p and self.running[k] is None and self.info[p[0]].queue == queue
         )
-        return out
+        return out if names is None else {t for t in out if self.info[t].name in names}
 
     def hand_back(self, lost: set[str]) -> None:
         """Rule 2: a handed-back task returns to the head of its lane."""
@@ -116,11 +128,12 @@ class DispatchMachine(RuleBasedStateMachine):
                 self.running[key] = None
                 self.pending[key].appendleft(tid)
 
-    def check_priority(self, tid: str, exempt: set[str]) -> None:
-        """Priority: nothing assignable in the task's queue has a strictly higher
-        priority, and no older fresh unkeyed task of equal priority is passed over."""
+    def check_priority(self, tid: str, wid: bytes, exempt: set[str]) -> None:
+        """Priority: nothing the worker could take from the task's queue has a strictly
+        higher priority, and no older fresh unkeyed task of equal priority is passed
+        over."""
         meta = self.info[tid]
-        rivals = self.eligible(meta.queue) - {tid} - exempt
+        rivals = self.eligible(meta.queue, self.workers[wid].names) - {tid} - exempt
         higher = sorted(r for r in rivals if self.info[r].priority > meta.priority)
         assert not higher, f"{tid} (priority {meta.priority}) assigned before {higher}"
         if meta.key is None and tid not in self.requeued:
@@ -142,7 +155,9 @@ class DispatchMachine(RuleBasedStateMachine):
             assert tid not in self.cancelled, f"cancelled {tid} assigned"
             assert tid not in self.holder, f"{tid} assigned twice"
             assert task.priority == self.info[tid].priority
-            self.check_priority(tid, set(exempt))
+            assert task.name in self.workers[wid].names, f"{tid} sent to a worker without it"
+            assert task.queue in self.workers[wid].queues
+            self.check_priority(tid, wid, set(exempt))
             if key is None:
                 self.unkeyed_waiting.remove(tid)
             else:
@@ -152,25 +167,36 @@ class DispatchMachine(RuleBasedStateMachine):
                 self.running[key] = tid
             self.holder[tid] = wid
             self.held[wid].add(tid)
-            assert len(self.held[wid]) <= self.workers[wid][1], f"{wid!r} over capacity"
+            assert len(self.held[wid]) <= self.workers[wid].capacity, f"{wid!r} over capacity"
 
     # ------------------------------------------------------------------ rules
 
-    @rule(queue=st.sampled_from(QUEUES), key=st.sampled_from(KEYS), priority=priorities)
-    def submit(self, queue: str, key: str | None, priority: int) -> None:
+    @rule(
+        queue=st.sampled_from(QUEUES),
+        key=st.sampled_from(KEYS),
+        priority=priorities,
+        name=st.sampled_from(NAMES),
+    )
+    def submit(self, queue: str, key: str | None, priority: int, name: str) -> None:
         self.n += 1
         tid = f"t{self.n}"
-        self.info[tid] = Meta(queue, key, priority, self.n)
+        self.info[tid] = Meta(queue, key, priority, self.n, name)
         if key is None:
             self.unkeyed_waiting.add(tid)
         else:
             self.pending[key].append(tid)
-        self.apply(self.d.submit(Task(tid, queue, key, priority=priority)))
+        self.apply(self.d.submit(Task(tid, queue, key, priority=priority, name=name)))
 
     @rule(
-        wid=st.sampled_from(WORKER_IDS), queues=queue_lists, cap=st.integers(1, 3), data=st.data()
+        wid=st.sampled_from(WORKER_IDS),
+        queues=queue_lists,
+        cap=st.integers(1, 3),
+        names=name_sets,
+        data=st.data(),
     )
-    def add_worker(self, wid: bytes, queues: tuple, cap: int, data: st.DataObject) -> None:
+    def add_worker(
+        self, wid: bytes, queues: tuple, cap: int, names: frozenset[str], data: st.DataObject
+    ) -> None:
         """A new worker, or a re-READY listing a random subset of its tasks (plus strays)."""
         mine = sorted(self.held.get(wid, ()))
         others = sorted(set(self.info) - set(mine))
@@ -178,8 +204,8 @@ class DispatchMachine(RuleBasedStateMachine):
         stray = data.draw(st.lists(st.sampled_from(others), max_size=2)) if others else []
         lost = set(mine) - set(keep)
         before = {tid: self.d.tasks[tid].redeliveries for tid in lost}
-        out = self.d.add_worker(wid, queues, cap, running=keep + stray)
-        self.workers[wid] = (queues, cap)
+        out = self.d.add_worker(wid, queues, cap, running=keep + stray, names=names)
+        self.workers[wid] = Spec(queues, cap, names)
         self.held.setdefault(wid, set())
         self.hand_back(lost)
         for tid in lost:  # it never reached the worker: not a redelivery
@@ -205,9 +231,8 @@ class DispatchMachine(RuleBasedStateMachine):
         filled at once; less takes nothing back."""
         wid = data.draw(st.sampled_from(sorted(self.workers)))
         capacity = data.draw(st.integers(0, 4))
-        queues, _ = self.workers[wid]
         held = set(self.held[wid])
-        self.workers[wid] = (queues, capacity)
+        self.workers[wid] = self.workers[wid]._replace(capacity=capacity)
         out = self.d.set_capacity(wid, capacity)
         assert all(w == wid for w, _ in out), "credit of one worker went to another"
         self.apply(out)
@@ -221,12 +246,14 @@ class DispatchMachine(RuleBasedStateMachine):
         wid = self.holder[tid]
         queue, key = self.info[tid].queue, self.info[tid].key
         nxt = self.pending[key][0] if key and self.pending[key] else None
+        ready = self.d.ready.get(queue)
         sticky = (
             nxt is not None
             and self.info[nxt].queue == queue
-            and not self.d.ready.get(queue)
-            and queue in self.workers[wid][0]
-            and len(self.held[wid]) <= self.workers[wid][1]  # a slot is free after done
+            and not (ready and ready.has(self.info[nxt].name))
+            and queue in self.workers[wid].queues
+            and self.info[nxt].name in self.workers[wid].names
+            and len(self.held[wid]) <= self.workers[wid].capacity  # a slot is free after done
         )
         task, out = self.d.done(wid, tid)
         assert task is not None and task.id == tid
@@ -321,6 +348,30 @@ class DispatchMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.holder)
     @rule(data=st.data())
+    def unknown_name(self, data: st.DataObject) -> None:
+        """The worker answers UnknownTask: it loses that name, and the task goes back to
+        the head of its lane, not counted as a redelivery."""
+        tid = data.draw(st.sampled_from(sorted(self.holder)))
+        wid = self.holder[tid]
+        redeliveries = self.d.tasks[tid].redeliveries
+        task, out = self.d.drop_name(wid, tid, None)
+        assert task is not None and task.id == tid and task.redeliveries == redeliveries
+        spec = self.workers[wid]
+        self.workers[wid] = spec._replace(names=spec.names - {self.info[tid].name})
+        self.hand_back({tid})
+        self.apply(out)
+
+    @invariant()
+    def unserved_is_exact(self) -> None:
+        """unserved() names exactly the (queue, name) with eligible work no worker takes."""
+        served = {(q, n) for s in self.workers.values() for q in s.queues for n in s.names}
+        expected = {
+            (q, n) for q in QUEUES for n in NAMES if self.eligible(q, frozenset({n}))
+        } - served
+        assert {(q, n) for q, n, _ in self.d.unserved()} == expected
+
+    @precondition(lambda self: self.holder)
+    @rule(data=st.data())
     def started(self, data: st.DataObject) -> None:
         tid = data.draw(st.sampled_from(sorted(self.holder)))
         assert self.d.started(self.holder[tid], tid) is True
@@ -378,11 +429,12 @@ class DispatchMachine(RuleBasedStateMachine):
 
     @invariant()
     def work_conserving(self) -> None:
-        """Rule 5: no worker with a free slot while its queue has an eligible task."""
-        eligible = {q for q in QUEUES if self.eligible(q)}
-        for wid, (queues, cap) in self.workers.items():
-            if len(self.held[wid]) < cap:
-                assert not eligible.intersection(queues), f"{wid!r} idle with work waiting"
+        """Rule 5: no worker with a free slot while one of its queues has an eligible
+        task of a name it takes."""
+        for wid, spec in self.workers.items():
+            if len(self.held[wid]) < spec.capacity:
+                for q in spec.queues:
+                    assert not self.eligible(q, spec.names), f"{wid!r} idle with work waiting"
 
 
 TestDispatchMachine = DispatchMachine.TestCase

@@ -153,6 +153,7 @@ def test_a_bad_schedule_from_a_worker_costs_itself_only(broker):
     probe = zq.App("probe", broker=broker.endpoint)
     bad = {"name": "feb30", "task": "t", "cron": "0 0 30 2 *", "payload": b"\x92\x90\x80"}
     ready = {"worker": "w-raw", "concurrency": 1, "queues": ["q"], "periodic": [bad]}
+    ready["tasks"] = ["some.task"]  # it takes the task sent below
     try:
         sock.send_multipart(p.message(p.WORKER, p.READY, ready))
         assert sock.poll(5000), "no WELCOME"

@@ -32,6 +32,7 @@ from zq.journal import Journal, NullJournal, open_journal
 from zq.results import ResultStore, Waiters
 from zq.schedule import Entry, Schedule, first_fire, following
 from zq.security import Authorizer, load_pair, serve_with
+from zq.sequence import SubmitOrder
 from zq.timers import TimerHeap
 from zq.workflow import Graph, check_links
 
@@ -177,6 +178,9 @@ class Broker:
         #: worker -> the (task id, delivery) of each DONE to acknowledge this turn
         self._acks: dict[bytes, list[tuple[str, int | None]]] = {}
         self._placeholders: dict[bytes, float] = {}  # worker id -> re-attach deadline
+        self._unserved: set[tuple[str, str | None]] = set()  # (queue, name) logged unserved
+        self._replaying = False
+        self._order = SubmitOrder()  # each client's SUBMITs, taken in the order sent
         self.authorizer: Authorizer | None = None
         self._reload_keys = False
         self._next_key_check = 0.0
@@ -499,6 +503,8 @@ class Broker:
             )
         if len(tasks) != len(payload):
             raise ProtocolError(f"SUBMIT has {len(tasks)} tasks but {len(payload)} payloads")
+        if not self._in_order(ident, client, header):
+            return
         accepted: list[str] = []
         rejected: dict[str, str] = {}
         out: list[Assignment] = []
@@ -540,6 +546,19 @@ class Broker:
         if rejected:
             self.counters["rejected"] += len(rejected)
             self._send(ident, p.REJECTED, {"rejected": rejected})
+
+    def _in_order(self, ident: bytes, client: str, header: dict[str, Any]) -> bool:
+        """True if this SUBMIT overtakes no older unacknowledged one of its client (see
+        :mod:`zq.sequence`); else the client is asked to send those again, first."""
+        n, since = header.get("n"), header.get("since")
+        if type(n) is not int or type(since) is not int:
+            return True  # a client that does not number its submits
+        if self._order.take(client, n, since):
+            return True
+        self.counters["resend_asked"] += 1
+        reason = "an older submit of this client is missing: send the unacknowledged ones again"
+        self._send(ident, p.ERROR, {"reason": reason, "code": "resend", "n": n})
+        return False
 
     def _known(self, task_id: str) -> bool:
         """True if the id was accepted already (a resent SUBMIT is a duplicate)."""
@@ -618,6 +637,7 @@ class Broker:
             self.timers.add(now + (eta - wall), (_ETA, task.id))
             return
         out += self.dispatch.submit(task)
+        self._check_served(task)
 
     def _end_unrun(self, task: Task, state: str, why: str) -> None:
         """Finish a task that no worker holds (expired, revoked, a workflow step that
@@ -658,7 +678,18 @@ class Broker:
             task = self.dispatch.tasks.get(task_id)
             if task is not None and task.progress is not None:
                 reply["progress"] = task.progress
+            if task is not None and self._waits_unserved(task):
+                # So a caller can say why it waits.
+                reply["unserved"] = {"queue": task.queue, "name": task.name}
             self._send(ident, p.RESULT, reply)
+
+    def _waits_unserved(self, task: Task) -> bool:
+        """True if the task waits in a queue, for a name, that no connected worker takes."""
+        return (
+            task.worker is None
+            and not task.retrying
+            and not self.dispatch.serves(task.queue, task.name)
+        )
 
     def _state_of(self, task_id: str) -> str:
         task = self.dispatch.tasks.get(task_id)
@@ -746,6 +777,10 @@ class Broker:
             "results_evicted": self.results.evicted,
             "security": "curve" if self.authorizer is not None else "plain",
             "dead": len(self.dead_letters),
+            "unserved": [
+                {"queue": queue, "name": name, "waiting": waiting}
+                for queue, name, waiting in self.dispatch.unserved()
+            ],
             "counters": dict(self.counters),
         }
 
@@ -777,7 +812,7 @@ class Broker:
         ):
             raise ProtocolError("READY 'running' must map task ids to delivery numbers")
         names = header.get("tasks", [])
-        if not isinstance(names, list):
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ProtocolError("READY 'tasks' must be a list of task names")
         if not isinstance(header.get("periodic", []), list):
             raise ProtocolError("READY 'periodic' must be a list of schedules")
@@ -801,6 +836,7 @@ class Broker:
             del self.peers[old.ident]  # the same worker on a new connection
         info = {k: header.get(k) for k in ("worker", "host", "pid", "concurrency", "queues")}
         info["tasks"] = len(names)
+        info["names"] = names
         # A draining worker (stopping gracefully) keeps its tasks but gets no more.
         slots = 0 if header.get("draining") else concurrency
         peer = self.peers[ident] = self.by_wid[wkey] = _Peer(ident, wkey, info, now, slots)
@@ -819,7 +855,8 @@ class Broker:
         )
         self._event(b"worker.online", info)
         capacity = self._capacity(peer)
-        self._dispatched(self.dispatch.add_worker(wkey, queues, capacity, running))
+        self._dispatched(self.dispatch.add_worker(wkey, queues, capacity, running, names))
+        self._unserved.difference_update((q, n) for q in queues for n in names)
         for task_id in self._terminating & running.keys():  # re-attached, still to stop
             task = self.dispatch.tasks.get(task_id)
             if task is not None:
@@ -940,6 +977,9 @@ class Broker:
         if state in _RAN and runtime is not None:
             peer.runtimes.add(runtime)
             self._refresh_capacity(peer)  # lower before the slot it freed is refilled
+        if state == p.LOST and header.get("unknown"):
+            self._unknown_here(peer, task_id, delivery)
+            return
         if state == p.LOST and header.get("returned"):
             # Its runtime says how long the worker's slots were stuck.
             peer.runtimes.stalled(runtime or 0.0)
@@ -982,6 +1022,40 @@ class Broker:
                 log.warning("%s from %s failed: %s", task_id, peer.wid, bad_retry)
             self._finish(task, state, p.pack_header(header), body)
         self._dispatched(out)
+
+    def _unknown_here(self, peer: _Peer, task_id: str, delivery: int | None) -> None:
+        """The worker does not have the task's name after all: it gets no more tasks of
+        that name, and the task goes back to the head of its lane for one that has it."""
+        task, out = self.dispatch.drop_name(peer.wid, task_id, delivery)
+        if task is None:
+            self.counters["stale_done"] += 1
+        else:
+            self.counters["unknown_task"] += 1
+            log.warning(
+                "worker %s does not have task %s after all: it is sent no more of them",
+                peer.wid.decode(),
+                task.name,
+            )
+            self._end_terminated([task])
+            self._check_served(task)
+        self._dispatched(out)
+
+    def _check_served(self, task: Task) -> None:
+        """Log, once until a worker takes it, that no connected worker takes this task's
+        (queue, name): its tasks wait, and a user should hear why."""
+        route = (task.queue, task.name)
+        if self._replaying:
+            return  # no worker has connected yet: they get the grace to re-attach
+        if task.worker is None and not self.dispatch.serves(*route) and route not in self._unserved:
+            self._unserved.add(route)
+            what = "periodic task" if task.data[0].get("periodic") else "task"
+            log.warning(
+                "no connected worker serves %s %s on queue %r: its tasks wait until one "
+                "that registers it connects (zq status lists them)",
+                what,
+                task.name,
+                task.queue,
+            )
 
     def _on_retry(self, peer: _Peer, task_id: str, delivery: int | None, countdown: float) -> None:
         """The task asked to run again later: hold it (and its key) for the countdown."""
@@ -1339,6 +1413,13 @@ class Broker:
 
     def _replay(self) -> None:
         """Rebuild the state from the journal: results, then held and waiting tasks."""
+        self._replaying = True
+        try:
+            self._replay_journal()
+        finally:
+            self._replaying = False
+
+    def _replay_journal(self) -> None:
         now, wall = time.monotonic(), time.time()
         ttl = self.results.ttl
         self.journal.purge_results()  # those that expired while no broker ran
@@ -1474,7 +1555,12 @@ _RAN = (p.SUCCESS, p.FAILURE, p.RETRY)
 def _task(task_id: str, header: dict[str, Any], body: Any) -> Task:
     """The scheduler's view of an accepted task (header checked by check_task_header)."""
     return Task(
-        task_id, header["queue"], header.get("key"), (header, body), header.get("priority", 0)
+        task_id,
+        header["queue"],
+        header.get("key"),
+        (header, body),
+        header.get("priority", 0),
+        header["name"],
     )
 
 

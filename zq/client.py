@@ -5,7 +5,10 @@ thread alone. Application threads hand it work through a queue and a wake-up pip
 and wait on per-task events, so ``delay()`` and ``get()`` are safe from any thread.
 
 Reliability: submits stay in ``_unacked`` until the broker ACCEPTs them and are sent
-again whenever the client (re)connects, the broker deduplicating by task id. A
+again whenever the client (re)connects, the broker deduplicating by task id. SUBMITs
+are numbered, and each says which is the oldest one still unacknowledged, so that a
+broker that lost one (it restarted under it) asks for them all again rather than let
+a newer one overtake it (:mod:`zq.sequence`). A
 ``get()`` that has not seen its result on the SUB after ``fetch_after`` seconds asks
 the broker with FETCH, so a lost PUB message costs latency, never a result.
 """
@@ -47,6 +50,8 @@ FETCH_AFTER = 0.5
 FETCH_WAIT = 3600.0
 #: Most task ids in one FETCH (ids are at most 64 characters; a header at most 1 MiB).
 FETCH_CHUNK = 10_000
+#: Seconds a get() that ran out waits for the broker to say what became of the task.
+STATE_PROBE = 1.0
 #: Most tasks per SUBMIT message.
 SUBMIT_BATCH = 1000
 
@@ -141,6 +146,13 @@ class Client:
         self._changed = threading.Condition(self._lock)
         self._slots: weakref.WeakValueDictionary[str, _Slot] = weakref.WeakValueDictionary()
         self._unacked: dict[str, tuple[dict[str, Any], bytes]] = {}  # I/O thread only
+        # SUBMIT numbering (I/O thread only): the last number sent, the SUBMIT that
+        # carried each unacknowledged task, how many of those each still holds (oldest
+        # first), and the first SUBMIT of the latest full resend.
+        self._submit_no = 0
+        self._carried_by: dict[str, int] = {}
+        self._open: dict[int, int] = {}
+        self._resent_from = 0
         self._watched: dict[str, float] = {}  # task id -> when its FETCH wait lapses
         # The earliest of those times: the I/O loop scans _watched only once it comes
         # (a scan per loop turn cost O(waits) each turn, all unfinished results after
@@ -196,6 +208,32 @@ class Client:
         finally:
             with self._lock:
                 self._state_queries -= 1
+
+    def wait_failed(self, slot: _Slot, timeout: float | None, since: float) -> Exception:
+        """The error for a wait on ``slot`` that ran out after ``timeout`` seconds
+        (begun at ``since``): BrokerUnavailable if the broker said nothing meanwhile,
+        else TimeoutError, saying so when the task waits for a worker that no connected
+        one is (it asks the broker)."""
+        message = f"task {slot.id} not finished after {timeout}s"
+        try:
+            state = self.query_state(slot, timeout=STATE_PROBE)
+        except BrokerUnavailable:
+            if self._last_recv < since:
+                return BrokerUnavailable(
+                    f"no answer from broker {self.broker} while waiting {timeout}s for task "
+                    f"{slot.id}: is a broker running there? (zq broker starts one)"
+                )
+            return ZQTimeoutError(message)
+        unserved = slot.header.get("unserved")
+        if state == p.QUEUED and isinstance(unserved, dict):
+            queue, name = unserved.get("queue"), unserved.get("name")
+            message += (
+                f": it waits in queue {queue!r}, and no connected worker serves task "
+                f"{name!r} there (start one with: zq worker MODULE --queues {queue})"
+            )
+        elif state != p.PENDING:
+            message += f" (it is {state})"
+        return ZQTimeoutError(message)
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """The broker's STATUS snapshot (workers, queues, keys in flight, counters)."""
@@ -272,6 +310,7 @@ class Client:
         self._sub.setsockopt(zmq.SUBSCRIBE, self.id.encode())
         self._pub_endpoint = ""
         self._refused = ""  # why the broker's last WELCOME was refused, if it was
+        self._unreachable = False  # silent past the limit; logged once until it answers
         self._broker_instance = ""
         self._flushes: list[concurrent.futures.Future[bool]] = []
         self._connect()
@@ -389,6 +428,7 @@ class Client:
         header_budget = p.MAX_HEADER_BYTES - p.HEADER_SLACK
         headers: list[bytes] = []  # the chunk's task headers, packed once
         bodies: list[bytes] = []
+        ids: list[str] = []
         size = header_size = 0
         for item in items:
             packed = p.pack_header(item[0])
@@ -404,7 +444,7 @@ class Client:
             elif this_header > header_budget:
                 reason = f"task header of {this_header} bytes exceeds {header_budget}"
             if reason is not None:
-                self._unacked.pop(item[0]["id"], None)
+                self._settled(item[0]["id"])
                 self._update(item[0]["id"], p.REJECTED_STATE, {"reason": reason}, None)
                 continue
             if headers and (
@@ -412,19 +452,46 @@ class Client:
                 or size + len(item[1]) > budget
                 or header_size + this_header > header_budget
             ):
-                self._send_submit(headers, bodies)
-                headers, bodies, size, header_size = [], [], 0, 0
+                self._send_submit(headers, bodies, ids)
+                headers, bodies, ids, size, header_size = [], [], [], 0, 0
             headers.append(packed)
             bodies.append(item[1])
+            ids.append(item[0]["id"])
             size += len(item[1]) + 64  # a frame's own overhead; headers are counted apart
             header_size += this_header
         if headers:
-            self._send_submit(headers, bodies)
+            self._send_submit(headers, bodies, ids)
         self._settle_flushes()
 
-    def _send_submit(self, headers: list[bytes], bodies: list[bytes]) -> None:
-        header = p.pack_list("tasks", headers, client=self.id)
+    def _send_submit(self, headers: list[bytes], bodies: list[bytes], ids: list[str]) -> None:
+        """One SUBMIT, numbered (also when it cannot be sent now: the broker then sees
+        the gap and asks for the unacknowledged submits again)."""
+        self._submit_no = n = self._submit_no + 1
+        for task_id in ids:
+            self._carried_by[task_id] = n
+        self._open[n] = len(ids)
+        since = next(iter(self._open))
+        header = p.pack_list("tasks", headers, client=self.id, n=n, since=since)
         self._send_packed(p.SUBMIT, header, *bodies)
+
+    def _settled(self, task_id: str) -> None:
+        """The broker accepted or refused the task: it is sent no more."""
+        self._unacked.pop(task_id, None)
+        n = self._carried_by.pop(task_id, None)
+        if n is not None:
+            left = self._open[n] - 1
+            if left:
+                self._open[n] = left
+            else:
+                del self._open[n]
+
+    def _resend_unacked(self) -> None:
+        """Send every unacknowledged submit again, oldest first, in new SUBMITs."""
+        self._carried_by.clear()
+        self._open.clear()
+        self._resent_from = self._submit_no + 1
+        if self._unacked:
+            self._send_submits(list(self._unacked.values()))
 
     def _settle_flushes(self) -> None:
         if not self._unacked:
@@ -434,17 +501,20 @@ class Client:
 
     def _on_reply(self, frames: list[bytes]) -> None:
         self._last_recv = time.monotonic()
+        if self._unreachable:
+            self._unreachable = False
+            log.warning("broker %s answers again", self.broker)
         _tag, command, header, payload = p.parse(frames)
         if command == p.WELCOME:
             self._on_welcome(header)
         elif command == p.ACCEPTED:
             for task_id in header.get("ids", ()):
-                self._unacked.pop(task_id, None)
+                self._settled(task_id)
                 self._update(task_id, p.QUEUED, header, None, only_if=p.PENDING)
             self._settle_flushes()
         elif command == p.REJECTED:
             for task_id, reason in header.get("rejected", {}).items():
-                self._unacked.pop(task_id, None)
+                self._settled(task_id)
                 self._update(task_id, p.REJECTED_STATE, {"reason": reason}, None)
             self._settle_flushes()
         elif command == p.RESULT:
@@ -456,8 +526,18 @@ class Client:
         elif command == p.HEARTBEAT:
             if header.get("broker") != self._broker_instance:
                 self._send(p.HELLO, {"client": self.id})  # it restarted: start over
+        elif command == p.ERROR and header.get("code") == "resend":
+            self._on_resend(header.get("n"))
         elif command == p.ERROR:
             log.error("broker reported an error: %s", header.get("reason"))
+
+    def _on_resend(self, n: Any) -> None:
+        """The broker did not take SUBMIT ``n``: an older one never reached it (it
+        restarted, say). Send all that are unacknowledged again, in order, unless a
+        resend since ``n`` has done so already."""
+        if isinstance(n, int) and n >= self._resent_from and self._welcomed:
+            log.info("broker %s asked for unacknowledged submits again; resending", self.broker)
+            self._resend_unacked()
 
     def _on_welcome(self, header: dict[str, Any]) -> None:
         try:
@@ -481,8 +561,7 @@ class Client:
         reconnected = bool(self._broker_instance)
         self._broker_instance = header.get("broker", "")
         self._welcomed = True
-        if self._unacked:
-            self._send_submits(list(self._unacked.values()))
+        self._resend_unacked()
         for task_id in self._watched:
             self._watched[task_id] = 0.0
         self._fetch_at = 0.0
@@ -549,7 +628,13 @@ class Client:
 
     def _on_tick(self, now: float) -> None:
         if now - self._last_recv > self._heartbeat * self._liveness:
-            log.warning("no word from broker %s; reconnecting", self.broker)
+            if not self._unreachable:  # said once, not at every reconnect
+                self._unreachable = True
+                log.warning(
+                    "no word from broker %s for %.1fs; reconnecting until it answers",
+                    self.broker,
+                    now - self._last_recv,
+                )
             self._connect()
             return
         # Every heartbeat, however busy: the broker's answer names its instance, and it
@@ -647,7 +732,8 @@ class AsyncResult:
         if self._ignore_result:
             raise ResultUnavailable(self.id, f"task {self.id} was sent with ignore_result")
         slot = self._slot
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         if not slot.done.is_set():
             first = self._client.fetch_after if slot.mine else 0.0
             if timeout is not None:
@@ -656,7 +742,7 @@ class AsyncResult:
                 self._client.watch(self.id)
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if not slot.done.wait(remaining):
-                    raise ZQTimeoutError(f"task {self.id} not finished after {timeout}s")
+                    raise self._client.wait_failed(slot, timeout, started)
         return self._outcome(propagate)
 
     def _outcome(self, propagate: bool) -> Any:

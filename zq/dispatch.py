@@ -15,11 +15,16 @@ return. The rules (DESIGN.md section 3):
    so on down to 0 (the default); equal priorities go first in, first out. A lane
    waits at the priority of its head task: a key's order is never overtaken.
 
+6. **By name**: a task goes only to a worker that serves its queue and registered its
+   task name; one no connected worker takes waits (:meth:`Dispatcher.unserved`).
+
 Credit: a worker has ``capacity`` slots (concurrency + prefetch) and is sent at most
 that many tasks at once; the broker may change it (:meth:`Dispatcher.set_capacity`).
-Invariant: a queue's ready deque is non-empty only while no worker serving that queue
-has a free slot, so every operation is O(1) amortised in queued tasks and keys (worker
-selection is linear in the workers of one queue).
+Ready work is indexed by what a worker can take, (queue, task name), and the
+invariant is: entries of one (queue, name) wait in the ready structure only while no
+worker that takes them has a free slot. So every operation is O(1) amortised in
+queued tasks and keys (worker selection is linear in the workers of one (queue, name),
+and a worker's pop looks at the names that have work waiting in its queues).
 """
 
 from __future__ import annotations
@@ -88,9 +93,11 @@ class Task:
         "delivery",
         "id",
         "key",
+        "name",
         "priority",
         "progress",
         "queue",
+        "ready_seq",
         "redeliveries",
         "retries",
         "retrying",
@@ -99,13 +106,21 @@ class Task:
     )
 
     def __init__(
-        self, id: str, queue: str, key: str | None = None, data: Any = None, priority: int = 0
+        self,
+        id: str,
+        queue: str,
+        key: str | None = None,
+        data: Any = None,
+        priority: int = 0,
+        name: str | None = None,
     ) -> None:
         self.id = id
         self.queue = queue
         self.key = key
         self.data = data
         self.priority = priority  # 0..9, higher first within its queue
+        self.name = name  # the task's name: only a worker that registered it is sent it
+        self.ready_seq = 0  # its place among a queue's ready entries (see ReadyQueue)
         self.progress: Any = None  # the latest progress report of the run in progress
         self.worker: bytes | None = None  # the worker holding it, None while queued
         self.started = False
@@ -121,25 +136,37 @@ class Task:
 class Lane:
     """The tasks of one key: at most one running, the rest waiting in order."""
 
-    __slots__ = ("in_ready", "key", "running", "waiting")
+    __slots__ = ("in_ready", "key", "ready_seq", "running", "waiting")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.waiting: deque[Task] = deque()
         self.running: Task | None = None
         self.in_ready = False  # the lane sits in its head's queue's ready deque
+        self.ready_seq = 0
 
 
 class WorkerState:
     """What the scheduler knows of one connected worker."""
 
-    __slots__ = ("capacity", "id", "queues", "running")
+    __slots__ = ("capacity", "id", "names", "queues", "running")
 
-    def __init__(self, id: bytes, queues: Iterable[str], capacity: int) -> None:
+    def __init__(
+        self,
+        id: bytes,
+        queues: Iterable[str],
+        capacity: int,
+        names: Iterable[str | None] = (None,),
+    ) -> None:
         self.id = id
         self.queues = tuple(queues)
+        self.names = frozenset(names)  # the task names it registered
         self.capacity = capacity
         self.running: dict[str, Task] = {}
+
+    def routes(self) -> Iterator[tuple[str, str | None]]:
+        """Every (queue, task name) this worker takes."""
+        return ((q, n) for q in self.queues for n in self.names)
 
     @property
     def free(self) -> int:
@@ -154,61 +181,144 @@ def _priority(entry: _Entry) -> int:
     return entry.waiting[0].priority if isinstance(entry, Lane) else entry.priority
 
 
-class ReadyQueue:
-    """One queue's ready entries: a FIFO per priority level, highest level first.
+class _Levels:
+    """The ready entries of one task name in one queue: a FIFO per priority level,
+    highest level first. Most use one level, so the levels present are kept sorted in a
+    short list and a pop looks at its first element only."""
 
-    Most queues use one level, so the levels present are kept sorted in a short list
-    and a pop looks at its first element only."""
-
-    __slots__ = ("_levels", "_order")
+    __slots__ = ("fifos", "order")
 
     def __init__(self) -> None:
-        self._levels: dict[int, deque[_Entry]] = {}
-        self._order: list[int] = []  # the levels present, highest first
+        self.fifos: dict[int, deque[_Entry]] = {}
+        self.order: list[int] = []  # the levels present, highest first
 
-    def __len__(self) -> int:
-        return sum(len(d) for d in self._levels.values())
+    def head(self) -> _Entry:
+        return self.fifos[self.order[0]][0]
 
-    def __bool__(self) -> bool:
-        return bool(self._order)
-
-    def __iter__(self) -> Iterator[_Entry]:
-        for level in self._order:
-            yield from self._levels[level]
-
-    def _level(self, priority: int) -> deque[_Entry]:
-        fifo = self._levels.get(priority)
+    def push(self, entry: _Entry, priority: int, front: bool) -> None:
+        fifo = self.fifos.get(priority)
         if fifo is None:
-            fifo = self._levels[priority] = deque()
-            self._order.append(priority)
-            self._order.sort(reverse=True)
-        return fifo
-
-    def push(self, entry: _Entry, front: bool = False) -> None:
-        fifo = self._level(_priority(entry))
+            fifo = self.fifos[priority] = deque()
+            self.order.append(priority)
+            self.order.sort(reverse=True)
         if front:
             fifo.appendleft(entry)
         else:
             fifo.append(entry)
 
     def pop(self) -> _Entry:
-        level = self._order[0]
-        fifo = self._levels[level]
+        level = self.order[0]
+        fifo = self.fifos[level]
         entry = fifo.popleft()
         if not fifo:
-            self._drop_level(level)
+            self._drop(level)
+        return entry
+
+    def remove(self, entry: _Entry, priority: int) -> None:
+        fifo = self.fifos[priority]
+        fifo.remove(entry)
+        if not fifo:
+            self._drop(priority)
+
+    def _drop(self, level: int) -> None:
+        del self.fifos[level]
+        self.order.remove(level)
+
+
+class ReadyQueue:
+    """One queue's ready entries, indexed by task name so that a worker is only ever
+    handed a name it registered: per name, a FIFO per priority level.
+
+    Among the names a worker serves, a pop takes the highest priority head, and among
+    equal priorities the one pushed first (``Task.ready_seq``: a back push counts up,
+    a front push counts down, so a hand-back still goes first), as one FIFO would.
+    A queue has few names with waiting work (only those no free worker serves), so a
+    pop looks at a handful of heads."""
+
+    __slots__ = ("_back", "_front", "_names")
+
+    def __init__(self) -> None:
+        self._names: dict[str | None, _Levels] = {}  # names with ready entries only
+        self._back = 0
+        self._front = 0
+
+    def __len__(self) -> int:
+        return sum(len(d) for levels in self._names.values() for d in levels.fifos.values())
+
+    def __bool__(self) -> bool:
+        return bool(self._names)
+
+    def __iter__(self) -> Iterator[_Entry]:
+        """Every entry, in the order one worker serving every name would take them."""
+        entries = [e for levels in self._names.values() for d in levels.fifos.values() for e in d]
+        entries.sort(key=lambda e: (-_priority(e), e.ready_seq))
+        return iter(entries)
+
+    def has(self, name: str | None) -> bool:
+        """True if entries of task ``name`` wait here."""
+        return name in self._names
+
+    def names(self) -> Iterator[str | None]:
+        """The task names that have entries waiting here."""
+        return iter(self._names)
+
+    def count(self, name: str | None) -> int:
+        """Tasks of ``name`` waiting here, a lane counting all its waiting tasks."""
+        levels = self._names.get(name)
+        if levels is None:
+            return 0
+        return sum(_size(e) for d in levels.fifos.values() for e in d)
+
+    def push(self, entry: _Entry, front: bool = False) -> None:
+        head = _head(entry)
+        if front:
+            self._front -= 1
+            entry.ready_seq = self._front
+        else:
+            self._back += 1
+            entry.ready_seq = self._back
+        levels = self._names.get(head.name)
+        if levels is None:
+            levels = self._names[head.name] = _Levels()
+        levels.push(entry, head.priority, front)
+
+    def pop(self, names: frozenset[str | None] | None = None) -> _Entry | None:
+        """Take the next entry of one of ``names`` (None: of any); None if none waits."""
+        best: _Levels | None = None
+        best_name: str | None = None
+        for name, levels in self._names.items():
+            if names is not None and name not in names:
+                continue
+            if best is None or _before(levels.head(), levels.order[0], best):
+                best, best_name = levels, name
+        if best is None:
+            return None
+        entry = best.pop()
+        if not best.order:
+            del self._names[best_name]
         return entry
 
     def remove(self, entry: _Entry, priority: int) -> None:
         """Take ``entry`` out (O(position): cancelled tasks are mostly near the front)."""
-        fifo = self._levels[priority]
-        fifo.remove(entry)
-        if not fifo:
-            self._drop_level(priority)
+        name = _head(entry).name
+        levels = self._names[name]
+        levels.remove(entry, priority)
+        if not levels.order:
+            del self._names[name]
 
-    def _drop_level(self, level: int) -> None:
-        del self._levels[level]
-        self._order.remove(level)
+
+def _before(head: _Entry, priority: int, than: _Levels) -> bool:
+    """``head`` (at ``priority``) goes before the head of ``than``."""
+    other = than.order[0]
+    return priority > other or (priority == other and head.ready_seq < than.head().ready_seq)
+
+
+def _head(entry: _Entry) -> Task:
+    return entry.waiting[0] if isinstance(entry, Lane) else entry
+
+
+def _size(entry: _Entry) -> int:
+    return len(entry.waiting) if isinstance(entry, Lane) else 1
 
 
 class Dispatcher:
@@ -224,7 +334,8 @@ class Dispatcher:
         self.lanes: dict[str, Lane] = {}  # keys with a waiting or running task
         self.ready: dict[str, ReadyQueue] = {}
         self.queued: dict[str, int] = {}  # tasks waiting (in deques or lanes) per queue
-        self._by_queue: dict[str, dict[bytes, WorkerState]] = {}
+        #: (queue, task name) -> the workers that take it
+        self._by_route: dict[tuple[str, str | None], dict[bytes, WorkerState]] = {}
         self._affinity: OrderedDict[str, bytes] = OrderedDict()
 
     # ------------------------------------------------------------------ tasks
@@ -289,13 +400,13 @@ class Dispatcher:
             self._drop_ready(task.queue, task, task.priority)
             return task, out
         lane = self.lanes[task.key]
-        was_head = lane.waiting[0] is task
-        lane.waiting.remove(task)
-        if was_head and lane.in_ready:
+        ready_head = lane.in_ready and lane.waiting[0] is task
+        if ready_head:  # out of the ready structure while the task still heads it
             self._drop_ready(task.queue, lane, task.priority)
             lane.in_ready = False
-            if lane.waiting:
-                self._make_ready(lane, self._affinity.get(task.key), out, front=True)
+        lane.waiting.remove(task)
+        if ready_head and lane.waiting:
+            self._make_ready(lane, self._affinity.get(task.key), out, front=True)
         if not lane.waiting and lane.running is None:
             del self.lanes[task.key]
         return task, out
@@ -413,14 +524,15 @@ class Dispatcher:
         queues: Iterable[str],
         capacity: int,
         running: Iterable[str] | Mapping[str, int | None] = (),
+        names: Iterable[str | None] = (None,),
     ) -> list[Assignment]:
-        """A worker said READY. ``running`` names the tasks it still runs (or holds a
-        result for), as ids or as a map id -> delivery; those this scheduler still
-        assigns to ``worker_id`` under that delivery stay attached, the rest it held
-        are handed back, not counted as redeliveries: the same worker (its id names
-        one process) claims every task it started, running or ended, so the rest never
-        reached it (e.g. it gave up a connection with them unread). Returns the
-        assignments that fill its free slots."""
+        """A worker said READY: it takes tasks of ``names`` from ``queues``. ``running``
+        names the tasks it still runs (or holds a result for), as ids or as a map id ->
+        delivery; those this scheduler still assigns to ``worker_id`` under that delivery
+        stay attached, the rest it held are handed back, not counted as redeliveries:
+        the same worker (its id names one process) claims every task it started,
+        running or ended, so the rest never reached it (e.g. it gave up a connection
+        with them unread). Returns the assignments that fill its free slots."""
         old = self.workers.get(worker_id)
         out: list[Assignment] = []
         if old is not None:
@@ -434,12 +546,12 @@ class Dispatcher:
 
             lost = [t for t in old.running.values() if not kept(t)]
             self._forget_worker(old)
-            worker = WorkerState(worker_id, queues, capacity)
+            worker = WorkerState(worker_id, queues, capacity, names)
             worker.running = {k: t for k, t in old.running.items() if kept(t)}
             self._register(worker)
             self._requeue(lost, out, handed_back=False)
         else:
-            worker = WorkerState(worker_id, queues, capacity)
+            worker = WorkerState(worker_id, queues, capacity, names)
             self._register(worker)
         self._pump(worker, out)
         return out
@@ -462,7 +574,7 @@ class Dispatcher:
             return
         worker = self.workers.get(worker_id)
         if worker is None:
-            worker = WorkerState(worker_id, (), 0)
+            worker = WorkerState(worker_id, (), 0, ())
             self._register(worker)
         task.worker = worker_id
         worker.running[task.id] = task
@@ -489,19 +601,36 @@ class Dispatcher:
         self._requeue(lost, out, handed_back=counts)
         return lost, out
 
+    def drop_name(
+        self, worker_id: bytes, task_id: str, delivery: int | None
+    ) -> tuple[Task | None, list[Assignment]]:
+        """The worker cannot run this task's name after all (it answered UnknownTask):
+        it is sent no more tasks of that name, and the task goes back to the head of its
+        lane (not counted as a redelivery) for a worker that has the name."""
+        task = self.held(worker_id, task_id, delivery)
+        worker = self.workers.get(worker_id)
+        if task is None or worker is None:
+            return None, []
+        if task.name in worker.names:
+            self._forget_worker(worker)
+            worker.names = worker.names - {task.name}
+            self._register(worker)
+        tasks, out = self._hand_back(worker_id, [(task_id, delivery)], False)
+        return tasks[0], out
+
     def _register(self, worker: WorkerState) -> None:
         self.workers[worker.id] = worker
-        for q in worker.queues:
-            self._by_queue.setdefault(q, {})[worker.id] = worker
+        for route in worker.routes():
+            self._by_route.setdefault(route, {})[worker.id] = worker
 
     def _forget_worker(self, worker: WorkerState) -> None:
         del self.workers[worker.id]
-        for q in worker.queues:
-            members = self._by_queue.get(q)
+        for route in worker.routes():
+            members = self._by_route.get(route)
             if members is not None:
                 members.pop(worker.id, None)
                 if not members:
-                    del self._by_queue[q]
+                    del self._by_route[route]
 
     def _requeue(self, lost: list[Task], out: list[Assignment], handed_back: bool = True) -> None:
         """Put tasks back at the head of their lanes (or queues). ``handed_back``: their
@@ -509,7 +638,7 @@ class Dispatcher:
         # Reversed so that pushing to the front keeps the tasks' relative order; all are
         # pushed before any is assigned, so the free slots go to the highest priority
         # and oldest of them (assigning while pushing gave a slot to the last one).
-        touched: set[str] = set()
+        touched: set[tuple[str, str | None]] = set()
         for task in reversed(lost):
             task.worker = None
             task.started = False
@@ -520,7 +649,7 @@ class Dispatcher:
                 self._release(task, None, out)
                 continue
             self.queued[task.queue] = self.queued.get(task.queue, 0) + 1
-            touched.add(task.queue)
+            touched.add((task.queue, task.name))
             if task.key is None:
                 self._push_ready(task, front=True)
                 continue
@@ -528,8 +657,8 @@ class Dispatcher:
             lane.running = None
             lane.waiting.appendleft(task)
             self._push_ready(lane, front=True)
-        for queue in touched:
-            for worker in list(self._by_queue.get(queue, {}).values()):
+        for route in touched:
+            for worker in list(self._by_route.get(route, {}).values()):
                 if worker.free > 0:
                     self._pump(worker, out)
 
@@ -538,10 +667,11 @@ class Dispatcher:
     def _make_ready(
         self, entry: _Entry, preferred: bytes | None, out: list[Assignment], front: bool = False
     ) -> None:
-        queue = entry.waiting[0].queue if isinstance(entry, Lane) else entry.queue
-        ready = self.ready.get(queue)
-        if not ready:  # by the invariant, a backlog means no worker of this queue is free
-            worker = self._pick_worker(queue, preferred)
+        head = _head(entry)
+        ready = self.ready.get(head.queue)
+        # By the invariant, a backlog of its name means no worker that takes it is free.
+        if ready is None or not ready.has(head.name):
+            worker = self._pick_worker(head.queue, head.name, preferred)
             if worker is not None:
                 out.append(self._assign(worker, entry))
                 return
@@ -549,7 +679,7 @@ class Dispatcher:
 
     def _push_ready(self, entry: _Entry, front: bool = False) -> None:
         """Put an entry in its queue's ready structure (no worker is picked here)."""
-        queue = entry.waiting[0].queue if isinstance(entry, Lane) else entry.queue
+        queue = _head(entry).queue
         ready = self.ready.get(queue)
         if ready is None:
             ready = self.ready[queue] = ReadyQueue()
@@ -557,8 +687,10 @@ class Dispatcher:
             entry.in_ready = True
         ready.push(entry, front)
 
-    def _pick_worker(self, queue: str, preferred: bytes | None) -> WorkerState | None:
-        members = self._by_queue.get(queue)
+    def _pick_worker(
+        self, queue: str, name: str | None, preferred: bytes | None
+    ) -> WorkerState | None:
+        members = self._by_route.get((queue, name))
         if not members:
             return None
         if preferred is not None:
@@ -574,16 +706,20 @@ class Dispatcher:
     def _pump(self, worker: WorkerState, out: list[Assignment]) -> None:
         """Fill a worker's free slots from the ready deques of its queues."""
         while worker.free > 0:
-            entry = self._next_entry(worker.queues)
+            entry = self._next_entry(worker)
             if entry is None:
                 return
             out.append(self._assign(worker, entry))
 
-    def _next_entry(self, queues: tuple[str, ...]) -> _Entry | None:
-        for queue in queues:
+    def _next_entry(self, worker: WorkerState) -> _Entry | None:
+        """The next ready entry the worker takes: from its first queue that has one of
+        its task names waiting."""
+        for queue in worker.queues:
             ready = self.ready.get(queue)
             if ready:
-                entry = ready.pop()
+                entry = ready.pop(worker.names)
+                if entry is None:
+                    continue
                 if not ready:
                     del self.ready[queue]
                 return entry
@@ -620,6 +756,17 @@ class Dispatcher:
         """Keys that have a task assigned to a worker right now."""
         return (key for key, lane in self.lanes.items() if lane.running is not None)
 
+    def unserved(self) -> Iterator[tuple[str, str | None, int]]:
+        """(queue, task name, tasks waiting) for work that no connected worker takes."""
+        for queue, ready in self.ready.items():
+            for name in ready.names():
+                if (queue, name) not in self._by_route:
+                    yield queue, name, ready.count(name)
+
+    def serves(self, queue: str, name: str | None) -> bool:
+        """True if a connected worker takes tasks of ``name`` from ``queue``."""
+        return (queue, name) in self._by_route
+
     def check(self) -> None:
         """Verify the internal invariants; raises AssertionError. For tests."""
         for key, lane in self.lanes.items():
@@ -629,8 +776,9 @@ class Dispatcher:
                 assert lane.running.worker is not None or lane.running.retrying
         for queue, ready in self.ready.items():
             assert ready, f"empty ready deque {queue!r} kept"
-            for worker in self._by_queue.get(queue, {}).values():
-                assert worker.free <= 0, f"worker free while {queue!r} has a backlog"
+            for name in ready.names():
+                for worker in self._by_route.get((queue, name), {}).values():
+                    assert worker.free <= 0, f"worker free while {queue!r} {name!r} waits"
         held = {t.id for w in self.workers.values() for t in w.running.values()}
         assigned = {t.id for t in self.tasks.values() if t.worker is not None}
         assert held == assigned, "assignment and worker views disagree"

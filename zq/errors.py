@@ -35,8 +35,10 @@ class ProtocolError(ZQError):
         self.frames = frames or []
 
 
-class BrokerUnavailable(ZQError):
-    """The broker did not answer within the time allowed."""
+class BrokerUnavailable(ZQError, builtins.ConnectionError):
+    """The broker did not answer within the time allowed (also a builtin
+    ConnectionError). ``get()`` raises it, rather than TimeoutError, when the broker
+    said nothing at all during the wait."""
 
 
 class WorkerError(ZQError):

@@ -40,15 +40,8 @@ def execute(
     name = header.get("name", "")
     task = app.tasks.get(name)
     if task is None:
-        return (
-            p.FAILURE,
-            p.failure(
-                "zq.UnknownTask",
-                f"task {name!r} is not registered in app {app.name!r} on this worker "
-                f"(it registers {len(app.tasks)} task(s); is the worker running the right app?)",
-            ),
-            {},
-        )
+        _, _, state, body, _, extra = unknown(app, header.get("id", ""), name)
+        return state, body, extra
     try:
         args, kwargs = p.decode(payload)
         with running(TaskContext(header, report)):
@@ -85,6 +78,19 @@ def fenced(task_id: str, runtime: float | None) -> Event:
     lease was past the fence: LOST, run again elsewhere, not counted as a crash."""
     why = "the worker lost touch with the broker: a keyed task stops (it runs again)"
     return ("done", task_id, p.LOST, p.failure("zq.Fenced", why), runtime, {"fenced": True})
+
+
+def unknown(app: App, task_id: str, name: str) -> Event:
+    """The event for a task whose name this worker's app does not register: handed
+    back (LOST ``unknown``), so the broker sends it to a worker that has the name and
+    sends this one no more of it. The failure says which names the app has."""
+    names = sorted(app.tasks)
+    shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+    why = (
+        f"task {name!r} is not registered in app {app.name!r} on this worker, which has "
+        f"{len(names)} task(s): {shown or 'none'}. Is the worker running the right module?"
+    )
+    return ("done", task_id, p.LOST, p.failure("zq.UnknownTask", why), None, {"unknown": True})
 
 
 def returned(task_id: str, runtime: float | None = None) -> Event:

@@ -34,7 +34,7 @@ from zq import wire
 from zq.app import App, default_broker, load_app
 from zq.canvas import with_inputs
 from zq.errors import ProtocolError, WorkerError
-from zq.pool import ThreadPool, returned
+from zq.pool import ThreadPool, returned, unknown
 from zq.procpool import Limits, ProcessPool
 from zq.security import ClientCurve
 
@@ -434,6 +434,11 @@ class Worker:
             # Sent again while it still runs here (the broker had given up on this
             # worker): the run in progress answers the new delivery.
             self._deliveries[task_id] = delivery
+        elif header["name"] not in self.app.tasks:
+            # The broker thought this worker had the name (a READY from before it was
+            # unregistered, say): hand it back, and the broker sends it no more of it.
+            self._deliveries[task_id] = delivery
+            self._on_pool_event(unknown(self.app, task_id, header["name"]))
         elif self._draining_until is not None:
             # Sent before the broker read our draining READY, which does not claim it:
             # the broker puts it back for other workers. Run here too, it could run
@@ -512,6 +517,8 @@ class Worker:
                 self._send(p.PROGRESS, {"id": task_id, "delivery": delivery, "progress": event[2]})
         elif event[0] == "done":
             _, task_id, state, body, runtime, extra = event
+            if extra.get("unknown"):
+                log.warning("handed task %s back: %s", task_id, p.decode(body)["message"])
             if len(body) > self._max_message - p.ENVELOPE:
                 # Sent as is, it would make the broker drop this connection (again and
                 # again, from the outbox): fail the task with the reason instead.
