@@ -59,3 +59,23 @@ def test_broker_address_defaults_to_env(monkeypatch):
     assert zq.App("env").broker == "tcp://10.1.2.3:7000"
     monkeypatch.delenv("ZQ_BROKER")
     assert zq.App("default").broker == "tcp://127.0.0.1:5555"
+
+
+def test_import_zq_loads_only_the_client_side():
+    """A web process that only submits tasks pays for the client: ``import zq`` loads
+    neither the broker, its journal (sqlite3), the worker nor its process pool, until
+    one of them is used."""
+    import subprocess
+    import sys
+
+    heavy = ["zq.broker", "zq.journal", "sqlite3", "zq.worker", "zq.procpool", "zq.pool"]
+    code = (
+        "import sys, zq; zq.App('t'); "
+        f"print([m for m in {heavy!r} if m in sys.modules]); "
+        "zq.Broker; zq.WorkerSettings; "
+        f"print([m for m in {heavy!r} if m not in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert out.stdout.splitlines() == ["[]", "[]"], out.stdout + out.stderr

@@ -12,8 +12,11 @@
     score.delay({"customer_id": "c-42"}).get(timeout=60)
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from zq.app import App, Task
-from zq.broker import Broker, BrokerSettings
 from zq.canvas import GroupResult, Signature, chain, chord, group
 from zq.client import AsyncResult
 from zq.context import TaskContext, current_task
@@ -30,9 +33,32 @@ from zq.errors import (
     WorkerError,
     ZQError,
 )
-from zq.worker import Worker, WorkerSettings
+
+if TYPE_CHECKING:
+    from zq.broker import Broker, BrokerSettings
+    from zq.worker import Worker, WorkerSettings
 
 __version__ = "0.1.0"
+
+#: Loaded when first used, so that a web process that only submits tasks loads
+#: neither the broker, its journal (sqlite3) nor the process pool.
+_LAZY = {
+    "Broker": "zq.broker",
+    "BrokerSettings": "zq.broker",
+    "Worker": "zq.worker",
+    "WorkerSettings": "zq.worker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'zq' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "App",
