@@ -76,7 +76,7 @@ PERIODIC_CLIENT = "zq-periodic"
 class BrokerSettings:
     """How a broker binds and times out. See ``zq broker --help`` for each field."""
 
-    bind: str = "tcp://0.0.0.0:5555"
+    bind: str = "tcp://127.0.0.1:5555"  # this machine only; 0.0.0.0 must be asked for
     pub_bind: str | None = None  # default: the bind address with port + 1
     heartbeat: float = 1.0
     liveness: int = 3

@@ -173,6 +173,39 @@ def _finish(summary: Any) -> None:
         sys.exit(1)
 
 
+def _exposure(endpoint: str, pub: str, authorized_keys: str | None) -> str:
+    """The start-up line that says who can reach a broker bound to these endpoints."""
+    if authorized_keys is not None:
+        return f"CURVE: traffic encrypted; only the keys in {authorized_keys} get in"
+    if not (_local_only(endpoint) and _local_only(pub)):
+        return (
+            "traffic is plain and open: anyone who reaches these ports can submit and "
+            "read tasks; bind to a trusted network, or use --curve-secret (docs/security.md)"
+        )
+    return (
+        "traffic is plain, from this machine only (loopback): to take workers and clients "
+        "on other machines, --bind tcp://0.0.0.0:5555, with --curve-secret unless the "
+        "network is trusted (docs/security.md)"
+    )
+
+
+def _local_only(endpoint: str) -> bool:
+    """True for an endpoint only this machine can connect to: a loopback TCP address,
+    or an ipc:// or inproc:// one."""
+    import ipaddress
+
+    transport, _, address = endpoint.partition("://")
+    if transport in ("ipc", "inproc"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # *, an interface name, a host name: maybe the network
+        return False
+
+
 def _stop_on_signals(stop: Any) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop())
@@ -182,10 +215,12 @@ def _stop_on_signals(stop: Any) -> None:
 @click.option(
     "--bind",
     envvar="ZQ_BIND",
-    default="tcp://0.0.0.0:5555",
+    default="tcp://127.0.0.1:5555",
     show_default=True,
-    help="Address the broker's ROUTER binds; clients and workers connect here. "
-    "Use tcp://127.0.0.1:* for a random loopback port. [env ZQ_BIND]",
+    help="Address the broker's ROUTER binds; clients and workers connect here. The "
+    "default takes connections from this machine only: tcp://0.0.0.0:5555 takes them "
+    "from the network (plain and open without --curve-secret); tcp://127.0.0.1:* is a "
+    "random loopback port. [env ZQ_BIND]",
 )
 @click.option(
     "--pub",
@@ -332,13 +367,7 @@ def broker(
         click.echo(
             "journal off (:memory:): accepted tasks and results are lost if the broker stops"
         )
-    if curve_secret:
-        click.echo(f"CURVE: traffic encrypted; only the keys in {authorized_keys} get in")
-    else:
-        click.echo(
-            "traffic is plain and open: anyone who reaches these ports can submit and "
-            "read tasks; bind to a trusted network, or use --curve-secret (docs/security.md)"
-        )
+    click.echo(_exposure(endpoint, pub, authorized_keys if curve_secret else None))
     b.run()
     click.echo("zq broker stopped")
 
