@@ -8,13 +8,14 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import click
 
 from zq import protocol as p
-from zq.app import DEFAULT_QUEUE, App, default_broker
+from zq.app import DEFAULT_BROKER, DEFAULT_QUEUE, App, default_broker
 from zq.errors import WorkerError
 
 BROKER_HELP = "Broker address. [env ZQ_BROKER; default tcp://127.0.0.1:5555]"
@@ -68,16 +69,71 @@ def _app(name: str, broker: str, curve_secret: str | None, broker_key: str | Non
 def _session(
     name: str, broker: str, curve_secret: str | None, broker_key: str | None
 ) -> Iterator[App]:
-    """An App for one command: a broker that does not answer is a clean error."""
+    """An App for one command, closed after it; a zq error is a clean message.
+
+    Commands call :func:`_reach_broker` first, so an error here comes from a broker
+    that did answer (and then did not, or said no): the error says what happened."""
     from zq.errors import ZQError
 
     app = _app(name, broker, curve_secret, broker_key)
     try:
         yield app
     except ZQError as exc:
-        raise click.ClickException(f"{exc} (is a broker running at {broker}?)") from None
+        raise click.ClickException(str(exc)) from None
     finally:
         app.close()
+
+
+#: Seconds ``zq call`` and ``zq client`` wait for the broker's first answer before
+#: they send anything (the other commands wait their --timeout). A running broker
+#: answers at once; without this, a missing broker cost a whole result timeout.
+PROBE_TIMEOUT = 5.0
+
+
+def _reach_broker(app: App, broker: str, timeout: float) -> dict[str, Any]:
+    """Ask the broker for its STATUS snapshot and return it; if no answer comes within
+    ``timeout`` seconds, stop the command with an error that says so.
+
+    The snapshot (the workers, with their queues) is there for the caller to check
+    further before it sends anything, e.g. that some worker serves the task."""
+    from zq.errors import BrokerUnavailable
+
+    deadline = time.monotonic() + timeout
+    with _quiet_reconnects():
+        while True:
+            try:
+                return app.status(max(deadline - time.monotonic(), 0.01))
+            except BrokerUnavailable:
+                # Also early: the client gives a silent connection up after three
+                # heartbeats and fails what waited on it. Ask again on the new one.
+                if time.monotonic() >= deadline:
+                    break
+    raise click.ClickException(_no_broker(broker, timeout, curve=app.curve_secret is not None))
+
+
+def _no_broker(broker: str, timeout: float, *, curve: bool) -> str:
+    start = "zq broker" if broker == DEFAULT_BROKER else f"zq broker --bind {broker}"
+    why = (
+        f"no broker answered at {broker} within {timeout:g}s: is one running? "
+        f"start one with `{start}`"
+    )
+    if curve:
+        why += " (with CURVE: is --broker-key its key, and is this peer's key authorized?)"
+    return why
+
+
+@contextlib.contextmanager
+def _quiet_reconnects() -> Iterator[None]:
+    """While waiting for a broker's first answer, the client's "reconnecting" warnings
+    say only what the command's own error will say (kept with --log-level debug)."""
+    logger = logging.getLogger("zq.client")
+    before = logger.level
+    if logger.getEffectiveLevel() > logging.DEBUG:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def _timeout_option(fn: Any) -> Any:
@@ -519,29 +575,40 @@ def call(
     timeout: float,
     no_wait: bool,
 ) -> None:
-    """Send TASK with ARGS (each parsed as JSON, else a string) and print its result."""
-    from zq.errors import TaskError, ZQError
+    """Send TASK with ARGS (each parsed as JSON, else a string) and print its result.
+
+    TASK is the name the task is registered under: `module.function` by default, the
+    module named as the worker imports it (`add` in myapp/tasks.py, served by
+    `zq worker myapp.tasks`, is `myapp.tasks.add`), else the name given in
+    @app.task(name=...). Fails within a few seconds if no broker answers."""
+    from zq.errors import TaskError
+    from zq.errors import TimeoutError as ResultTimeout
 
     try:
         kwargs = json.loads(kwargs_json)
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--kwargs") from None
-    app = _app("zq.call", broker, curve_secret, broker_key)
-    res = app.send_task(task_name, [_parse_value(a) for a in args], kwargs, queue=queue, key=key)
-    if no_wait:
-        if not app.client.flush(timeout):
-            raise click.ClickException(f"broker {broker} did not accept the task in {timeout}s")
-        click.echo(res.id)
-        return
-    try:
-        click.echo(json.dumps(res.get(timeout=timeout), default=str))
-    except TaskError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
-    except ZQError as exc:
-        raise click.ClickException(f"{exc} (is a broker running at {broker}?)") from None
-    finally:
-        app.close()
+    with _session("zq.call", broker, curve_secret, broker_key) as app:
+        _reach_broker(app, broker, PROBE_TIMEOUT)
+        res = app.send_task(
+            task_name, [_parse_value(a) for a in args], kwargs, queue=queue, key=key
+        )
+        if no_wait:
+            if not app.client.flush(timeout):
+                raise click.ClickException(f"broker {broker} did not accept the task in {timeout}s")
+            click.echo(res.id)
+            return
+        try:
+            click.echo(json.dumps(res.get(timeout=timeout), default=str))
+        except TaskError as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(1)
+        except ResultTimeout as exc:
+            # The broker answered: what is missing is a worker that runs this task.
+            raise click.ClickException(
+                f"{exc}; the broker is up: `zq status --broker {broker}` lists the "
+                "workers and the queues they serve"
+            ) from None
 
 
 @main.command()
@@ -561,10 +628,10 @@ def status(
     """Show workers (host, pid, slots, in flight), queue depths and keys in flight; or,
     given a task ID, that task's state, latest progress and outcome."""
     if task_id is not None:
-        _task_status(task_id, broker, (curve_secret, broker_key), as_json)
+        _task_status(task_id, broker, (curve_secret, broker_key), as_json, timeout)
         return
     with _session("zq.status", broker, curve_secret, broker_key) as app:
-        info = app.status(timeout)
+        info = _reach_broker(app, broker, timeout)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
@@ -595,11 +662,17 @@ def status(
 
 
 def _task_status(
-    task_id: str, broker: str, curve: tuple[str | None, str | None], as_json: bool
+    task_id: str,
+    broker: str,
+    curve: tuple[str | None, str | None],
+    as_json: bool,
+    timeout: float,
 ) -> None:
+    """Print one task's state; exit 1 if the broker does not know the id."""
     from zq.errors import TaskError
 
     with _session("zq.status", broker, *curve) as app:
+        _reach_broker(app, broker, timeout)
         res = app.AsyncResult(task_id)
         state = res.status
         progress = res.progress
@@ -612,7 +685,15 @@ def _task_status(
     if as_json:
         info = {"id": task_id, "state": state, "progress": progress, "outcome": outcome}
         click.echo(json.dumps(info, indent=2, default=str))
+        if state == p.PENDING:
+            sys.exit(1)
         return
+    if state == p.PENDING:  # what the broker answers for an id it does not have
+        raise click.ClickException(
+            f"the broker at {broker} does not know task {task_id}: no task with this id "
+            "was sent to it, or it ended long enough ago that its result is gone "
+            "(kept for --result-ttl, a day by default)"
+        )
     click.echo(f"{task_id}: {state}")
     if progress:
         total = progress.get("total")
@@ -646,13 +727,27 @@ def revoke(
     timeout: float,
 ) -> None:
     """Revoke tasks: a waiting task ends REVOKED and never runs; a running one runs on
-    unless --terminate. Prints each id's outcome; exits 1 if any id was unknown."""
+    unless --terminate. Prints each id's outcome; exits 1 unless every one was revoked
+    (or, with --terminate, is being stopped)."""
     with _session("zq.revoke", broker, curve_secret, broker_key) as app:
+        _reach_broker(app, broker, timeout)
         outcomes = app.revoke(list(task_ids), terminate=terminate, timeout=timeout)
     for task_id in task_ids:
-        click.echo(f"{task_id}: {outcomes.get(task_id, 'unknown')}")
-    if "unknown" in outcomes.values():
+        outcome = outcomes.get(task_id, "unknown")
+        click.echo(f"{task_id}: {_REVOKE_SAYS[outcome].format(id=task_id)}")
+    if not all(outcomes.get(task_id) in ("revoked", "terminating") for task_id in task_ids):
         sys.exit(1)
+
+
+#: What ``zq revoke`` prints for each outcome the broker reports.
+_REVOKE_SAYS = {
+    "revoked": "revoked: it will not run",
+    "terminating": "terminating: its worker is stopping it; it ends REVOKED",
+    "running": "running: still running, a revoke without --terminate lets it finish; "
+    "`zq revoke --terminate {id}` stops it (process pool)",
+    "finished": "finished: it had already ended, nothing was revoked",
+    "unknown": "unknown: the broker does not know this id",
+}
 
 
 @main.command()
@@ -674,12 +769,14 @@ def periodic(
     timeout: float,
 ) -> None:
     """List the periodic schedules the broker fires: name, task, schedule, last and
-    next fire times, runs skipped because the previous keyed run had not ended."""
+    next fire times, runs skipped because the previous keyed run had not ended.
+    With --remove, exits 1 if a NAME was not a schedule."""
     import datetime as dt
 
     from zq import protocol
 
     with _session("zq.periodic", broker, curve_secret, broker_key) as app:
+        _reach_broker(app, broker, timeout)
         reply = app.client.request(protocol.PERIODIC, {"remove": list(remove)}, timeout)
     for name in remove:
         click.echo(f"{name}: {'removed' if name in reply['removed'] else 'no such schedule'}")
@@ -696,6 +793,8 @@ def periodic(
             f"  skipped={entry['skipped']}"
         )
     click.echo(f"{len(reply['periodic'])} schedule(s)")
+    if set(remove) - set(reply["removed"]):
+        sys.exit(1)
 
 
 @main.command()
@@ -778,6 +877,7 @@ def client(
         orders, customers, min_work=min_work, max_work=max(min_work, max_work), seed=seed
     )
     try:
+        _reach_broker(app, broker, PROBE_TIMEOUT)
         summary = run_orders(app, batch, timeout=timeout, on_result=show)
     except TimeoutError as exc:
         raise click.ClickException(f"{exc} (are workers connected to {broker}?)") from None
@@ -797,6 +897,7 @@ def _dead_letters(
     from zq import protocol
 
     with _session("zq.dead", broker, *curve) as app:
+        _reach_broker(app, broker, timeout)
         return app.client.request(protocol.DEAD_LETTERS, {"requeue": requeue}, timeout)
 
 
