@@ -178,6 +178,40 @@ def test_call_help_says_what_a_task_is_called():
     assert "`myapp.tasks.add`" in out.stdout
 
 
+BROKEN_MODULES = {
+    # name: (source, the line its traceback must show)
+    "broken_syntax": ("import zq\napp = zq.App('x')\n\ndef f(:\n    pass\n", "line 4"),
+    "broken_import": ("import zq\napp = zq.App('x')\nimport no_such_dependency\n", "line 3"),
+    "broken_top": ("import zq\napp = zq.App('x')\n\n\n1 / 0\n", "line 5"),
+}
+
+
+@pytest.mark.parametrize("how", [["-m", "zq", "worker"], [str(ROOT / "worker.py")]])
+@pytest.mark.parametrize("module", sorted(BROKEN_MODULES))
+def test_a_task_module_that_fails_to_import_shows_where(tmp_path, module, how):
+    """File and line of the module's own code, as `python` would show them, without
+    the frames of zq and importlib; the worker does not start."""
+    source, line = BROKEN_MODULES[module]
+    (tmp_path / f"{module}.py").write_text(source)
+    url = f"tcp://127.0.0.1:{_unused_port()}"
+    out = run(*how, module, "--broker", url, cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stderr.startswith(f"Error: cannot import {module}:\n"), out.stderr
+    assert f'File "{tmp_path / module}.py", {line}' in out.stderr, out.stderr
+    assert "importlib" not in out.stderr and "zq/cli.py" not in out.stderr, out.stderr
+    assert "zq worker" not in out.stdout  # it never started
+
+
+def test_a_task_module_that_is_not_there_is_one_line(tmp_path):
+    url = f"tcp://127.0.0.1:{_unused_port()}"
+    out = run("-m", "zq", "worker", "no_such_tasks.module", "--broker", url, cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stderr.startswith(
+        "Error: cannot import no_such_tasks.module: no module named 'no_such_tasks'"
+    ), out.stderr
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+
+
 def test_a_liveness_under_3_is_refused_with_the_reason():
     out = run("-m", "zq", "broker", "--liveness", "2", "--bind", "tcp://127.0.0.1:*")
     assert out.returncode == 2 and "'--liveness': 2 is not in the range x>=3" in out.stderr

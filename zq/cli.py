@@ -510,6 +510,7 @@ def worker(
     from zq.worker import Worker, WorkerSettings
 
     sys.path.insert(0, os.getcwd())  # like `python -m`, so ./myapp.py is importable
+    _import_tasks(app_spec)
     queue_list = tuple(q.strip() for q in queues.split(",") if q.strip())
     try:
         curve = ClientCurve.from_files(curve_secret, broker_key)
@@ -536,6 +537,47 @@ def worker(
         w.run()
     except WorkerError as exc:
         raise click.ClickException(f"the worker stopped: {exc}") from None
+    click.echo(f"zq worker {w.id} stopped")
+
+
+def _import_tasks(spec: str) -> None:
+    """Import the module of MODULE[:APP], before the worker looks for its App in it.
+
+    A module that is not there is one line; one that fails while it is imported (a
+    SyntaxError, an ImportError of its own, anything its top level raises) shows the
+    traceback from the module's own code on, with its file and line, as ``python``
+    would: a one-line "No module named 'requests'" hid which file asked for it."""
+    import importlib
+
+    module_name = spec.partition(":")[0]
+    try:
+        importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name + ".").startswith(exc.name + "."):
+            raise click.ClickException(
+                f"cannot import {module_name}: no module named {exc.name!r} (run the worker "
+                "from the directory that holds it, or put that directory on PYTHONPATH)"
+            ) from None
+        raise click.ClickException(_import_failure(module_name, exc)) from None
+    except Exception as exc:
+        raise click.ClickException(_import_failure(module_name, exc)) from None
+
+
+def _import_failure(module_name: str, exc: BaseException) -> str:
+    """The error of a task module that failed to import, with its traceback less the
+    frames of zq and of the import machinery (they say nothing about the module)."""
+    import importlib
+    import traceback
+
+    internal = tuple(
+        os.path.dirname(os.path.abspath(module.__file__ or "")) + os.sep
+        for module in (sys.modules[__package__], importlib)
+    )
+    failure = traceback.TracebackException.from_exception(exc)
+    failure.stack = traceback.StackSummary.from_list(
+        [frame for frame in failure.stack if not frame.filename.startswith((*internal, "<frozen "))]
+    )
+    return f"cannot import {module_name}:\n" + "".join(failure.format()).rstrip()
 
 
 def _parse_value(text: str) -> Any:
