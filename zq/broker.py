@@ -810,8 +810,9 @@ class Broker:
             welcome["t"] = sent
         self._send(ident, p.WELCOME, welcome)
         log.info(
-            "worker %s online (%s pid %s, %d slots, queues %s)",
+            "worker %s %s (%s pid %s, %d slots, queues %s)",
             wid,
+            "stopping: no new tasks" if header.get("draining") else "online",
             info["host"],
             info["pid"],
             concurrency,
@@ -1235,7 +1236,8 @@ class Broker:
         self._count_redelivered(lost)
         self._end_terminated(lost)
         level = logging.WARNING if lost or why != "disconnected" else logging.INFO
-        log.log(level, "worker %s %s; %d task(s) handed back", peer.wid.decode(), why, len(lost))
+        wid = peer.wid.decode()
+        log.log(level, "worker %s offline (%s); %d task(s) handed back", wid, why, len(lost))
         self._event(b"worker.offline", {**peer.info, "why": why, "requeued": len(lost)})
         self._dispatched(out)
 
