@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+import zq
 from zq.testing import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["broker", "worker", "call", "status", "demo", "client", "revoke", "periodic"]
 
 
-def run(*args: str, timeout: float = 30, **kwargs) -> subprocess.CompletedProcess:
+def run(*args: str, timeout: float = 30, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kwargs
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, **kwargs
     )
 
 
@@ -92,7 +95,121 @@ def test_revoke_and_task_status(app, broker, start_worker, tmp_path):
 def test_status_without_a_broker_fails_clearly():
     out = run("-m", "zq", "status", "--broker", "tcp://127.0.0.1:9", "--timeout", "0.5")
     assert out.returncode == 1
-    assert "is a broker running" in out.stderr
+    assert "no broker answered at tcp://127.0.0.1:9 within 0.5s: is one running?" in out.stderr
+
+
+def _unused_port() -> int:
+    """A loopback port nothing listens on (free a moment ago)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "command, waits",
+    [
+        (["-m", "zq", "call", "tests.tasks.add", "1", "4"], 5),  # its --timeout is 60 s
+        (["client.py", "--orders", "1"], 5),  # its --timeout is 600 s
+        (["-m", "zq", "status"], 5),
+        (["-m", "zq", "status", "01a2356eb806482d3cb8b4622ea8f795", "--timeout", "2"], 2),
+        (["-m", "zq", "revoke", "01a2356eb806482d3cb8b4622ea8f795", "--timeout", "2"], 2),
+        (["-m", "zq", "periodic", "--timeout", "2"], 2),
+        (["-m", "zq", "dead", "list", "--timeout", "2"], 2),
+    ],
+    ids=["call", "client.py", "status", "status ID", "revoke", "periodic", "dead list"],
+)
+def test_a_command_fails_within_seconds_when_no_broker_answers(command, waits):
+    """Not after its whole result timeout (`zq call` waited 60 s), and with an error
+    that says what is missing and how to start it."""
+    url = f"tcp://127.0.0.1:{_unused_port()}"
+    started = time.monotonic()
+    out = run(*command, "--broker", url, timeout=30)
+    took = time.monotonic() - started
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"no broker answered at {url} within {waits}s: is one running?" in out.stderr
+    assert f"start one with `zq broker --bind {url}`" in out.stderr
+    assert took < waits + 8, took  # (the interpreter's start-up: slow on a busy machine)
+    # The client's own "reconnecting" warnings would only repeat the error, vaguer.
+    assert "reconnecting" not in out.stderr, out.stderr
+
+
+def test_revoke_says_a_running_task_runs_on_and_how_to_stop_it(broker, start_worker):
+    """Revoke without --terminate does not stop a running task: not a success."""
+    start_worker(concurrency=1)
+    app = zq.App("t", broker=broker.endpoint)
+    try:
+        running = app.send_task("tests.tasks.sleep", [30])
+        wait_for(lambda: running.status == "STARTED", 15, "the task started")
+        out = run("-m", "zq", "revoke", running.id, "--broker", broker.endpoint)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert f"{running.id}: running: still running" in out.stdout
+        assert f"`zq revoke --terminate {running.id}` stops it" in out.stdout
+
+        out = run("-m", "zq", "revoke", "--terminate", running.id, "--broker", broker.endpoint)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"{running.id}: terminating" in out.stdout
+        with pytest.raises(zq.TaskFailed, match=r"zq\.Revoked"):
+            running.get(timeout=15)
+
+        out = run("-m", "zq", "revoke", running.id, "--broker", broker.endpoint)
+        assert out.returncode == 1 and f"{running.id}: finished" in out.stdout
+    finally:
+        app.close()
+
+
+def test_status_of_an_id_the_broker_does_not_know_says_so(broker):
+    out = run("-m", "zq", "status", "not-an-id", "--broker", broker.endpoint)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"the broker at {broker.endpoint} does not know task not-an-id" in out.stderr
+    assert "PENDING" not in out.stdout  # the state of a task not yet accepted, not this
+    out = run("-m", "zq", "status", "not-an-id", "--json", "--broker", broker.endpoint)
+    assert out.returncode == 1 and json.loads(out.stdout)["state"] == "PENDING"
+
+
+def test_removing_a_schedule_that_is_not_there_fails(broker):
+    out = run("-m", "zq", "periodic", "--remove", "nope", "--broker", broker.endpoint)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "nope: no such schedule" in out.stdout
+
+
+def test_call_help_says_what_a_task_is_called():
+    out = run("-m", "zq", "call", "--help")
+    assert "`module.function` by default" in out.stdout
+    assert "`myapp.tasks.add`" in out.stdout
+
+
+BROKEN_MODULES = {
+    # name: (source, the line its traceback must show)
+    "broken_syntax": ("import zq\napp = zq.App('x')\n\ndef f(:\n    pass\n", "line 4"),
+    "broken_import": ("import zq\napp = zq.App('x')\nimport no_such_dependency\n", "line 3"),
+    "broken_top": ("import zq\napp = zq.App('x')\n\n\n1 / 0\n", "line 5"),
+}
+
+
+@pytest.mark.parametrize("how", [["-m", "zq", "worker"], [str(ROOT / "worker.py")]])
+@pytest.mark.parametrize("module", sorted(BROKEN_MODULES))
+def test_a_task_module_that_fails_to_import_shows_where(tmp_path, module, how):
+    """File and line of the module's own code, as `python` would show them, without
+    the frames of zq and importlib; the worker does not start."""
+    source, line = BROKEN_MODULES[module]
+    (tmp_path / f"{module}.py").write_text(source)
+    url = f"tcp://127.0.0.1:{_unused_port()}"
+    out = run(*how, module, "--broker", url, cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stderr.startswith(f"Error: cannot import {module}:\n"), out.stderr
+    assert f'File "{tmp_path / module}.py", {line}' in out.stderr, out.stderr
+    assert "importlib" not in out.stderr and "zq/cli.py" not in out.stderr, out.stderr
+    assert "zq worker" not in out.stdout  # it never started
+
+
+def test_a_task_module_that_is_not_there_is_one_line(tmp_path):
+    url = f"tcp://127.0.0.1:{_unused_port()}"
+    out = run("-m", "zq", "worker", "no_such_tasks.module", "--broker", url, cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stderr.startswith(
+        "Error: cannot import no_such_tasks.module: no module named 'no_such_tasks'"
+    ), out.stderr
+    assert len(out.stderr.splitlines()) == 1, out.stderr
 
 
 def test_a_liveness_under_3_is_refused_with_the_reason():

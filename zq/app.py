@@ -337,7 +337,8 @@ class App:
         expires: float | _dt.datetime | None = None,
         priority: int | None = None,
     ) -> AsyncResult:
-        """Send a task by name, registered here or not (e.g. from ``zq call``); the
+        """Send a task by name, registered here or not (e.g. from ``zq call``): a task's
+        name is ``module.function`` unless it was registered with ``name=``. The
         options are those of :meth:`Task.apply_async`."""
         header, payload = task_message(
             name,

@@ -77,7 +77,7 @@ PERIODIC_CLIENT = "zq-periodic"
 class BrokerSettings:
     """How a broker binds and times out. See ``zq broker --help`` for each field."""
 
-    bind: str = "tcp://0.0.0.0:5555"
+    bind: str = "tcp://127.0.0.1:5555"  # this machine only; 0.0.0.0 must be asked for
     pub_bind: str | None = None  # default: the bind address with port + 1
     heartbeat: float = 1.0
     liveness: int = 3
@@ -846,8 +846,9 @@ class Broker:
             welcome["t"] = sent
         self._send(ident, p.WELCOME, welcome)
         log.info(
-            "worker %s online (%s pid %s, %d slots, queues %s)",
+            "worker %s %s (%s pid %s, %d slots, queues %s)",
             wid,
+            "stopping: no new tasks" if header.get("draining") else "online",
             info["host"],
             info["pid"],
             concurrency,
@@ -1309,7 +1310,8 @@ class Broker:
         self._count_redelivered(lost)
         self._end_terminated(lost)
         level = logging.WARNING if lost or why != "disconnected" else logging.INFO
-        log.log(level, "worker %s %s; %d task(s) handed back", peer.wid.decode(), why, len(lost))
+        wid = peer.wid.decode()
+        log.log(level, "worker %s offline (%s); %d task(s) handed back", wid, why, len(lost))
         self._event(b"worker.offline", {**peer.info, "why": why, "requeued": len(lost)})
         self._dispatched(out)
 

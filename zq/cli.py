@@ -8,13 +8,14 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import click
 
 from zq import protocol as p
-from zq.app import DEFAULT_QUEUE, App, default_broker
+from zq.app import DEFAULT_BROKER, DEFAULT_QUEUE, App, default_broker
 from zq.errors import WorkerError
 
 BROKER_HELP = "Broker address. [env ZQ_BROKER; default tcp://127.0.0.1:5555]"
@@ -68,16 +69,71 @@ def _app(name: str, broker: str, curve_secret: str | None, broker_key: str | Non
 def _session(
     name: str, broker: str, curve_secret: str | None, broker_key: str | None
 ) -> Iterator[App]:
-    """An App for one command: a broker that does not answer is a clean error."""
+    """An App for one command, closed after it; a zq error is a clean message.
+
+    Commands call :func:`_reach_broker` first, so an error here comes from a broker
+    that did answer (and then did not, or said no): the error says what happened."""
     from zq.errors import ZQError
 
     app = _app(name, broker, curve_secret, broker_key)
     try:
         yield app
     except ZQError as exc:
-        raise click.ClickException(f"{exc} (is a broker running at {broker}?)") from None
+        raise click.ClickException(str(exc)) from None
     finally:
         app.close()
+
+
+#: Seconds ``zq call`` and ``zq client`` wait for the broker's first answer before
+#: they send anything (the other commands wait their --timeout). A running broker
+#: answers at once; without this, a missing broker cost a whole result timeout.
+PROBE_TIMEOUT = 5.0
+
+
+def _reach_broker(app: App, broker: str, timeout: float) -> dict[str, Any]:
+    """Ask the broker for its STATUS snapshot and return it; if no answer comes within
+    ``timeout`` seconds, stop the command with an error that says so.
+
+    The snapshot (the workers, with their queues) is there for the caller to check
+    further before it sends anything, e.g. that some worker serves the task."""
+    from zq.errors import BrokerUnavailable
+
+    deadline = time.monotonic() + timeout
+    with _quiet_reconnects():
+        while True:
+            try:
+                return app.status(max(deadline - time.monotonic(), 0.01))
+            except BrokerUnavailable:
+                # Also early: the client gives a silent connection up after three
+                # heartbeats and fails what waited on it. Ask again on the new one.
+                if time.monotonic() >= deadline:
+                    break
+    raise click.ClickException(_no_broker(broker, timeout, curve=app.curve_secret is not None))
+
+
+def _no_broker(broker: str, timeout: float, *, curve: bool) -> str:
+    start = "zq broker" if broker == DEFAULT_BROKER else f"zq broker --bind {broker}"
+    why = (
+        f"no broker answered at {broker} within {timeout:g}s: is one running? "
+        f"start one with `{start}`"
+    )
+    if curve:
+        why += " (with CURVE: is --broker-key its key, and is this peer's key authorized?)"
+    return why
+
+
+@contextlib.contextmanager
+def _quiet_reconnects() -> Iterator[None]:
+    """While waiting for a broker's first answer, the client's "reconnecting" warnings
+    say only what the command's own error will say (kept with --log-level debug)."""
+    logger = logging.getLogger("zq.client")
+    before = logger.level
+    if logger.getEffectiveLevel() > logging.DEBUG:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def _timeout_option(fn: Any) -> Any:
@@ -173,6 +229,39 @@ def _finish(summary: Any) -> None:
         sys.exit(1)
 
 
+def _exposure(endpoint: str, pub: str, authorized_keys: str | None) -> str:
+    """The start-up line that says who can reach a broker bound to these endpoints."""
+    if authorized_keys is not None:
+        return f"CURVE: traffic encrypted; only the keys in {authorized_keys} get in"
+    if not (_local_only(endpoint) and _local_only(pub)):
+        return (
+            "traffic is plain and open: anyone who reaches these ports can submit and "
+            "read tasks; bind to a trusted network, or use --curve-secret (docs/security.md)"
+        )
+    return (
+        "traffic is plain, from this machine only (loopback): to take workers and clients "
+        "on other machines, --bind tcp://0.0.0.0:5555, with --curve-secret unless the "
+        "network is trusted (docs/security.md)"
+    )
+
+
+def _local_only(endpoint: str) -> bool:
+    """True for an endpoint only this machine can connect to: a loopback TCP address,
+    or an ipc:// or inproc:// one."""
+    import ipaddress
+
+    transport, _, address = endpoint.partition("://")
+    if transport in ("ipc", "inproc"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # *, an interface name, a host name: maybe the network
+        return False
+
+
 def _stop_on_signals(stop: Any) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop())
@@ -182,10 +271,12 @@ def _stop_on_signals(stop: Any) -> None:
 @click.option(
     "--bind",
     envvar="ZQ_BIND",
-    default="tcp://0.0.0.0:5555",
+    default="tcp://127.0.0.1:5555",
     show_default=True,
-    help="Address the broker's ROUTER binds; clients and workers connect here. "
-    "Use tcp://127.0.0.1:* for a random loopback port. [env ZQ_BIND]",
+    help="Address the broker's ROUTER binds; clients and workers connect here. The "
+    "default takes connections from this machine only: tcp://0.0.0.0:5555 takes them "
+    "from the network (plain and open without --curve-secret); tcp://127.0.0.1:* is a "
+    "random loopback port. [env ZQ_BIND]",
 )
 @click.option(
     "--pub",
@@ -332,13 +423,7 @@ def broker(
         click.echo(
             "journal off (:memory:): accepted tasks and results are lost if the broker stops"
         )
-    if curve_secret:
-        click.echo(f"CURVE: traffic encrypted; only the keys in {authorized_keys} get in")
-    else:
-        click.echo(
-            "traffic is plain and open: anyone who reaches these ports can submit and "
-            "read tasks; bind to a trusted network, or use --curve-secret (docs/security.md)"
-        )
+    click.echo(_exposure(endpoint, pub, authorized_keys if curve_secret else None))
     b.run()
     click.echo("zq broker stopped")
 
@@ -425,6 +510,7 @@ def worker(
     from zq.worker import Worker, WorkerSettings
 
     sys.path.insert(0, os.getcwd())  # like `python -m`, so ./myapp.py is importable
+    _import_tasks(app_spec)
     queue_list = tuple(q.strip() for q in queues.split(",") if q.strip())
     try:
         curve = ClientCurve.from_files(curve_secret, broker_key)
@@ -451,6 +537,47 @@ def worker(
         w.run()
     except WorkerError as exc:
         raise click.ClickException(f"the worker stopped: {exc}") from None
+    click.echo(f"zq worker {w.id} stopped")
+
+
+def _import_tasks(spec: str) -> None:
+    """Import the module of MODULE[:APP], before the worker looks for its App in it.
+
+    A module that is not there is one line; one that fails while it is imported (a
+    SyntaxError, an ImportError of its own, anything its top level raises) shows the
+    traceback from the module's own code on, with its file and line, as ``python``
+    would: a one-line "No module named 'requests'" hid which file asked for it."""
+    import importlib
+
+    module_name = spec.partition(":")[0]
+    try:
+        importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name + ".").startswith(exc.name + "."):
+            raise click.ClickException(
+                f"cannot import {module_name}: no module named {exc.name!r} (run the worker "
+                "from the directory that holds it, or put that directory on PYTHONPATH)"
+            ) from None
+        raise click.ClickException(_import_failure(module_name, exc)) from None
+    except Exception as exc:
+        raise click.ClickException(_import_failure(module_name, exc)) from None
+
+
+def _import_failure(module_name: str, exc: BaseException) -> str:
+    """The error of a task module that failed to import, with its traceback less the
+    frames of zq and of the import machinery (they say nothing about the module)."""
+    import importlib
+    import traceback
+
+    internal = tuple(
+        os.path.dirname(os.path.abspath(module.__file__ or "")) + os.sep
+        for module in (sys.modules[__package__], importlib)
+    )
+    failure = traceback.TracebackException.from_exception(exc)
+    failure.stack = traceback.StackSummary.from_list(
+        [frame for frame in failure.stack if not frame.filename.startswith((*internal, "<frozen "))]
+    )
+    return f"cannot import {module_name}:\n" + "".join(failure.format()).rstrip()
 
 
 def _parse_value(text: str) -> Any:
@@ -490,29 +617,40 @@ def call(
     timeout: float,
     no_wait: bool,
 ) -> None:
-    """Send TASK with ARGS (each parsed as JSON, else a string) and print its result."""
-    from zq.errors import TaskError, ZQError
+    """Send TASK with ARGS (each parsed as JSON, else a string) and print its result.
+
+    TASK is the name the task is registered under: `module.function` by default, the
+    module named as the worker imports it (`add` in myapp/tasks.py, served by
+    `zq worker myapp.tasks`, is `myapp.tasks.add`), else the name given in
+    @app.task(name=...). Fails within a few seconds if no broker answers."""
+    from zq.errors import TaskError
+    from zq.errors import TimeoutError as ResultTimeout
 
     try:
         kwargs = json.loads(kwargs_json)
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--kwargs") from None
-    app = _app("zq.call", broker, curve_secret, broker_key)
-    res = app.send_task(task_name, [_parse_value(a) for a in args], kwargs, queue=queue, key=key)
-    if no_wait:
-        if not app.client.flush(timeout):
-            raise click.ClickException(f"broker {broker} did not accept the task in {timeout}s")
-        click.echo(res.id)
-        return
-    try:
-        click.echo(json.dumps(res.get(timeout=timeout), default=str))
-    except TaskError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
-    except ZQError as exc:
-        raise click.ClickException(f"{exc} (is a broker running at {broker}?)") from None
-    finally:
-        app.close()
+    with _session("zq.call", broker, curve_secret, broker_key) as app:
+        _reach_broker(app, broker, PROBE_TIMEOUT)
+        res = app.send_task(
+            task_name, [_parse_value(a) for a in args], kwargs, queue=queue, key=key
+        )
+        if no_wait:
+            if not app.client.flush(timeout):
+                raise click.ClickException(f"broker {broker} did not accept the task in {timeout}s")
+            click.echo(res.id)
+            return
+        try:
+            click.echo(json.dumps(res.get(timeout=timeout), default=str))
+        except TaskError as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(1)
+        except ResultTimeout as exc:
+            # The broker answered: what is missing is a worker that runs this task.
+            raise click.ClickException(
+                f"{exc}; the broker is up: `zq status --broker {broker}` lists the "
+                "workers and the queues they serve"
+            ) from None
 
 
 @main.command()
@@ -532,10 +670,10 @@ def status(
     """Show workers (host, pid, slots, in flight), queue depths and keys in flight; or,
     given a task ID, that task's state, latest progress and outcome."""
     if task_id is not None:
-        _task_status(task_id, broker, (curve_secret, broker_key), as_json)
+        _task_status(task_id, broker, (curve_secret, broker_key), as_json, timeout)
         return
     with _session("zq.status", broker, curve_secret, broker_key) as app:
-        info = app.status(timeout)
+        info = _reach_broker(app, broker, timeout)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
@@ -566,11 +704,17 @@ def status(
 
 
 def _task_status(
-    task_id: str, broker: str, curve: tuple[str | None, str | None], as_json: bool
+    task_id: str,
+    broker: str,
+    curve: tuple[str | None, str | None],
+    as_json: bool,
+    timeout: float,
 ) -> None:
+    """Print one task's state; exit 1 if the broker does not know the id."""
     from zq.errors import TaskError
 
     with _session("zq.status", broker, *curve) as app:
+        _reach_broker(app, broker, timeout)
         res = app.AsyncResult(task_id)
         state = res.status
         progress = res.progress
@@ -583,7 +727,15 @@ def _task_status(
     if as_json:
         info = {"id": task_id, "state": state, "progress": progress, "outcome": outcome}
         click.echo(json.dumps(info, indent=2, default=str))
+        if state == p.PENDING:
+            sys.exit(1)
         return
+    if state == p.PENDING:  # what the broker answers for an id it does not have
+        raise click.ClickException(
+            f"the broker at {broker} does not know task {task_id}: no task with this id "
+            "was sent to it, or it ended long enough ago that its result is gone "
+            "(kept for --result-ttl, a day by default)"
+        )
     click.echo(f"{task_id}: {state}")
     if progress:
         total = progress.get("total")
@@ -617,13 +769,27 @@ def revoke(
     timeout: float,
 ) -> None:
     """Revoke tasks: a waiting task ends REVOKED and never runs; a running one runs on
-    unless --terminate. Prints each id's outcome; exits 1 if any id was unknown."""
+    unless --terminate. Prints each id's outcome; exits 1 unless every one was revoked
+    (or, with --terminate, is being stopped)."""
     with _session("zq.revoke", broker, curve_secret, broker_key) as app:
+        _reach_broker(app, broker, timeout)
         outcomes = app.revoke(list(task_ids), terminate=terminate, timeout=timeout)
     for task_id in task_ids:
-        click.echo(f"{task_id}: {outcomes.get(task_id, 'unknown')}")
-    if "unknown" in outcomes.values():
+        outcome = outcomes.get(task_id, "unknown")
+        click.echo(f"{task_id}: {_REVOKE_SAYS[outcome].format(id=task_id)}")
+    if not all(outcomes.get(task_id) in ("revoked", "terminating") for task_id in task_ids):
         sys.exit(1)
+
+
+#: What ``zq revoke`` prints for each outcome the broker reports.
+_REVOKE_SAYS = {
+    "revoked": "revoked: it will not run",
+    "terminating": "terminating: its worker is stopping it; it ends REVOKED",
+    "running": "running: still running, a revoke without --terminate lets it finish; "
+    "`zq revoke --terminate {id}` stops it (process pool)",
+    "finished": "finished: it had already ended, nothing was revoked",
+    "unknown": "unknown: the broker does not know this id",
+}
 
 
 @main.command()
@@ -645,12 +811,14 @@ def periodic(
     timeout: float,
 ) -> None:
     """List the periodic schedules the broker fires: name, task, schedule, last and
-    next fire times, runs skipped because the previous keyed run had not ended."""
+    next fire times, runs skipped because the previous keyed run had not ended.
+    With --remove, exits 1 if a NAME was not a schedule."""
     import datetime as dt
 
     from zq import protocol
 
     with _session("zq.periodic", broker, curve_secret, broker_key) as app:
+        _reach_broker(app, broker, timeout)
         reply = app.client.request(protocol.PERIODIC, {"remove": list(remove)}, timeout)
     for name in remove:
         click.echo(f"{name}: {'removed' if name in reply['removed'] else 'no such schedule'}")
@@ -667,6 +835,8 @@ def periodic(
             f"  skipped={entry['skipped']}"
         )
     click.echo(f"{len(reply['periodic'])} schedule(s)")
+    if set(remove) - set(reply["removed"]):
+        sys.exit(1)
 
 
 @main.command()
@@ -749,6 +919,7 @@ def client(
         orders, customers, min_work=min_work, max_work=max(min_work, max_work), seed=seed
     )
     try:
+        _reach_broker(app, broker, PROBE_TIMEOUT)
         summary = run_orders(app, batch, timeout=timeout, on_result=show)
     except TimeoutError as exc:
         raise click.ClickException(f"{exc} (are workers connected to {broker}?)") from None
@@ -768,6 +939,7 @@ def _dead_letters(
     from zq import protocol
 
     with _session("zq.dead", broker, *curve) as app:
+        _reach_broker(app, broker, timeout)
         return app.client.request(protocol.DEAD_LETTERS, {"requeue": requeue}, timeout)
 
 

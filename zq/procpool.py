@@ -303,7 +303,7 @@ class ProcessPool:
         for _ in range(self.size):
             self._spawn()
 
-    def _spawn(self) -> None:
+    def _spawn(self) -> int:
         # A socket pair read in whole buffers: one recv per wake-up for all that came.
         # (A multiprocessing Connection cost the supervisor a poll, with a selector
         # made per call, two reads and another poll per message.)
@@ -327,6 +327,7 @@ class ProcessPool:
         theirs.close()
         self._children[mine.fileno()] = _Child(proc, mine, at)
         self.changed = True
+        return proc.pid
 
     def fds(self) -> list[int]:
         self.changed = False
@@ -487,16 +488,18 @@ class ProcessPool:
 
     def _kill(self, fd: int, child: _Child, state: str, kind: str, why: str) -> Event:
         """Kill a child for a reason of ours (its task is not LOST) and replace it."""
-        task, runtime = self._stop(fd, child)
+        task, runtime = self._stop(fd, child, _KILLED_FOR.get(kind, kind))
         return ("done", task, state, p.failure(kind, why), runtime, {})
 
-    def _stop(self, fd: int, child: _Child) -> tuple[str, float]:
+    def _stop(
+        self, fd: int, child: _Child, reason: str = "stopped: the broker's lease ran out (fenced)"
+    ) -> tuple[str, float]:
         """Kill a child and replace it; its first task's id and how long it had it
-        (what was queued behind it goes back to the backlog)."""
+        (what was queued behind it goes back to the backlog). ``reason`` is for the log."""
         child.proc.kill()
         _, header, _ = child.given.popleft()
         self._take_back(child, 0)
-        self._bury(fd, child)
+        self._bury(fd, child, killed=f"task {header['id']} {reason}")
         return header["id"], time.monotonic() - child.started
 
     def submit(self, header: dict[str, Any], payload: bytes) -> None:
@@ -654,15 +657,15 @@ class ProcessPool:
             _, header, payload = child.given.pop()
             self._backlog.appendleft((header, payload))
 
-    def _bury(self, fd: int, child: _Child) -> list[Event]:
-        """A child died: report its first task LOST, give what it held behind that to
-        the others, start a replacement."""
+    def _bury(self, fd: int, child: _Child, *, killed: str | None = None) -> list[Event]:
+        """A child died (or was ``killed``, for that reason): report its first task
+        LOST, give what it held behind that to the others, start a replacement."""
         del self._children[fd]
         child.sock.close()
         child.proc.join(1.0)
         code = child.proc.exitcode
         if child.booted:
-            self._spawn()
+            _log_replaced(child, code, killed, self._spawn())
         else:  # it held no task (none goes to a child before it is ready)
             self._boot_failures += 1
             pid = child.proc.pid
@@ -695,6 +698,57 @@ class ProcessPool:
                 child.proc.kill()
                 child.proc.join(1.0)
         self._children.clear()
+
+
+#: Why the pool killed a child, by the failure kind its task ends with (for the log).
+_KILLED_FOR = {
+    "zq.TimeLimitExceeded": "passed its hard time limit",
+    "zq.Revoked": "was revoked with terminate",
+}
+
+
+def _log_replaced(child: _Child, code: int | None, killed: str | None, new_pid: int) -> None:
+    """Log a child that went, why, and the one that takes its place: the broker logs
+    the task's fate, but the worker's operator must see the process die here."""
+    pid, task = child.proc.pid, child.task  # (a child killed for its task: in ``killed``)
+    running = f" running task {task}" if task else ""
+    if killed is not None:
+        log.warning("killed pool process %d: %s; pool process %d replaces it", pid, killed, new_pid)
+    elif child.retiring:
+        log.info(
+            "pool process %d retired after %d tasks; pool process %d replaces it",
+            pid,
+            child.done,
+            new_pid,
+        )
+    elif code == FENCED_EXIT:
+        log.warning(
+            "pool process %d stopped%s: the broker's lease ran out (fenced); "
+            "pool process %d replaces it",
+            pid,
+            running,
+            new_pid,
+        )
+    else:
+        log.warning(
+            "pool process %d died (%s)%s; pool process %d replaces it",
+            pid,
+            _exit_status(code),
+            running,
+            new_pid,
+        )
+
+
+def _exit_status(code: int | None) -> str:
+    """``exit code 3``, ``killed by SIGKILL``: how a child process ended."""
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 class _Framer:

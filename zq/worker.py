@@ -84,6 +84,10 @@ class Worker:
         # sooner than the dead-after window from it; see _fence_after.
         self._confirmed = 0.0
         self._connected_at = 0.0
+        # Since when no broker has answered (None: it answers): the log says so once
+        # and says when it answers again, not at every reconnect.
+        self._silent_since: float | None = None
+        self._welcomed = False  # a broker has welcomed this worker once
         self._last_ping = 0.0
         self._running = False
         # DONEs the broker has not acknowledged yet (it acks after its journal commit);
@@ -261,14 +265,38 @@ class Worker:
             return False
         self._on_pool_events(self.pool.fence())
         given = self._give_back_waiting(None)
-        log.warning(
-            "no answer from broker %s for %.1fs; reconnecting (%d waiting tasks handed back)",
-            self.settings.broker,
-            silent,
-            given,
-        )
+        self._log_silence(now, silent, given)
         self._connect()
         return True
+
+    def _log_silence(self, now: float, silent: float, given: int) -> None:
+        """Say once that the broker went silent (at every reconnect it stays so: debug),
+        and again if the reconnect handed tasks back."""
+        broker = self.settings.broker
+        if self._silent_since is None:
+            self._silent_since = now - silent
+            if self._welcomed:
+                log.warning(
+                    "lost broker %s: no answer for %.1fs; reconnecting until it answers "
+                    "(%d waiting tasks handed back)",
+                    broker,
+                    silent,
+                    given,
+                )
+            else:
+                log.warning(
+                    "no answer from broker %s yet (%.1fs); waiting for it: is it running there?",
+                    broker,
+                    silent,
+                )
+        elif given:
+            log.warning("still no answer from broker %s; %d tasks handed back", broker, given)
+        else:
+            log.debug(
+                "still no answer from broker %s after %.1fs; reconnecting",
+                broker,
+                now - self._silent_since,
+            )
 
     def _drained(self, now: float) -> bool:
         """While stopping: True once nothing runs and every DONE is acknowledged, or
@@ -398,6 +426,16 @@ class Worker:
             # starts no keyed task while the lease looks expired.
             self._confirm(header.get("t"))
             self._awaiting_welcome = False
+            if self._silent_since is not None:
+                # A warning, as the silence was: at --log-level warning both show.
+                log.warning(
+                    "broker %s answers%s, after %.1fs",
+                    self.settings.broker,
+                    " again" if self._welcomed else "",
+                    time.monotonic() - self._silent_since,
+                )
+                self._silent_since = None
+            self._welcomed = True
             # Every DONE not acknowledged yet, again, in this turn's DONE batches: one
             # message each could overflow the socket's queue (thousands with prefetch).
             self._dones = list(self._outbox.values())
