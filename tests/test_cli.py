@@ -68,6 +68,25 @@ def test_call_and_status_against_a_running_broker(broker, start_worker):
     assert json.loads(out.stdout)["counters"]["done"] == 2
 
 
+def test_call_says_when_no_worker_serves_the_queue_or_the_task(broker, start_worker):
+    """A queue or task name no connected worker serves fails in seconds, sending
+    nothing, instead of waiting out --timeout; status names the waiting work."""
+    start_worker(concurrency=1)  # tests.tasks, queue "default"
+    out = run("-m", "zq", "call", "tests.tasks.add", "1", "4", "--queue", "celery",
+              "--broker", broker.endpoint, timeout=20)  # fmt: skip
+    assert out.returncode == 1
+    assert "no connected worker serves queue 'celery' (workers serve default)" in out.stderr
+    assert "--queues celery" in out.stderr and "nothing was sent" in out.stderr
+    out = run("-m", "zq", "call", "tasks.add", "--broker", broker.endpoint, timeout=20)
+    assert out.returncode == 1
+    assert "no worker on queue 'default' has task 'tasks.add'" in out.stderr
+    assert "tests.tasks.add" in out.stderr  # what it does have
+    out = run("-m", "zq", "call", "tasks.add", "--no-wait", "--broker", broker.endpoint)
+    assert out.returncode == 0 and "it waits until one does" in out.stderr
+    out = run("-m", "zq", "status", "--broker", broker.endpoint)
+    assert "no worker serves tasks.add on queue default: 1 task(s) wait" in out.stdout
+
+
 def test_revoke_and_task_status(app, broker, start_worker, tmp_path):
     from tests import tasks
 

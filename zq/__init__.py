@@ -60,6 +60,7 @@ def __getattr__(name: str) -> Any:
     globals()[name] = value
     return value
 
+
 __all__ = [
     "App",
     "AsyncResult",

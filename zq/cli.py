@@ -631,7 +631,12 @@ def call(
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--kwargs") from None
     with _session("zq.call", broker, curve_secret, broker_key) as app:
-        _reach_broker(app, broker, PROBE_TIMEOUT)
+        info = _reach_broker(app, broker, PROBE_TIMEOUT)
+        unserved = _unserved_reason(info, task_name, queue, broker)
+        if unserved is not None and not no_wait:
+            raise click.ClickException(f"{unserved}; nothing was sent")
+        if unserved is not None:
+            click.echo(f"warning: {unserved}; it waits until one does", err=True)
         res = app.send_task(
             task_name, [_parse_value(a) for a in args], kwargs, queue=queue, key=key
         )
@@ -651,6 +656,25 @@ def call(
                 f"{exc}; the broker is up: `zq status --broker {broker}` lists the "
                 "workers and the queues they serve"
             ) from None
+
+
+def _unserved_reason(info: dict[str, Any], name: str, queue: str, broker: str) -> str | None:
+    """Why no connected worker would run task ``name`` from ``queue`` (from a STATUS
+    snapshot), or None if one would."""
+    on_queue = [w for w in info["workers"] if queue in w.get("queues", ())]
+    if any(name in w.get("names", ()) for w in on_queue):
+        return None
+    start = f"start one with `zq worker MODULE --queues {queue} --broker {broker}`"
+    if not on_queue:
+        served = sorted({q for w in info["workers"] for q in w.get("queues", ())})
+        where = f"workers serve {', '.join(served)}" if served else "no worker is connected"
+        return f"no connected worker serves queue {queue!r} ({where}); {start}"
+    names = sorted({n for w in on_queue for n in w.get("names", ())})
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    return (
+        f"no worker on queue {queue!r} has task {name!r} (they have: {shown or 'none'}); "
+        f"is the name right (module.function), or {start}"
+    )
 
 
 @main.command()
@@ -683,10 +707,15 @@ def status(
         click.echo(
             f"  {w['worker']:<36} host={w['host']} pid={w['pid']} "
             f"slots={w['concurrency']} in_flight={w['in_flight']} "
-            f"queues={','.join(w['queues'])}"
+            f"queues={','.join(w['queues'])} tasks={w.get('tasks', 0)}"
         )
     queues = info["queues"] or {}
     click.echo("queued: " + (", ".join(f"{q}={n}" for q, n in queues.items()) or "none"))
+    for item in info.get("unserved", ()):
+        click.echo(
+            f"  no worker serves {item['name']} on queue {item['queue']}: "
+            f"{item['waiting']} task(s) wait for one"
+        )
     click.echo(
         f"scheduled (ETA): {info.get('scheduled', 0)}; waiting to retry: "
         f"{info.get('retrying', 0)}; dead letters: {info.get('dead', 0)}"
