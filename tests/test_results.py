@@ -160,8 +160,9 @@ def test_past_the_subscription_cap_every_result_goes_alone(monkeypatch):
     task a late subscription is for: it stops batching, so no follower misses one.
     (An embedded broker, to lower the cap to 3 topics.)"""
     from zq import broker as broker_module
+    from zq import outbox
 
-    monkeypatch.setattr(broker_module, "MAX_SUBSCRIPTIONS", 3)
+    monkeypatch.setattr(outbox, "MAX_SUBSCRIPTIONS", 3)
     embedded = broker_module.Broker(
         broker_module.BrokerSettings(bind="tcp://127.0.0.1:*", journal=":memory:")
     ).start()
@@ -180,7 +181,8 @@ def test_past_the_subscription_cap_every_result_goes_alone(monkeypatch):
             sub.subscribe(topic)
             subs.append(sub)
             wait_for(lambda n=count: embedded.counters["subscriptions"] >= n, 10, "subscribed")
-        assert embedded._untracked and topics[-1] not in embedded._subscribed
+        followed = embedded.outbox.subscriptions
+        assert followed.untracked and topics[-1] not in followed
         results = [app.send_task("tests.tasks.add", (i, 0)) for i in range(100)]
         late = app.send_task("tests.tasks.add", (20, 22), task_id="late")
         assert [r.get(timeout=30) for r in results] == list(range(100))

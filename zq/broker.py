@@ -29,6 +29,7 @@ from zq.dispatch import PREFETCH_MAX, Assignment, Dispatcher, RunTimes, Task
 from zq.errors import ProtocolError
 from zq.ids import new_id
 from zq.journal import Journal, NullJournal, open_journal
+from zq.outbox import Outbox, Outgoing, finish_out, finish_pub
 from zq.results import ResultStore, Waiters
 from zq.schedule import Entry, Schedule, first_fire, following
 from zq.security import Authorizer, load_pair, serve_with
@@ -37,9 +38,6 @@ from zq.timers import TimerHeap
 from zq.workflow import Graph, check_links
 
 log = logging.getLogger("zq.broker")
-
-#: A loop turn's messages: acknowledgements per worker, ROUTER messages, XPUB messages.
-_Outgoing = tuple[dict[bytes, list[tuple[str, int | None]]], list[list[Any]], list[list[Any]]]
 
 #: Most messages read from the ROUTER in one loop turn, so timers still run under load.
 MAX_BATCH = 2000
@@ -58,8 +56,6 @@ ACK_CHUNK = 5000
 #: Seconds a worker lets prefetched tasks wait while none of its slots frees before it
 #: hands them back (automatic prefetch): what a task misjudged as short can cost others.
 GIVE_BACK_AFTER = 0.1
-#: Most XPUB topics the broker follows (to publish a subscribed task's result alone).
-MAX_SUBSCRIPTIONS = 100_000
 #: How many keys ``STATUS`` lists at most.
 STATUS_KEYS = 100
 
@@ -165,18 +161,9 @@ class Broker:
         self._thread: threading.Thread | None = None
         self._bound = threading.Event()
         self.journal: Journal | NullJournal = NullJournal()
-        self._out: list[list[Any]] = []  # this turn's ROUTER messages
-        self._pub_out: list[list[Any]] = []  # this turn's XPUB messages
+        self.outbox = Outbox(self.settings.max_message_size)
         #: (journal commits, turn's messages) waiting until that many commits are on disk
-        self._held: deque[tuple[int, _Outgoing]] = deque()
-        self._result_batches: dict[bytes, _Batch] = {}  # client topic -> its open RESULTS
-        self._subscribed: set[bytes] = set()  # topics subscribed on the XPUB
-        self._topic_lengths: Counter[int] = Counter()  # of the subscribed topics
-        #: More topics than MAX_SUBSCRIPTIONS were subscribed: which are is unknown
-        #: from then on, so every result goes alone under its own topic.
-        self._untracked = False
-        #: worker -> the (task id, delivery) of each DONE to acknowledge this turn
-        self._acks: dict[bytes, list[tuple[str, int | None]]] = {}
+        self._held: deque[tuple[int, Outgoing]] = deque()
         self._placeholders: dict[bytes, float] = {}  # worker id -> re-attach deadline
         self._unserved: set[tuple[str, str | None]] = set()  # (queue, name) logged unserved
         self._replaying = False
@@ -283,9 +270,7 @@ class Broker:
         commit, and every one before it, is on disk (at once without a journal).
         ``read``: messages the turn read; after one or none the loop waits for the
         disk itself, else a thread does while the loop goes on."""
-        outgoing = (self._acks, self._out, self._pub_out)
-        self._acks, self._out, self._pub_out = {}, [], []
-        self._result_batches.clear()  # they are in this turn's messages
+        outgoing = self.outbox.take()
         journal = self.journal
         if journal.commit() or self._held:  # in order: behind what waits for the disk
             if read <= 1 and not self._held and journal.sync_here():
@@ -302,18 +287,13 @@ class Broker:
         while held and held[0][0] <= synced:
             self._send_out(held.popleft()[1])
 
-    def _send_out(self, outgoing: _Outgoing) -> None:
+    def _send_out(self, outgoing: Outgoing) -> None:
         acks, out, pub_out = outgoing
         # Results first: a lone task's latency runs through them, and they go out on
         # the other socket, to other peers, so their order with the replies below is
         # nobody's to see.
         for frames in pub_out:
-            batch = frames[2]
-            if type(batch) is _Batch:
-                if len(batch.headers) == 1:  # as a single result: on the task's topic
-                    frames[0:2] = [batch.topic, p.RESULT]
-                frames[2] = batch.header("results")
-            wire.send(self._pub, frames)
+            wire.send(self._pub, finish_pub(frames))
         router = self._router
         # Acknowledgements first: a task a worker reported (e.g. LOST, or given back)
         # and is sent again in this turn must find its outbox entry gone, or the worker
@@ -324,10 +304,7 @@ class Broker:
                 header = {"ids": [a[0] for a in chunk], "deliveries": [a[1] for a in chunk]}
                 wire.send(router, [ident, p.BROKER, p.ACCEPTED, p.pack_header(header)])
         for frames in out:
-            batch = frames[3]
-            if type(batch) is _Batch:
-                frames[3] = batch.header("tasks")
-            wire.send(router, frames)
+            wire.send(router, finish_out(frames))
 
     def _close(self) -> None:
         try:  # what the last turns decided, once on disk
@@ -370,35 +347,7 @@ class Broker:
             except zmq.Again:
                 return
             self.counters["subscriptions"] += 1
-            topic = message[1:]
-            if message[:1] == b"\x01" and topic not in self._subscribed:
-                if len(self._subscribed) >= MAX_SUBSCRIPTIONS:
-                    if not self._untracked:
-                        log.warning(
-                            "over %d topics subscribed on the XPUB: results are no longer "
-                            "batched per client",
-                            MAX_SUBSCRIPTIONS,
-                        )
-                    self._untracked = True
-                    continue
-                self._subscribed.add(topic)
-                self._topic_lengths[len(topic)] += 1
-            elif message[:1] == b"\x00" and topic in self._subscribed:
-                self._subscribed.discard(topic)
-                self._topic_lengths[len(topic)] -= 1
-                if not self._topic_lengths[len(topic)]:
-                    del self._topic_lengths[len(topic)]
-
-    def _followed(self, client: bytes, topic: bytes) -> bool:
-        """True if a subscription longer than the client's id (one task's topic, or a
-        prefix of task ids) matches ``topic``: a result a client-wide batch would miss.
-        A set lookup per distinct subscription length, so usually none."""
-        if self._untracked:
-            return True
-        for length in self._topic_lengths:  # a loop, not any(): this runs per result
-            if len(client) < length <= len(topic) and topic[:length] in self._subscribed:
-                return True
-        return False
+            self.outbox.subscriptions.update(message)
 
     def _handle(self, frames: list[Any]) -> None:
         ident = frames[0].bytes
@@ -426,56 +375,12 @@ class Broker:
     def _reject_malformed(self, ident: bytes, exc: ProtocolError) -> None:
         self.counters["malformed"] += 1
         log.warning("malformed message from %s: %s", ident.hex(), exc.reason)
-        self._send(ident, p.ERROR, {"reason": exc.reason})
-
-    def _send(self, ident: bytes, command: bytes, header: dict[str, Any], *payload: Any) -> None:
-        self._out.append([ident, p.BROKER, command, p.pack_header(header), *payload])
-
-    def _send_task(self, ident: bytes, header: bytes, body: Any, inputs: Any) -> None:
-        """Queue a TASK; consecutive TASKs to one worker go as one message (see _flush),
-        its payloads under half the message size limit and its header under the header
-        limit (libzmq's limit is per frame: the header is the frame a batch grows)."""
-        size = len(body) + sum(len(frame) for frame in inputs)
-        last = self._out[-1] if self._out else None
-        batch = last[3] if last is not None and last[0] == ident else None
-        if type(batch) is _Batch and batch.fits(header, size, self.settings.max_message_size):
-            batch.add(header, size, body, *inputs)
-        else:
-            frames = [ident, p.BROKER, p.TASK, None, body, *inputs]
-            frames[3] = _Batch(frames, header, size)
-            self._out.append(frames)
-
-    def _forward(self, ident: bytes, command: bytes, header: Any, *payload: Any) -> None:
-        """Send a header frame as stored (e.g. a worker's DONE header)."""
-        self._out.append([ident, p.BROKER, command, header, *payload])
-
-    def _publish(self, topic: bytes, command: bytes, header: Any, *payload: Any) -> None:
-        self._result_batches.clear()  # a client sees its messages in order: results
-        self._pub_out.append([topic, command, header, *payload])  # after this, batch anew
-
-    def _publish_result(self, client: str, task_id: str, head: bytes, body: Any) -> None:
-        """Queue a final result for the XPUB. A loop turn's results for one client go as
-        one RESULTS message under the client's id (its header under the header limit:
-        libzmq limits each frame); a result that a subscription longer than the client
-        id matches (one task's topic, client id + task id, or a prefix of it) goes
-        alone under its own topic, as does a batch of one."""
-        key = client.encode()
-        topic = key + task_id.encode()
-        if self._followed(key, topic):
-            self._publish(topic, p.RESULT, head, body)
-            return
-        batch = self._result_batches.get(key)
-        if batch is not None and batch.fits(head):
-            batch.add(head, 0, body)
-            return
-        frames: list[Any] = [key, p.RESULTS, None, body]
-        frames[2] = self._result_batches[key] = _Batch(frames, head, topic=topic)
-        self._pub_out.append(frames)
+        self.outbox.send(ident, p.ERROR, {"reason": exc.reason})
 
     # ---------------------------------------------------------------- clients
 
     def _on_hello(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
-        self._send(ident, p.WELCOME, self._welcome())
+        self.outbox.send(ident, p.WELCOME, self._welcome())
 
     def _welcome(self) -> dict[str, Any]:
         return {
@@ -542,10 +447,10 @@ class Broker:
         self._dispatched(out)  # before the ACCEPTED: a lone task's latency runs through it
         self.counters["accepted"] += len(accepted)
         if accepted:
-            self._send(ident, p.ACCEPTED, {"ids": accepted})
+            self.outbox.send(ident, p.ACCEPTED, {"ids": accepted})
         if rejected:
             self.counters["rejected"] += len(rejected)
-            self._send(ident, p.REJECTED, {"rejected": rejected})
+            self.outbox.send(ident, p.REJECTED, {"rejected": rejected})
 
     def _in_order(self, ident: bytes, client: str, header: dict[str, Any]) -> bool:
         """True if this SUBMIT overtakes no older unacknowledged one of its client (see
@@ -557,7 +462,7 @@ class Broker:
             return True
         self.counters["resend_asked"] += 1
         reason = "an older submit of this client is missing: send the unacknowledged ones again"
-        self._send(ident, p.ERROR, {"reason": reason, "code": "resend", "n": n})
+        self.outbox.send(ident, p.ERROR, {"reason": reason, "code": "resend", "n": n})
         return False
 
     def _known(self, task_id: str) -> bool:
@@ -669,7 +574,7 @@ class Broker:
         for task_id in ids:
             result = self.results.get(task_id)
             if result is not None:
-                self._forward(ident, p.RESULT, result.header, result.payload)
+                self.outbox.forward(ident, p.RESULT, result.header, result.payload)
                 continue
             if wait:
                 self.waiters.add(task_id, ident, deadline)
@@ -681,7 +586,7 @@ class Broker:
             if task is not None and self._waits_unserved(task):
                 # So a caller can say why it waits.
                 reply["unserved"] = {"queue": task.queue, "name": task.name}
-            self._send(ident, p.RESULT, reply)
+            self.outbox.send(ident, p.RESULT, reply)
 
     def _waits_unserved(self, task: Task) -> bool:
         """True if the task waits in a queue, for a name, that no connected worker takes."""
@@ -736,7 +641,7 @@ class Broker:
             else:
                 reply["unknown"].append(task_id)
         self.counters["revoke_requests"] += 1
-        self._send(ident, p.REVOKE, {**reply, "req": header.get("req")})
+        self.outbox.send(ident, p.REVOKE, {**reply, "req": header.get("req")})
         self._dispatched(out)
 
     def _stop_if_terminating(self, task: Task) -> None:
@@ -745,10 +650,10 @@ class Broker:
         if task.id in self._terminating and task.worker is not None:
             peer = self.by_wid.get(task.worker)
             if peer is not None:
-                self._send(peer.ident, p.REVOKE, {"id": task.id, "delivery": task.delivery})
+                self.outbox.send(peer.ident, p.REVOKE, {"id": task.id, "delivery": task.delivery})
 
     def _on_status(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
-        self._send(ident, p.STATUS, {**self.status(), "req": header.get("req")})
+        self.outbox.send(ident, p.STATUS, {**self.status(), "req": header.get("req")})
 
     def status(self) -> dict[str, Any]:
         """A snapshot for ``zq status``: workers, queue depths, keys in flight, counters."""
@@ -785,7 +690,7 @@ class Broker:
         }
 
     def _on_client_heartbeat(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
-        self._send(ident, p.HEARTBEAT, {"broker": self.instance})
+        self.outbox.send(ident, p.HEARTBEAT, {"broker": self.instance})
 
     def _on_client_disconnect(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         pass  # clients hold no broker state; their pending waits expire on their own
@@ -844,7 +749,7 @@ class Broker:
         welcome = self._welcome()
         if sent is not None:  # the worker's lease starts at its READY
             welcome["t"] = sent
-        self._send(ident, p.WELCOME, welcome)
+        self.outbox.send(ident, p.WELCOME, welcome)
         log.info(
             "worker %s %s (%s pid %s, %d slots, queues %s)",
             wid,
@@ -879,7 +784,7 @@ class Broker:
         if peer is None:
             # Declared dead, or the broker restarted: the worker must say READY again.
             self.counters["unknown_worker"] += 1
-            self._send(ident, p.ERROR, {"reason": "unknown worker", "code": "unknown-worker"})
+            self.outbox.send(ident, p.ERROR, {"reason": "unknown worker", "code": "unknown-worker"})
             raise _Ignore
         peer.last_seen = time.monotonic()
         return peer
@@ -916,7 +821,9 @@ class Broker:
         task.started = True
         task.progress = {k: info.get(k) for k in ("done", "total", "note")}
         head = {"id": task_id, "state": p.STARTED_STATE, "progress": task.progress}
-        self._publish((task.data[0]["client"] + task_id).encode(), p.PROGRESS, p.pack_header(head))
+        self.outbox.publish(
+            (task.data[0]["client"] + task_id).encode(), p.PROGRESS, p.pack_header(head)
+        )
 
     def _on_done(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
         peer = self._worker(ident)
@@ -971,7 +878,7 @@ class Broker:
         # Acknowledged (after the commit) whatever happens here, so the worker's outbox
         # lets go of it: a DONE is only ever sent again after a reconnect.
         delivery = _delivery(header)
-        self._acks.setdefault(ident, []).append((task_id, delivery))
+        self.outbox.ack(ident, task_id, delivery)
         runtime = header.get("runtime")
         if not isinstance(runtime, (int, float)) or runtime < 0:
             runtime = None
@@ -1068,7 +975,7 @@ class Broker:
             self.timers.add(time.monotonic() + countdown, (_RETRY, task_id))
             self.journal.task_retrying(task_id, task.retries, time.time() + countdown)
             head = p.pack_header({"id": task_id, "state": p.RETRY, "countdown": countdown})
-            self._publish((task.data[0]["client"] + task_id).encode(), p.STARTED, head)
+            self.outbox.publish((task.data[0]["client"] + task_id).encode(), p.STARTED, head)
         self._dispatched(out)
 
     def _release_due(self, now: float) -> None:
@@ -1185,7 +1092,7 @@ class Broker:
                 removed.append(name)
         listing = [entry.listing() for entry in self.periodic.values()]
         reply = {"req": header.get("req"), "periodic": listing, "removed": removed}
-        self._send(ident, p.PERIODIC, reply)
+        self.outbox.send(ident, p.PERIODIC, reply)
 
     def _expire(self, task_id: str) -> None:
         """End a task EXPIRED if it has not started (a running task runs on)."""
@@ -1228,9 +1135,9 @@ class Broker:
             expires = time.time() + (result.expires - time.monotonic())
             self.journal.result_stored(task.id, state, head, _bytes(body), expires)
         if not ignored:
-            self._publish_result(task_header["client"], task.id, head, body)
+            self.outbox.result(task_header["client"], task.id, head, body)
         for waiter in self.waiters.pop(task.id):
-            self._forward(waiter, p.RESULT, head, body)
+            self.outbox.forward(waiter, p.RESULT, head, body)
 
     def _bury(self, task: Task) -> None:
         """A dead letter: its workers died under it too often. Kept for ``zq dead``."""
@@ -1283,7 +1190,7 @@ class Broker:
             }
             for t in self.dead_letters.values()
         ]
-        self._send(
+        self.outbox.send(
             ident, p.DEAD_LETTERS, {"req": header.get("req"), "requeued": requeued, "dead": listing}
         )
         self._dispatched(out)
@@ -1344,7 +1251,7 @@ class Broker:
             inputs = self.inputs.get(task.id, ())
             if inputs:
                 task_header["inputs"] = len(inputs)
-            self._send_task(peer.ident, p.pack_header(task_header), body, inputs)
+            self.outbox.task(peer.ident, p.pack_header(task_header), body, inputs)
             self.journal.task_assigned(task.id, wid.decode(), task.redeliveries, task.delivery)
         self.counters["dispatched"] += len(assignments) - len(stopped)
         for wid, task in stopped:
@@ -1363,7 +1270,7 @@ class Broker:
                     self._dispatched(more)
 
     def _event(self, name: bytes, body: dict[str, Any]) -> None:
-        self._publish(p.EVENT_PREFIX + name, p.EVENT, p.pack_header(body))
+        self.outbox.publish(p.EVENT_PREFIX + name, p.EVENT, p.pack_header(body))
 
     # ----------------------------------------------------------------- timers
 
@@ -1510,40 +1417,6 @@ class Broker:
 
 def _bytes(frame: Any) -> bytes:
     return frame if isinstance(frame, bytes) else frame.bytes
-
-
-class _Batch:
-    """A message in a send buffer that later items may join (a worker's TASKs, a
-    client's results): it stands in the message's header frame and holds the items'
-    packed headers, made one header at the flush; their payload frames are appended
-    to the message. Kept under the header limit (libzmq limits each frame) and, if
-    given one, under half the message size limit for its payloads."""
-
-    __slots__ = ("frames", "header_bytes", "headers", "payload_bytes", "topic")
-
-    def __init__(
-        self, frames: list[Any], head: bytes, payload_bytes: int = 0, topic: bytes = b""
-    ) -> None:
-        self.frames = frames  # the message it heads: [..., command, self, payloads...]
-        self.headers = [head]
-        self.header_bytes = len(head)
-        self.payload_bytes = payload_bytes
-        self.topic = topic  # for a RESULTS of one result: that task's own topic
-
-    def fits(self, head: bytes, payload_bytes: int = 0, max_message: int = 0) -> bool:
-        if self.header_bytes + len(head) > p.MAX_HEADER_BYTES - p.HEADER_SLACK:
-            return False
-        return not max_message or self.payload_bytes + payload_bytes <= max_message // 2
-
-    def add(self, head: bytes, payload_bytes: int, *payload: Any) -> None:
-        self.headers.append(head)
-        self.header_bytes += len(head)
-        self.payload_bytes += payload_bytes
-        self.frames += payload
-
-    def header(self, key: str) -> bytes:
-        """The message's header: the one item's own, or ``{key: [...]}``."""
-        return self.headers[0] if len(self.headers) == 1 else p.pack_list(key, self.headers)
 
 
 #: The failure type a task ended without running gets, by its state.
