@@ -25,7 +25,7 @@ import zmq
 
 from zq import protocol as p
 from zq import wire
-from zq.dispatch import PREFETCH_MAX, Assignment, Dispatcher, RunTimes, Task
+from zq.dispatch import PREFETCH_MAX, Assignment, Dispatcher, Task
 from zq.errors import ProtocolError
 from zq.ids import new_id
 from zq.journal import Journal, NullJournal, open_journal
@@ -35,6 +35,7 @@ from zq.schedule import Entry, Schedule, first_fire, following
 from zq.security import Authorizer, load_pair, serve_with
 from zq.sequence import SubmitOrder
 from zq.timers import TimerHeap
+from zq.workers import Peer, Workers
 from zq.workflow import Graph, check_links
 
 log = logging.getLogger("zq.broker")
@@ -112,23 +113,6 @@ def default_pub_bind(bind: str) -> str:
     return f"tcp://{host}:{int(port) + 1}"
 
 
-class _Peer:
-    """A connected worker's identity and liveness, as the socket loop sees it."""
-
-    __slots__ = ("ident", "info", "last_seen", "ready_sent", "runtimes", "slots", "wid")
-
-    def __init__(
-        self, ident: bytes, wid: bytes, info: dict[str, Any], now: float, slots: int
-    ) -> None:
-        self.ident = ident
-        self.wid = wid
-        self.info = info
-        self.last_seen = now
-        self.ready_sent: float | None = None  # its READY's "t" (the worker's clock)
-        self.slots = slots  # its concurrency; 0 while it drains (it gets no more tasks)
-        self.runtimes = RunTimes()  # for the automatic prefetch
-
-
 class Broker:
     """A zq broker. ``bind()`` then ``run()``; or ``start()`` to run it on a thread."""
 
@@ -148,8 +132,7 @@ class Broker:
         self.waiters = Waiters()
         self.timers = TimerHeap()
         self.counters: Counter[str] = Counter()
-        self.peers: dict[bytes, _Peer] = {}  # routing identity -> worker
-        self.by_wid: dict[bytes, _Peer] = {}  # stable worker id -> worker
+        self.workers = Workers()
         self.endpoint = ""
         self.pub_endpoint = ""
         self._ctx = zmq.Context()
@@ -164,7 +147,6 @@ class Broker:
         self.outbox = Outbox(self.settings.max_message_size)
         #: (journal commits, turn's messages) waiting until that many commits are on disk
         self._held: deque[tuple[int, Outgoing]] = deque()
-        self._placeholders: dict[bytes, float] = {}  # worker id -> re-attach deadline
         self._unserved: set[tuple[str, str | None]] = set()  # (queue, name) logged unserved
         self._replaying = False
         self._order = SubmitOrder()  # each client's SUBMITs, taken in the order sent
@@ -648,7 +630,7 @@ class Broker:
         """Tell the worker holding ``task`` to stop it, if it was revoked with terminate
         (a placeholder worker is told when it comes back)."""
         if task.id in self._terminating and task.worker is not None:
-            peer = self.by_wid.get(task.worker)
+            peer = self.workers.find(task.worker)
             if peer is not None:
                 self.outbox.send(peer.ident, p.REVOKE, {"id": task.id, "delivery": task.delivery})
 
@@ -659,7 +641,7 @@ class Broker:
         """A snapshot for ``zq status``: workers, queue depths, keys in flight, counters."""
         now = time.monotonic()
         workers = []
-        for peer in self.peers.values():
+        for peer in self.workers:
             state = self.dispatch.workers.get(peer.wid)
             workers.append(
                 {
@@ -724,28 +706,21 @@ class Broker:
         now = time.monotonic()
         wkey = wid.encode()
         sent = _sent_at(header)
-        old = self.by_wid.get(wkey)
-        if old is not None and old.ident != ident and _before(sent, old.ready_sent):
-            # From the worker's previous connection, delivered late (after a partition
-            # heals TCP resends a dead connection's data on its backed-off timer, while
-            # a new connection gets through at once). Taken for current, it would drop
-            # the live registration and hand the tasks it runs, and their keys, to
-            # other workers at once.
+        if self.workers.is_late(ident, wkey, sent):
             self.counters["stale_ready"] += 1
             log.info("ignored a late READY from an earlier connection of worker %s", wid)
             return
-        same_conn = self.peers.get(ident)
-        if same_conn is not None and same_conn.wid != wkey:
-            self._drop_worker(same_conn, "re-registered under another id")
-        if old is not None and old.ident != ident:
-            del self.peers[old.ident]  # the same worker on a new connection
+        other = self.workers.other_on(ident, wkey)
+        if other is not None:
+            self._drop_worker(other, "re-registered under another id")
         info = {k: header.get(k) for k in ("worker", "host", "pid", "concurrency", "queues")}
         info["tasks"] = len(names)
         info["names"] = names
         # A draining worker (stopping gracefully) keeps its tasks but gets no more.
         slots = 0 if header.get("draining") else concurrency
-        peer = self.peers[ident] = self.by_wid[wkey] = _Peer(ident, wkey, info, now, slots)
+        peer = Peer(ident, wkey, info, now, slots)
         peer.ready_sent = sent
+        self.workers.register(peer)
         welcome = self._welcome()
         if sent is not None:  # the worker's lease starts at its READY
             welcome["t"] = sent
@@ -760,7 +735,7 @@ class Broker:
             ",".join(queues),
         )
         self._event(b"worker.online", info)
-        capacity = self._capacity(peer)
+        capacity = peer.capacity(self.settings.prefetch)
         self._dispatched(self.dispatch.add_worker(wkey, queues, capacity, running, names))
         self._unserved.difference_update((q, n) for q in queues for n in names)
         for task_id in self._terminating & running.keys():  # re-attached, still to stop
@@ -769,18 +744,8 @@ class Broker:
                 self._stop_if_terminating(task)
         self._declare(header.get("periodic", []))  # last: a bad schedule costs itself only
 
-    def _capacity(self, peer: _Peer) -> int:
-        """Tasks a worker may hold: its slots, plus --prefetch or the automatic prefetch
-        its recent run times give (none for tasks of more than a few milliseconds)."""
-        if not peer.slots:
-            return 0
-        prefetch = self.settings.prefetch
-        if prefetch is None:
-            prefetch = peer.runtimes.prefetch(peer.slots)
-        return peer.slots + prefetch
-
-    def _worker(self, ident: bytes) -> _Peer:
-        peer = self.peers.get(ident)
+    def _worker(self, ident: bytes) -> Peer:
+        peer = self.workers.get(ident)
         if peer is None:
             # Declared dead, or the broker restarted: the worker must say READY again.
             self.counters["unknown_worker"] += 1
@@ -844,7 +809,7 @@ class Broker:
         if returned:
             self._given_back(peer, returned)
 
-    def _given_back(self, peer: _Peer, returned: list[tuple[str, int | None]]) -> None:
+    def _given_back(self, peer: Peer, returned: list[tuple[str, int | None]]) -> None:
         """A stalled worker gave back tasks it had not started: no more prefetch for it
         until a task ends there again, and the tasks go back to the head of their lanes
         together, in the order it held them (not counted as redeliveries)."""
@@ -855,16 +820,16 @@ class Broker:
         self._end_terminated(tasks)
         self._dispatched(out)
 
-    def _refresh_capacity(self, peer: _Peer) -> None:
+    def _refresh_capacity(self, peer: Peer) -> None:
         """Automatic prefetch: set the worker's credit from its latest run times."""
         if self.settings.prefetch is None and peer.slots:
-            out = self.dispatch.set_capacity(peer.wid, self._capacity(peer))
+            out = self.dispatch.set_capacity(peer.wid, peer.capacity(self.settings.prefetch))
             if out:
                 self._dispatched(out)
 
     def _done(
         self,
-        peer: _Peer,
+        peer: Peer,
         header: dict[str, Any],
         body: Any,
         returned: list[tuple[str, int | None]],
@@ -931,7 +896,7 @@ class Broker:
             self._finish(task, state, p.pack_header(header), body)
         self._dispatched(out)
 
-    def _unknown_here(self, peer: _Peer, task_id: str, delivery: int | None) -> None:
+    def _unknown_here(self, peer: Peer, task_id: str, delivery: int | None) -> None:
         """The worker does not have the task's name after all: it gets no more tasks of
         that name, and the task goes back to the head of its lane for one that has it."""
         task, out = self.dispatch.drop_name(peer.wid, task_id, delivery)
@@ -965,7 +930,7 @@ class Broker:
                 task.queue,
             )
 
-    def _on_retry(self, peer: _Peer, task_id: str, delivery: int | None, countdown: float) -> None:
+    def _on_retry(self, peer: Peer, task_id: str, delivery: int | None, countdown: float) -> None:
         """The task asked to run again later: hold it (and its key) for the countdown."""
         task, out = self.dispatch.retry(peer.wid, task_id, delivery)
         if task is None:
@@ -1205,14 +1170,12 @@ class Broker:
         wire.send(self._router, [ident, p.BROKER, p.HEARTBEAT, p.pack_header(echo)])
 
     def _on_worker_disconnect(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
-        peer = self.peers.get(ident)
+        peer = self.workers.get(ident)
         if peer is not None:
             self._drop_worker(peer, "disconnected", counts=False)  # on purpose, not a crash
 
-    def _drop_worker(self, peer: _Peer, why: str, *, counts: bool = True) -> None:
-        del self.peers[peer.ident]
-        if self.by_wid.get(peer.wid) is peer:
-            del self.by_wid[peer.wid]
+    def _drop_worker(self, peer: Peer, why: str, *, counts: bool = True) -> None:
+        self.workers.remove(peer)
         lost, out = self.dispatch.remove_worker(peer.wid, counts=counts)
         self._count_redelivered(lost)
         self._end_terminated(lost)
@@ -1241,7 +1204,8 @@ class Broker:
                 # (that worker was lost): it must not start again anywhere.
                 stopped.append((wid, task))
                 continue
-            peer = self.by_wid[wid]
+            peer = self.workers.find(wid)
+            assert peer is not None  # the dispatcher assigns to registered workers only
             task_header, body = task.data
             if task.redeliveries:
                 task_header["redeliveries"] = task.redeliveries
@@ -1281,23 +1245,18 @@ class Broker:
         # Messages still unread in our own queue may be the heartbeats of the very
         # workers that look silent: judge liveness only once they are read.
         if not self._router.poll(0):
-            for peer in list(self.peers.values()):
-                if now - peer.last_seen > dead_after:
-                    self._drop_worker(peer, f"silent for {now - peer.last_seen:.1f}s")
-        for wid, deadline in list(self._placeholders.items()):
-            if wid in self.by_wid:
-                del self._placeholders[wid]  # it came back and re-attached its tasks
-            elif now >= deadline:
-                del self._placeholders[wid]
-                lost, out = self.dispatch.remove_worker(wid)
-                self._count_redelivered(lost)
-                self._end_terminated(lost)
-                log.warning(
-                    "worker %s did not come back; %d task(s) handed to others",
-                    wid.decode(),
-                    len(lost),
-                )
-                self._dispatched(out)
+            for peer in self.workers.silent(now, dead_after):
+                self._drop_worker(peer, f"silent for {now - peer.last_seen:.1f}s")
+        for wid in self.workers.not_back(now):
+            lost, out = self.dispatch.remove_worker(wid)
+            self._count_redelivered(lost)
+            self._end_terminated(lost)
+            log.warning(
+                "worker %s did not come back; %d task(s) handed to others",
+                wid.decode(),
+                len(lost),
+            )
+            self._dispatched(out)
         self.results.purge(now)
         if self.authorizer is not None and (self._reload_keys or now >= self._next_key_check):
             try:
@@ -1375,7 +1334,7 @@ class Broker:
         grace = self.settings.reattach_grace
         if grace is None:
             grace = 2 * self.settings.heartbeat * self.settings.liveness
-        self._placeholders = {w.encode(): now + grace for w in {w for _, w in held}}
+        self.workers.expect({w.encode() for _, w in held}, now + grace)
         if self.journal.durable:
             log.info(
                 "journal %s: %d result(s), %d task(s) waiting, %d held by %d worker(s)"
@@ -1384,7 +1343,7 @@ class Broker:
                 len(self.results),
                 len(waiting),
                 len(held),
-                len(self._placeholders),
+                self.workers.expected(),
                 grace,
             )
 
@@ -1448,12 +1407,6 @@ def _sent_at(header: dict[str, Any]) -> float | None:
     """A worker's send time ``t`` (its monotonic clock), if it says one."""
     sent = header.get("t")
     return sent if type(sent) is float else None
-
-
-def _before(sent: float | None, than: float | None) -> bool:
-    """A READY's send time is known to come before another's (same worker, so the
-    same clock); unknown (a worker that does not say it) is never before."""
-    return sent is not None and than is not None and sent < than
 
 
 def _as_delivery(value: Any) -> int | None:
