@@ -25,18 +25,16 @@ import zmq
 
 from zq import protocol as p
 from zq import wire
-from zq.dispatch import PREFETCH_MAX, Assignment, Dispatcher, Task
+from zq.dispatch import PREFETCH_MAX, Assignment, Task
 from zq.errors import ProtocolError
 from zq.ids import new_id
 from zq.journal import Journal, NullJournal, open_journal
 from zq.outbox import Outbox, Outgoing, finish_out, finish_pub
-from zq.results import ResultStore, Waiters
 from zq.schedule import Entry, Schedule, first_fire, following
 from zq.security import Authorizer, load_pair, serve_with
 from zq.sequence import SubmitOrder
-from zq.timers import TimerHeap
+from zq.tasks import EXPIRE, RETRY, Tasks, make_task
 from zq.workers import Peer, Workers
-from zq.workflow import Graph, check_links
 
 log = logging.getLogger("zq.broker")
 
@@ -119,20 +117,11 @@ class Broker:
     def __init__(self, settings: BrokerSettings | None = None) -> None:
         self.settings = settings or BrokerSettings()
         self.instance = uuid.uuid4().hex[:16]
-        self.dispatch = Dispatcher(max_redeliveries=self.settings.max_redeliveries)
-        self.dead_letters: dict[str, Task] = {}
-        self.scheduled: dict[str, Task] = {}  # accepted, waiting for their ETA
-        self.graph = Graph()  # accepted, waiting for their parents (workflows)
-        self.inputs: dict[str, list[Any]] = {}  # task id -> its parents' result bodies
-        self.periodic: dict[str, Entry] = {}  # schedule name -> its state
-        self._terminating: set[str] = set()  # running tasks revoked with terminate
-        self.results = ResultStore(
-            self.settings.result_ttl, self.settings.max_results, on_drop=self._result_dropped
-        )
-        self.waiters = Waiters()
-        self.timers = TimerHeap()
         self.counters: Counter[str] = Counter()
         self.workers = Workers()
+        self.outbox = Outbox(self.settings.max_message_size)
+        self.tasks = Tasks(self.settings, self.counters, self.outbox, self.workers)
+        self.periodic: dict[str, Entry] = {}  # schedule name -> its state
         self.endpoint = ""
         self.pub_endpoint = ""
         self._ctx = zmq.Context()
@@ -144,11 +133,8 @@ class Broker:
         self._thread: threading.Thread | None = None
         self._bound = threading.Event()
         self.journal: Journal | NullJournal = NullJournal()
-        self.outbox = Outbox(self.settings.max_message_size)
         #: (journal commits, turn's messages) waiting until that many commits are on disk
         self._held: deque[tuple[int, Outgoing]] = deque()
-        self._unserved: set[tuple[str, str | None]] = set()  # (queue, name) logged unserved
-        self._replaying = False
         self._order = SubmitOrder()  # each client's SUBMITs, taken in the order sent
         self.authorizer: Authorizer | None = None
         self._reload_keys = False
@@ -179,7 +165,7 @@ class Broker:
         self.endpoint = self._router.last_endpoint.decode()
         self._pub.bind(self.settings.pub_bind or default_pub_bind(self.settings.bind))
         self.pub_endpoint = self._pub.last_endpoint.decode()
-        self.journal = open_journal(self.settings.journal)
+        self.journal = self.tasks.journal = open_journal(self.settings.journal)
         self._replay()
         self._bound.set()
         return self.endpoint, self.pub_endpoint
@@ -228,7 +214,7 @@ class Broker:
         next_tick = time.monotonic()
         try:
             while self._running:
-                wake = min(next_tick, self.timers.next_at() or next_tick)
+                wake = min(next_tick, self.tasks.timers.next_at() or next_tick)
                 events = dict(poller.poll(max(0.0, wake - time.monotonic()) * 1000))
                 if self._wake_r in events:  # read it, or every later poll returns at once
                     os.read(self._wake_r, 4096)
@@ -238,7 +224,7 @@ class Broker:
                     self._drain_pub()
                 read = self._drain_router() if self._router in events else 0
                 now = time.monotonic()
-                if self.timers:
+                if self.tasks.timers:
                     self._release_due(now)
                 if now >= next_tick:
                     self._on_tick(now)
@@ -392,46 +378,10 @@ class Broker:
             raise ProtocolError(f"SUBMIT has {len(tasks)} tasks but {len(payload)} payloads")
         if not self._in_order(ident, client, header):
             return
-        accepted: list[str] = []
-        rejected: dict[str, str] = {}
-        out: list[Assignment] = []
-        for index, (task_header, body) in enumerate(zip(tasks, payload, strict=True)):
-            reason = p.check_task_header(task_header) or check_links(task_header)
-            if reason is None:
-                unknown = [i for i in task_header.get("after") or () if not self._known(i)]
-                if unknown:
-                    reason = f"after: unknown task {unknown[0]!r}"
-            if reason is not None:
-                task_id = task_header.get("id") if isinstance(task_header, dict) else None
-                if not isinstance(task_id, str) or not 0 < len(task_id) <= p.MAX_ID_LEN:
-                    task_id = f"#{index}"  # no usable id: name it by its place in the batch
-                rejected[task_id] = reason
-                continue
-            task_id = task_header["id"]
-            if self._known(task_id):
-                accepted.append(task_id)
-                self.counters["duplicates"] += 1  # a resend: accepted once already
-                continue
-            full = self._full(task_header["queue"])
-            if full is not None:
-                rejected[task_id] = full
-                continue
-            accepted.append(task_id)
-            task_header["client"] = client
-            if len(body) <= SMALL_PAYLOAD:
-                # A zero-copy frame would keep its share of libzmq's receive buffer
-                # alive for as long as the task waits; a small payload is cheaper copied.
-                body = body.bytes
-            task = _task(task_id, task_header, body)
-            if self.journal.durable:
-                self.journal.task_accepted(task_id, p.pack_header(task_header), _bytes(body))
-            self._enter(task, out)
-        self._dispatched(out)  # before the ACCEPTED: a lone task's latency runs through it
-        self.counters["accepted"] += len(accepted)
+        accepted, rejected = self.tasks.submit(client, tasks, payload)
         if accepted:
             self.outbox.send(ident, p.ACCEPTED, {"ids": accepted})
         if rejected:
-            self.counters["rejected"] += len(rejected)
             self.outbox.send(ident, p.REJECTED, {"rejected": rejected})
 
     def _in_order(self, ident: bytes, client: str, header: dict[str, Any]) -> bool:
@@ -447,104 +397,6 @@ class Broker:
         self.outbox.send(ident, p.ERROR, {"reason": reason, "code": "resend", "n": n})
         return False
 
-    def _known(self, task_id: str) -> bool:
-        """True if the id was accepted already (a resent SUBMIT is a duplicate)."""
-        return (
-            self._unfinished_id(task_id) or task_id in self.results or task_id in self.dead_letters
-        )
-
-    def _unfinished(self) -> int:
-        return len(self.dispatch.tasks) + len(self.scheduled) + len(self.graph)
-
-    def _enter(self, task: Task, out: list[Assignment]) -> None:
-        """An accepted task waits for its parents (``after``), or is admitted now."""
-        after = task.data[0].get("after")
-        if after is None:
-            self._admit(task, out)
-            return
-        unfinished = []
-        for parent in after:
-            result = self.results.get(parent)
-            if result is not None and result.state != p.SUCCESS:
-                self._fail_dependent(task, parent, result.state, result.payload)
-                return
-            if result is None:
-                if not self._unfinished_id(parent):
-                    why = f"its parent task {parent} is not known (its result expired?)"
-                    self._end_unrun(task, p.FAILURE, why)
-                    return
-                unfinished.append(parent)
-        if unfinished:
-            self.graph.add(task.id, task, unfinished)
-        else:
-            self._release_waiting(task, out)
-
-    def _release_waiting(self, task: Task, out: list[Assignment]) -> None:
-        """Every parent succeeded: take their results along, and admit the task."""
-        header = task.data[0]
-        args_from = header.get("args_from")
-        if args_from is not None:
-            bodies = []
-            for parent in args_from:
-                result = self.results.get(parent)
-                if result is None:
-                    why = f"the result of its parent task {parent} is no longer kept"
-                    self._end_unrun(task, p.FAILURE, why)
-                    return
-                bodies.append(result.payload)
-            self.inputs[task.id] = bodies
-        countdown = header.get("countdown")
-        if countdown is not None:  # a workflow step's countdown starts when it is released
-            header["eta"] = time.time() + countdown
-        self._admit(task, out)
-
-    def _fail_dependent(self, task: Task, parent: str, state: str, body: Any) -> None:
-        """A parent did not succeed: the task ends with the parent's outcome."""
-        self._finish(task, state, self._caused(task, state, parent), body)
-
-    def _caused(self, task: Task, state: str, parent: str) -> bytes:
-        """The result header of a workflow step ended by its parent's outcome."""
-        self.counters["workflow_cancelled"] += 1
-        return p.pack_header({"id": task.id, "state": state, "cause": parent})
-
-    def _admit(self, task: Task, out: list[Assignment]) -> None:
-        """An accepted task goes to its queue, or waits for its ETA; one whose expiry
-        time has passed ends EXPIRED at once."""
-        header = task.data[0]
-        now, wall = time.monotonic(), time.time()
-        expires = header.get("expires")
-        if expires is not None:
-            if expires <= wall:
-                self._end_unrun(task, p.EXPIRED, "expired before a worker started it")
-                return
-            self.timers.add(now + (expires - wall), (_EXPIRE, task.id))
-        eta = header.get("eta")
-        if eta is not None and eta > wall:
-            self.scheduled[task.id] = task
-            self.timers.add(now + (eta - wall), (_ETA, task.id))
-            return
-        out += self.dispatch.submit(task)
-        self._check_served(task)
-
-    def _end_unrun(self, task: Task, state: str, why: str) -> None:
-        """Finish a task that no worker holds (expired, revoked, a workflow step that
-        cannot get its inputs) without running it."""
-        self.counters[state.lower()] += 1
-        kind = _UNRUN_KINDS[state]
-        body = p.failure(kind, f"task {task.id} {why}")
-        self._finish(task, state, p.pack_header({"id": task.id, "state": state}), body)
-
-    def _full(self, queue: str) -> str | None:
-        """Why the broker cannot take one more task for ``queue`` now, or None."""
-        s = self.settings
-        unfinished = self._unfinished()
-        if unfinished >= s.max_queued:
-            return f"broker full: {unfinished} tasks unfinished (limit {s.max_queued})"
-        limit = s.max_queued_per_queue or s.max_queued
-        if self.dispatch.queued.get(queue, 0) >= limit:
-            return f"queue {queue!r} full: {limit} tasks waiting"
-        return None
-
     def _on_fetch(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         ids = header.get("ids")
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
@@ -552,42 +404,7 @@ class Broker:
         wait = header.get("wait", 0)
         if not isinstance(wait, (int, float)) or not 0 <= wait < math.inf:  # also refuses NaN
             raise ProtocolError("FETCH 'wait' must be a number of seconds >= 0")
-        deadline = time.monotonic() + min(float(wait), MAX_WAIT)
-        for task_id in ids:
-            result = self.results.get(task_id)
-            if result is not None:
-                self.outbox.forward(ident, p.RESULT, result.header, result.payload)
-                continue
-            if wait:
-                self.waiters.add(task_id, ident, deadline)
-                continue
-            reply = {"id": task_id, "state": self._state_of(task_id)}
-            task = self.dispatch.tasks.get(task_id)
-            if task is not None and task.progress is not None:
-                reply["progress"] = task.progress
-            if task is not None and self._waits_unserved(task):
-                # So a caller can say why it waits.
-                reply["unserved"] = {"queue": task.queue, "name": task.name}
-            self.outbox.send(ident, p.RESULT, reply)
-
-    def _waits_unserved(self, task: Task) -> bool:
-        """True if the task waits in a queue, for a name, that no connected worker takes."""
-        return (
-            task.worker is None
-            and not task.retrying
-            and not self.dispatch.serves(task.queue, task.name)
-        )
-
-    def _state_of(self, task_id: str) -> str:
-        task = self.dispatch.tasks.get(task_id)
-        if task is None and (task_id in self.scheduled or task_id in self.graph):
-            return p.QUEUED
-        if task is None:
-            result = self.results.get(task_id)
-            return result.state if result is not None else p.PENDING
-        if task.retrying:
-            return p.RETRY
-        return p.STARTED_STATE if task.started else p.QUEUED
+        self.tasks.fetch(ident, ids, float(wait))
 
     def _on_revoke(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         """Revoke tasks: a waiting one ends REVOKED at once; a running one is stopped
@@ -597,42 +414,8 @@ class Broker:
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
             raise ProtocolError("REVOKE needs 'ids' (list of task ids)")
         terminate = header.get("terminate", False) is True
-        reply: dict[str, list[str]] = {outcome: [] for outcome in p.REVOKE_OUTCOMES}
-        out: list[Assignment] = []
-        for task_id in ids:
-            task = self.scheduled.pop(task_id, None) or self.graph.remove(task_id)
-            if task is None:
-                task, more = self.dispatch.cancel(task_id)
-                out += more
-            if task is not None:
-                self._end_unrun(task, p.REVOKED, "was revoked before it ran")
-                reply["revoked"].append(task_id)
-                continue
-            task = self.dispatch.tasks.get(task_id)
-            if task is not None and task.worker is not None:
-                if terminate:
-                    # Remembered until it ends: a worker that re-attaches it, or one it
-                    # is handed to, is told again (see _stop_if_terminating).
-                    self._terminating.add(task_id)
-                    self._stop_if_terminating(task)
-                    reply["terminating"].append(task_id)
-                else:
-                    reply["running"].append(task_id)
-            elif task_id in self.results:
-                reply["finished"].append(task_id)
-            else:
-                reply["unknown"].append(task_id)
-        self.counters["revoke_requests"] += 1
+        reply = self.tasks.revoke(ids, terminate)
         self.outbox.send(ident, p.REVOKE, {**reply, "req": header.get("req")})
-        self._dispatched(out)
-
-    def _stop_if_terminating(self, task: Task) -> None:
-        """Tell the worker holding ``task`` to stop it, if it was revoked with terminate
-        (a placeholder worker is told when it comes back)."""
-        if task.id in self._terminating and task.worker is not None:
-            peer = self.workers.find(task.worker)
-            if peer is not None:
-                self.outbox.send(peer.ident, p.REVOKE, {"id": task.id, "delivery": task.delivery})
 
     def _on_status(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         self.outbox.send(ident, p.STATUS, {**self.status(), "req": header.get("req")})
@@ -642,7 +425,7 @@ class Broker:
         now = time.monotonic()
         workers = []
         for peer in self.workers:
-            state = self.dispatch.workers.get(peer.wid)
+            state = self.tasks.dispatch.workers.get(peer.wid)
             workers.append(
                 {
                     **peer.info,
@@ -650,23 +433,23 @@ class Broker:
                     "seen_ago": round(now - peer.last_seen, 3),
                 }
             )
-        keys = list(itertools.islice(self.dispatch.keys_in_flight(), STATUS_KEYS))
+        keys = list(itertools.islice(self.tasks.dispatch.keys_in_flight(), STATUS_KEYS))
         return {
             "broker": self.instance,
             "workers": workers,
-            "queues": {q: n for q, n in self.dispatch.queued.items() if n},
-            "keys_in_flight": sum(1 for _ in self.dispatch.keys_in_flight()),
+            "queues": {q: n for q, n in self.tasks.dispatch.queued.items() if n},
+            "keys_in_flight": sum(1 for _ in self.tasks.dispatch.keys_in_flight()),
             "keys": keys,
-            "retrying": sum(1 for t in self.dispatch.tasks.values() if t.retrying),
-            "scheduled": len(self.scheduled),
-            "timers": len(self.timers),
-            "results": len(self.results),
-            "results_evicted": self.results.evicted,
+            "retrying": sum(1 for t in self.tasks.dispatch.tasks.values() if t.retrying),
+            "scheduled": len(self.tasks.scheduled),
+            "timers": len(self.tasks.timers),
+            "results": len(self.tasks.results),
+            "results_evicted": self.tasks.results.evicted,
             "security": "curve" if self.authorizer is not None else "plain",
-            "dead": len(self.dead_letters),
+            "dead": len(self.tasks.dead_letters),
             "unserved": [
                 {"queue": queue, "name": name, "waiting": waiting}
-                for queue, name, waiting in self.dispatch.unserved()
+                for queue, name, waiting in self.tasks.dispatch.unserved()
             ],
             "counters": dict(self.counters),
         }
@@ -735,13 +518,7 @@ class Broker:
             ",".join(queues),
         )
         self._event(b"worker.online", info)
-        capacity = peer.capacity(self.settings.prefetch)
-        self._dispatched(self.dispatch.add_worker(wkey, queues, capacity, running, names))
-        self._unserved.difference_update((q, n) for q in queues for n in names)
-        for task_id in self._terminating & running.keys():  # re-attached, still to stop
-            task = self.dispatch.tasks.get(task_id)
-            if task is not None:
-                self._stop_if_terminating(task)
+        self.tasks.worker_ready(peer, queues, running, names)
         self._declare(header.get("periodic", []))  # last: a bad schedule costs itself only
 
     def _worker(self, ident: bytes) -> Peer:
@@ -765,13 +542,7 @@ class Broker:
                 raise ProtocolError("STARTED needs 'id' or 'ids' and 'deliveries' (lists)")
             if len(ids) != len(deliveries):
                 raise ProtocolError("STARTED 'ids' and 'deliveries' differ in length")
-        for task_id, delivery in zip(ids, deliveries, strict=True):
-            if not isinstance(task_id, str) or not self.dispatch.started(
-                peer.wid, task_id, _as_delivery(delivery)
-            ):
-                self.counters["stale_started"] += 1
-        # Not published: a message per task that no client needs (status asks the
-        # broker), and about a fifth of the broker's sends per task.
+        self.tasks.started(peer, ids, deliveries)
 
     def _on_progress(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         """A running task reported progress: keep the latest, publish it to its client."""
@@ -779,23 +550,14 @@ class Broker:
         task_id, info = header.get("id"), header.get("progress")
         if not isinstance(task_id, str) or not isinstance(info, dict):
             raise ProtocolError("PROGRESS needs 'id' and 'progress' (a map)")
-        task = self.dispatch.held(peer.wid, task_id, _delivery(header))
-        if task is None:
-            self.counters["stale_progress"] += 1
-            return
-        task.started = True
-        task.progress = {k: info.get(k) for k in ("done", "total", "note")}
-        head = {"id": task_id, "state": p.STARTED_STATE, "progress": task.progress}
-        self.outbox.publish(
-            (task.data[0]["client"] + task_id).encode(), p.PROGRESS, p.pack_header(head)
-        )
+        self.tasks.progress(peer, task_id, info, _delivery(header))
 
     def _on_done(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
         peer = self._worker(ident)
         returned: list[tuple[str, int | None]] = []  # prefetched tasks given back unstarted
         batch = header.get("done")
         if batch is None:
-            self._done(peer, header, payload[0] if payload else b"", returned)
+            self.tasks.done(peer, header, payload[0] if payload else b"", returned)
         elif not isinstance(batch, list) or len(batch) != len(payload):
             raise ProtocolError("DONE 'done' must list one header per payload frame")
         else:
@@ -803,163 +565,20 @@ class Broker:
                 try:
                     if not isinstance(done_header, dict):
                         raise ProtocolError("DONE 'done' entries must be maps")
-                    self._done(peer, done_header, body, returned)
+                    self.tasks.done(peer, done_header, body, returned)
                 except ProtocolError as exc:  # one bad entry costs that entry only
                     self._reject_malformed(ident, exc)
         if returned:
-            self._given_back(peer, returned)
-
-    def _given_back(self, peer: Peer, returned: list[tuple[str, int | None]]) -> None:
-        """A stalled worker gave back tasks it had not started: no more prefetch for it
-        until a task ends there again, and the tasks go back to the head of their lanes
-        together, in the order it held them (not counted as redeliveries)."""
-        self._refresh_capacity(peer)
-        tasks, out = self.dispatch.give_back(peer.wid, returned)
-        self.counters["given_back"] += len(tasks)
-        self.counters["stale_done"] += len(returned) - len(tasks)
-        self._end_terminated(tasks)
-        self._dispatched(out)
-
-    def _refresh_capacity(self, peer: Peer) -> None:
-        """Automatic prefetch: set the worker's credit from its latest run times."""
-        if self.settings.prefetch is None and peer.slots:
-            out = self.dispatch.set_capacity(peer.wid, peer.capacity(self.settings.prefetch))
-            if out:
-                self._dispatched(out)
-
-    def _done(
-        self,
-        peer: Peer,
-        header: dict[str, Any],
-        body: Any,
-        returned: list[tuple[str, int | None]],
-    ) -> None:
-        """One task's outcome from the worker that ran it (a task given back unstarted
-        is added to ``returned`` instead)."""
-        ident = peer.ident
-        task_id, state = header.get("id"), header.get("state")
-        if not isinstance(task_id, str) or state not in _DONE_STATES:
-            raise ProtocolError(f"DONE needs 'id' and a 'state' in {', '.join(_DONE_STATES)}")
-        # Acknowledged (after the commit) whatever happens here, so the worker's outbox
-        # lets go of it: a DONE is only ever sent again after a reconnect.
-        delivery = _delivery(header)
-        self.outbox.ack(ident, task_id, delivery)
-        runtime = header.get("runtime")
-        if not isinstance(runtime, (int, float)) or runtime < 0:
-            runtime = None
-        if state in _RAN and runtime is not None:
-            peer.runtimes.add(runtime)
-            self._refresh_capacity(peer)  # lower before the slot it freed is refilled
-        if state == p.LOST and header.get("unknown"):
-            self._unknown_here(peer, task_id, delivery)
-            return
-        if state == p.LOST and header.get("returned"):
-            # Its runtime says how long the worker's slots were stuck.
-            peer.runtimes.stalled(runtime or 0.0)
-            returned.append((task_id, delivery))
-            return
-        if state == p.LOST:  # the process running it died: run it again, or give up
-            counts = not header.get("fenced")  # a fenced stop is not a crash
-            task, out = self.dispatch.lost(peer.wid, task_id, delivery, counts=counts)
-            if task is None:
-                self.counters["stale_done"] += 1
-            else:
-                self._count_redelivered([task])
-                self._end_terminated([task])
-            self._dispatched(out)
-            return
-        bad_retry = None  # why a RETRY cannot be held, if it cannot
-        if state == p.RETRY:
-            countdown = header.pop("countdown", None)
-            if type(countdown) in (int, float) and 0 <= countdown <= p.MAX_RETRY_COUNTDOWN:
-                self._on_retry(peer, task_id, delivery, countdown)
-                return
-            # The worker has let go of the task (its DONE is acknowledged): a retry the
-            # broker cannot hold fails it, or it would stay on that worker, key and all.
-            bad_retry = (
-                f"the task asked to be retried after {countdown!r} seconds; a retry waits "
-                f"a number of seconds from 0 to {p.MAX_RETRY_COUNTDOWN:g}"
-            )
-            state = header["state"] = p.FAILURE
-            body = p.failure("zq.ProtocolError", bad_retry)
-        task, out = self.dispatch.done(peer.wid, task_id, delivery)
-        if task is None:
-            # Not this worker's task (any more): it was handed to another worker, or it
-            # is a resend of a DONE the broker already has.
-            self.counters["stale_done"] += 1
-            log.info("ignored DONE for %s from %s, which does not hold it", task_id, peer.wid)
-        else:
-            self.counters["done"] += 1
-            if bad_retry is not None:
-                self.counters["malformed"] += 1
-                log.warning("%s from %s failed: %s", task_id, peer.wid, bad_retry)
-            self._finish(task, state, p.pack_header(header), body)
-        self._dispatched(out)
-
-    def _unknown_here(self, peer: Peer, task_id: str, delivery: int | None) -> None:
-        """The worker does not have the task's name after all: it gets no more tasks of
-        that name, and the task goes back to the head of its lane for one that has it."""
-        task, out = self.dispatch.drop_name(peer.wid, task_id, delivery)
-        if task is None:
-            self.counters["stale_done"] += 1
-        else:
-            self.counters["unknown_task"] += 1
-            log.warning(
-                "worker %s does not have task %s after all: it is sent no more of them",
-                peer.wid.decode(),
-                task.name,
-            )
-            self._end_terminated([task])
-            self._check_served(task)
-        self._dispatched(out)
-
-    def _check_served(self, task: Task) -> None:
-        """Log, once until a worker takes it, that no connected worker takes this task's
-        (queue, name): its tasks wait, and a user should hear why."""
-        route = (task.queue, task.name)
-        if self._replaying:
-            return  # no worker has connected yet: they get the grace to re-attach
-        if task.worker is None and not self.dispatch.serves(*route) and route not in self._unserved:
-            self._unserved.add(route)
-            what = "periodic task" if task.data[0].get("periodic") else "task"
-            log.warning(
-                "no connected worker serves %s %s on queue %r: its tasks wait until one "
-                "that registers it connects (zq status lists them)",
-                what,
-                task.name,
-                task.queue,
-            )
-
-    def _on_retry(self, peer: Peer, task_id: str, delivery: int | None, countdown: float) -> None:
-        """The task asked to run again later: hold it (and its key) for the countdown."""
-        task, out = self.dispatch.retry(peer.wid, task_id, delivery)
-        if task is None:
-            self.counters["stale_done"] += 1
-        else:
-            self.counters["retried"] += 1
-            self.timers.add(time.monotonic() + countdown, (_RETRY, task_id))
-            self.journal.task_retrying(task_id, task.retries, time.time() + countdown)
-            head = p.pack_header({"id": task_id, "state": p.RETRY, "countdown": countdown})
-            self.outbox.publish((task.data[0]["client"] + task_id).encode(), p.STARTED, head)
-        self._dispatched(out)
+            self.tasks.given_back(peer, returned)
 
     def _release_due(self, now: float) -> None:
         """Timers whose time came: retry delays run out (the task goes back to the head
         of its lane), ETAs come (into the queue), expiry times pass."""
-        for kind, task_id in self.timers.due(now):
-            if kind == _RETRY:
-                task = self.dispatch.tasks.get(task_id)
-                if task is not None and task.retrying:
-                    self.journal.task_retrying(task_id, task.retries, None)
-                    self._dispatched(self.dispatch.release(task_id))
-            elif kind == _ETA:
-                task = self.scheduled.pop(task_id, None)
-                if task is not None:
-                    self._dispatched(self.dispatch.submit(task))
-            elif kind == _EXPIRE:
-                self._expire(task_id)
-            elif kind == _PERIODIC:
-                self._fire(task_id)
+        for kind, name in self.tasks.timers.due(now):
+            if kind == _PERIODIC:
+                self._fire(name)
+            else:
+                self.tasks.due(kind, name)
 
     # -------------------------------------------------------------- periodic
 
@@ -995,7 +614,9 @@ class Broker:
         if entry.next is None:
             log.warning("periodic %s has no next fire time; it is done", entry.schedule.name)
             return
-        self.timers.add(time.monotonic() + (entry.next - wall), (_PERIODIC, entry.schedule.name))
+        self.tasks.timers.add(
+            time.monotonic() + (entry.next - wall), (_PERIODIC, entry.schedule.name)
+        )
 
     def _fire(self, name: str) -> None:
         """Send a schedule's task if it is due (else the timer is a stale one)."""
@@ -1007,13 +628,13 @@ class Broker:
         entry.next = following(schedule, due, wall)
         self._arm_next(entry, wall)
         previous = entry.last_task
-        if schedule.key is not None and previous is not None and self._unfinished_id(previous):
+        if schedule.key is not None and previous is not None and self.tasks.unfinished_id(previous):
             # Its previous run still waits or runs: per-key exclusivity would queue this
             # one behind it; skipping keeps a slow task from piling up runs.
             entry.skipped += 1
             self.counters["periodic_skipped"] += 1
             return
-        full = self._full(schedule.queue)
+        full = self.tasks.full(schedule.queue)
         if full is not None:
             self.counters["periodic_skipped"] += 1
             log.warning("periodic %s not fired: %s", name, full)
@@ -1038,12 +659,8 @@ class Broker:
         self.journal.schedule_fired(name, due, task_id)
         self.counters["periodic_fired"] += 1
         out: list[Assignment] = []
-        self._admit(_task(task_id, header, schedule.payload), out)
-        self._dispatched(out)
-
-    def _unfinished_id(self, task_id: str) -> bool:
-        """True if the task was accepted and has not ended."""
-        return task_id in self.dispatch.tasks or task_id in self.scheduled or task_id in self.graph
+        self.tasks.admit(_task(task_id, header, schedule.payload), out)
+        self.tasks.dispatched(out)
 
     def _on_periodic(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         """List the periodic schedules; ``remove`` names ones to forget."""
@@ -1059,106 +676,13 @@ class Broker:
         reply = {"req": header.get("req"), "periodic": listing, "removed": removed}
         self.outbox.send(ident, p.PERIODIC, reply)
 
-    def _expire(self, task_id: str) -> None:
-        """End a task EXPIRED if it has not started (a running task runs on)."""
-        task = self.scheduled.pop(task_id, None)
-        out: list[Assignment] = []
-        if task is None:
-            task, out = self.dispatch.cancel(task_id)
-        if task is not None:
-            self._end_unrun(task, p.EXPIRED, "expired before a worker started it")
-        self._dispatched(out)
-
-    def _finish(self, task: Task, state: str, head: bytes, body: Any) -> None:
-        """Store a final result (journal too), publish it, answer the FETCH waits; then
-        release the tasks that waited for it, or end them too if it failed (a loop, not
-        recursion: a chain may be thousands of steps long)."""
-        ending = [(task, state, head, body)]
-        while ending:
-            task, state, head, body = ending.pop()
-            self._store_final(task, state, head, body)
-            released, failed = self.graph.finished(task.id, state == p.SUCCESS)
-            for child in failed:
-                ending.append((child, state, self._caused(child, state, task.id), body))
-            if released:
-                out: list[Assignment] = []
-                for child in released:
-                    self._release_waiting(child, out)
-                self._dispatched(out)
-
-    def _store_final(self, task: Task, state: str, head: bytes, body: Any) -> None:
-        self.inputs.pop(task.id, None)
-        self._terminating.discard(task.id)
-        task_header = task.data[0]
-        ignored = task_header.get("ignore_result", False)
-        if ignored:
-            # A bodyless entry, so that a resent SUBMIT is still known as a duplicate.
-            body = b""
-        result = self.results.put(task.id, state, head, body, time.monotonic())
-        self.journal.task_finished(task.id)
-        if self.journal.durable:
-            expires = time.time() + (result.expires - time.monotonic())
-            self.journal.result_stored(task.id, state, head, _bytes(body), expires)
-        if not ignored:
-            self.outbox.result(task_header["client"], task.id, head, body)
-        for waiter in self.waiters.pop(task.id):
-            self.outbox.forward(waiter, p.RESULT, head, body)
-
-    def _bury(self, task: Task) -> None:
-        """A dead letter: its workers died under it too often. Kept for ``zq dead``."""
-        self.counters["dead"] += 1
-        self.dead_letters[task.id] = task
-        message = (
-            f"gave up after the worker process running it died {task.redeliveries} times; "
-            f"inspect it with 'zq dead list', run it again with 'zq dead requeue {task.id}'"
-        )
-        log.error("task %s (%s) is a dead letter: %s", task.id, task.data[0]["name"], message)
-        failure = p.failure("zq.DeadLetter", message)
-        head = p.pack_header({"id": task.id, "state": p.DEAD})
-        self._finish(task, p.DEAD, head, failure)
-        if self.journal.durable:
-            header, body = task.data
-            self.journal.dead_stored(
-                task.id, p.pack_header(header), _bytes(body), task.redeliveries
-            )
-
     def _on_dead_letters(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         requeue = header.get("requeue", [])
         if not isinstance(requeue, list) or not all(isinstance(i, str) for i in requeue):
             raise ProtocolError("DEAD_LETTERS 'requeue' must be a list of task ids")
-        requeued, out = [], []
-        for task_id in requeue:
-            task = self.dead_letters.get(task_id)
-            if task is None or task_id in self.dispatch.tasks:
-                continue  # not a dead letter, or its id was submitted again meanwhile
-            del self.dead_letters[task_id]
-            self.results.discard(task_id)
-            self.journal.dead_dropped(task_id)
-            self.journal.result_dropped(task_id)
-            task_header, body = task.data
-            for field in ("redeliveries", "expires", "eta"):  # run it now, whatever it said
-                task_header.pop(field, None)
-            fresh = _task(task.id, task_header, body)
-            fresh.delivery = task.delivery  # late reports about old runs stay stale
-            if self.journal.durable:
-                self.journal.task_accepted(task_id, p.pack_header(task_header), _bytes(body))
-            self._gather_inputs(fresh)
-            out += self.dispatch.submit(fresh)
-            requeued.append(task_id)
-        listing = [
-            {
-                "id": t.id,
-                "name": t.data[0]["name"],
-                "queue": t.queue,
-                "key": t.key,
-                "redeliveries": t.redeliveries,
-            }
-            for t in self.dead_letters.values()
-        ]
-        self.outbox.send(
-            ident, p.DEAD_LETTERS, {"req": header.get("req"), "requeued": requeued, "dead": listing}
-        )
-        self._dispatched(out)
+        requeued = self.tasks.requeue_dead(requeue)
+        reply = {"req": header.get("req"), "requeued": requeued, "dead": self.tasks.dead_listing()}
+        self.outbox.send(ident, p.DEAD_LETTERS, reply)
 
     def _on_worker_heartbeat(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         """Answer at once, echoing the worker's send time: its lease (keyed tasks run
@@ -1176,62 +700,11 @@ class Broker:
 
     def _drop_worker(self, peer: Peer, why: str, *, counts: bool = True) -> None:
         self.workers.remove(peer)
-        lost, out = self.dispatch.remove_worker(peer.wid, counts=counts)
-        self._count_redelivered(lost)
-        self._end_terminated(lost)
+        lost = self.tasks.worker_gone(peer.wid, counts=counts)
         level = logging.WARNING if lost or why != "disconnected" else logging.INFO
         wid = peer.wid.decode()
         log.log(level, "worker %s offline (%s); %d task(s) handed back", wid, why, len(lost))
         self._event(b"worker.offline", {**peer.info, "why": why, "requeued": len(lost)})
-        self._dispatched(out)
-
-    def _count_redelivered(self, handed_back: list[Task]) -> None:
-        """Count the handed-back tasks that were queued again (not given up on)."""
-        self.counters["redelivered"] += sum(t.id in self.dispatch.tasks for t in handed_back)
-
-    def _dispatched(self, assignments: list[Assignment]) -> None:
-        """Send the TASKs a scheduling decision made; bury the tasks it gave up on."""
-        if self.dispatch.dead:
-            # Taken first: burying finishes tasks, which may release workflow steps
-            # and so come back here.
-            dead, self.dispatch.dead = self.dispatch.dead, []
-            for task in dead:
-                self._bury(task)
-        stopped: list[Assignment] = []
-        for wid, task in assignments:
-            if task.id in self._terminating:
-                # Revoked with terminate, then handed back before its worker stopped it
-                # (that worker was lost): it must not start again anywhere.
-                stopped.append((wid, task))
-                continue
-            peer = self.workers.find(wid)
-            assert peer is not None  # the dispatcher assigns to registered workers only
-            task_header, body = task.data
-            if task.redeliveries:
-                task_header["redeliveries"] = task.redeliveries
-            if task.retries:
-                task_header["retries"] = task.retries
-            task_header["delivery"] = task.delivery
-            inputs = self.inputs.get(task.id, ())
-            if inputs:
-                task_header["inputs"] = len(inputs)
-            self.outbox.task(peer.ident, p.pack_header(task_header), body, inputs)
-            self.journal.task_assigned(task.id, wid.decode(), task.redeliveries, task.delivery)
-        self.counters["dispatched"] += len(assignments) - len(stopped)
-        for wid, task in stopped:
-            _, more = self.dispatch.done(wid, task.id, task.delivery)
-            self._end_unrun(task, p.REVOKED, "was revoked (terminate) and never ran again")
-            self._dispatched(more)
-
-    def _end_terminated(self, handed_back: list[Task]) -> None:
-        """Handed-back tasks that were revoked with terminate end REVOKED now, rather
-        than wait in their queue for the assignment that would end them."""
-        for task in handed_back:
-            if task.id in self._terminating:
-                cancelled, more = self.dispatch.cancel(task.id)
-                if cancelled is not None:
-                    self._end_unrun(cancelled, p.REVOKED, "was revoked (terminate)")
-                    self._dispatched(more)
 
     def _event(self, name: bytes, body: dict[str, Any]) -> None:
         self.outbox.publish(p.EVENT_PREFIX + name, p.EVENT, p.pack_header(body))
@@ -1248,16 +721,13 @@ class Broker:
             for peer in self.workers.silent(now, dead_after):
                 self._drop_worker(peer, f"silent for {now - peer.last_seen:.1f}s")
         for wid in self.workers.not_back(now):
-            lost, out = self.dispatch.remove_worker(wid)
-            self._count_redelivered(lost)
-            self._end_terminated(lost)
+            lost = self.tasks.worker_gone(wid)
             log.warning(
                 "worker %s did not come back; %d task(s) handed to others",
                 wid.decode(),
                 len(lost),
             )
-            self._dispatched(out)
-        self.results.purge(now)
+        self.tasks.results.purge(now)
         if self.authorizer is not None and (self._reload_keys or now >= self._next_key_check):
             try:
                 if self._reload_keys:
@@ -1269,31 +739,26 @@ class Broker:
             self._reload_keys = False
             self._next_key_check = now + KEY_CHECK_EVERY
         if now >= self._next_purge:  # scans every wait: not on every tick
-            self.waiters.purge(now)
+            self.tasks.waiters.purge(now)
             self._next_purge = now + PURGE_EVERY
-
-    def _result_dropped(self, task_id: str) -> None:
-        """A result left the store (TTL or cap): its journal row goes too, by its id,
-        so the journal holds what the store does and is never scanned for expiry."""
-        self.journal.result_dropped(task_id)
 
     # ----------------------------------------------------------------- replay
 
     def _replay(self) -> None:
         """Rebuild the state from the journal: results, then held and waiting tasks."""
-        self._replaying = True
+        self.tasks.replaying = True
         try:
             self._replay_journal()
         finally:
-            self._replaying = False
+            self.tasks.replaying = False
 
     def _replay_journal(self) -> None:
         now, wall = time.monotonic(), time.time()
-        ttl = self.results.ttl
+        ttl = self.tasks.results.ttl
         self.journal.purge_results()  # those that expired while no broker ran
         for stored in self.journal.results():
             # put() adds the TTL to "now"; shift it so the result keeps its expiry.
-            self.results.put(
+            self.tasks.results.put(
                 stored.id,
                 stored.state,
                 stored.header,
@@ -1303,21 +768,21 @@ class Broker:
         held, waiting = [], []
         for stored in self.journal.tasks():
             header = p.unpack_header(stored.header)
-            task = _task(stored.id, header, stored.payload)
+            task = make_task(stored.id, header, stored.payload)
             task.redeliveries, task.retries = stored.redeliveries, stored.retries
             task.delivery = stored.delivery
             if stored.eta is not None:
                 task.retrying = True
-                self.timers.add(now + (stored.eta - wall), (_RETRY, task.id))
+                self.tasks.timers.add(now + (stored.eta - wall), (RETRY, task.id))
             (held if stored.worker or task.retrying else waiting).append((task, stored.worker))
         for task, worker in held:
-            self.dispatch.restore(task, worker.encode() if worker else None)
+            self.tasks.dispatch.restore(task, worker.encode() if worker else None)
             if task.data[0].get("expires") is not None:  # in case it comes back unstarted
-                self.timers.add(now + (task.data[0]["expires"] - wall), (_EXPIRE, task.id))
+                self.tasks.timers.add(now + (task.data[0]["expires"] - wall), (EXPIRE, task.id))
         for task, _ in held:
-            self._gather_inputs(task)
+            self.tasks.gather_inputs(task)
         for task, _ in waiting:
-            self._enter(task, [])  # no worker is connected yet: nothing is assigned
+            self.tasks.enter(task, [])  # no worker is connected yet: nothing is assigned
         held = [(t, w) for t, w in held if w]
         for stored_schedule in self.journal.schedules():
             try:
@@ -1328,9 +793,9 @@ class Broker:
             self._arm(Entry(schedule, stored_schedule.last, stored_schedule.last_task))
         for stored in self.journal.dead():
             header = p.unpack_header(stored.header)
-            task = _task(stored.id, header, stored.payload)
+            task = make_task(stored.id, header, stored.payload)
             task.redeliveries = stored.redeliveries
-            self.dead_letters[task.id] = task
+            self.tasks.dead_letters[task.id] = task
         grace = self.settings.reattach_grace
         if grace is None:
             grace = 2 * self.settings.heartbeat * self.settings.liveness
@@ -1340,20 +805,12 @@ class Broker:
                 "journal %s: %d result(s), %d task(s) waiting, %d held by %d worker(s)"
                 " (%.0fs for them to re-attach)",
                 self.journal.path,
-                len(self.results),
+                len(self.tasks.results),
                 len(waiting),
                 len(held),
                 self.workers.expected(),
                 grace,
             )
-
-    def _gather_inputs(self, task: Task) -> None:
-        """A workflow step held or queued again (replay, dead-letter requeue) gets its
-        parents' results back (for a re-run)."""
-        args_from = task.data[0].get("args_from")
-        if args_from is not None:
-            results = [self.results.get(parent) for parent in args_from]
-            self.inputs[task.id] = [r.payload if r is not None else b"" for r in results]
 
     _HANDLERS = {
         (p.CLIENT, p.HELLO): _on_hello,
