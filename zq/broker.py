@@ -25,27 +25,23 @@ import zmq
 
 from zq import protocol as p
 from zq import wire
-from zq.dispatch import PREFETCH_MAX, Assignment, Task
+from zq.dispatch import PREFETCH_MAX
 from zq.errors import ProtocolError
-from zq.ids import new_id
 from zq.journal import Journal, NullJournal, open_journal
 from zq.outbox import Outbox, Outgoing, finish_out, finish_pub
-from zq.schedule import Entry, Schedule, first_fire, following
+from zq.periodic import PERIODIC, Periodic
+from zq.replay import replay
 from zq.security import Authorizer, load_pair, serve_with
 from zq.sequence import SubmitOrder
-from zq.tasks import EXPIRE, RETRY, Tasks, make_task
+from zq.tasks import Tasks
 from zq.workers import Peer, Workers
 
 log = logging.getLogger("zq.broker")
 
 #: Most messages read from the ROUTER in one loop turn, so timers still run under load.
 MAX_BATCH = 2000
-#: Longest a FETCH may ask the broker to hold a wait for a result.
-MAX_WAIT = 3600.0
 #: Seconds between sweeps of expired FETCH waits.
 PURGE_EVERY = 10.0
-#: Payloads up to this many bytes are kept as bytes rather than zero-copy frames.
-SMALL_PAYLOAD = 4096
 #: Messages a peer may have queued towards the broker before its sends block.
 ROUTER_RCVHWM = 1000
 #: Seconds between checks of the authorized-keys directory for changes.
@@ -57,15 +53,6 @@ ACK_CHUNK = 5000
 GIVE_BACK_AFTER = 0.1
 #: How many keys ``STATUS`` lists at most.
 STATUS_KEYS = 100
-
-# What a timer in the broker's heap is for: (kind, task id).
-_RETRY = "retry"  # a retry delay ran out: back to the head of the task's lane
-_ETA = "eta"  # a scheduled task's time came: into its queue
-_EXPIRE = "expire"  # a task not started by now ends EXPIRED
-_PERIODIC = "periodic"  # (kind, schedule name): a periodic schedule may be due
-
-#: The client id periodic tasks are sent under (results go to topics nobody reads).
-PERIODIC_CLIENT = "zq-periodic"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,7 +108,7 @@ class Broker:
         self.workers = Workers()
         self.outbox = Outbox(self.settings.max_message_size)
         self.tasks = Tasks(self.settings, self.counters, self.outbox, self.workers)
-        self.periodic: dict[str, Entry] = {}  # schedule name -> its state
+        self.periodic = Periodic(self.tasks, self.counters)
         self.endpoint = ""
         self.pub_endpoint = ""
         self._ctx = zmq.Context()
@@ -519,7 +506,7 @@ class Broker:
         )
         self._event(b"worker.online", info)
         self.tasks.worker_ready(peer, queues, running, names)
-        self._declare(header.get("periodic", []))  # last: a bad schedule costs itself only
+        self.periodic.declare(header.get("periodic", []))  # last: a bad schedule costs itself only
 
     def _worker(self, ident: bytes) -> Peer:
         peer = self.workers.get(ident)
@@ -575,105 +562,18 @@ class Broker:
         """Timers whose time came: retry delays run out (the task goes back to the head
         of its lane), ETAs come (into the queue), expiry times pass."""
         for kind, name in self.tasks.timers.due(now):
-            if kind == _PERIODIC:
-                self._fire(name)
+            if kind == PERIODIC:
+                self.periodic.fire(name)
             else:
                 self.tasks.due(kind, name)
-
-    # -------------------------------------------------------------- periodic
-
-    def _declare(self, items: Any) -> None:
-        """Schedules a worker's app declares (a list: _on_ready checked it before it
-        registered the worker): new or changed ones are (re)armed."""
-        for item in items:
-            try:
-                schedule = Schedule.from_wire(item)
-            except ValueError as exc:
-                self.counters["bad_schedules"] += 1
-                log.warning("ignored a periodic schedule a worker declared: %s", exc)
-                continue
-            entry = self.periodic.get(schedule.name)
-            if entry is not None and entry.schedule == schedule:
-                continue  # the usual case: every worker declares the same schedules
-            if entry is not None:
-                log.info("periodic schedule %s changed: %s", schedule.name, schedule.describe())
-            last, last_task = (entry.last, entry.last_task) if entry else (None, None)
-            self._arm(Entry(schedule, last, last_task))
-            definition = p.pack_header(schedule.to_wire())
-            self.journal.schedule_stored(schedule.name, definition, last, last_task)
-
-    def _arm(self, entry: Entry) -> None:
-        wall = time.time()
-        entry.next = first_fire(entry.schedule, entry.last, wall)
-        self.periodic[entry.schedule.name] = entry
-        self._arm_next(entry, wall)
-
-    def _arm_next(self, entry: Entry, wall: float) -> None:
-        """Set the timer for ``entry.next``; a schedule with no next time is listed
-        with next = None and never fires again (e.g. a cron year that has passed)."""
-        if entry.next is None:
-            log.warning("periodic %s has no next fire time; it is done", entry.schedule.name)
-            return
-        self.tasks.timers.add(
-            time.monotonic() + (entry.next - wall), (_PERIODIC, entry.schedule.name)
-        )
-
-    def _fire(self, name: str) -> None:
-        """Send a schedule's task if it is due (else the timer is a stale one)."""
-        entry = self.periodic.get(name)
-        wall = time.time()
-        if entry is None or entry.next is None or entry.next > wall + 0.001:
-            return
-        schedule, due = entry.schedule, entry.next
-        entry.next = following(schedule, due, wall)
-        self._arm_next(entry, wall)
-        previous = entry.last_task
-        if schedule.key is not None and previous is not None and self.tasks.unfinished_id(previous):
-            # Its previous run still waits or runs: per-key exclusivity would queue this
-            # one behind it; skipping keeps a slow task from piling up runs.
-            entry.skipped += 1
-            self.counters["periodic_skipped"] += 1
-            return
-        full = self.tasks.full(schedule.queue)
-        if full is not None:
-            self.counters["periodic_skipped"] += 1
-            log.warning("periodic %s not fired: %s", name, full)
-            return
-        task_id = new_id()
-        header: dict[str, Any] = {
-            "id": task_id,
-            "name": schedule.task,
-            "queue": schedule.queue,
-            "client": PERIODIC_CLIENT,
-            "periodic": name,
-        }
-        if entry.next is not None:
-            # Superseded by the next run: a run no worker started by then expires, so
-            # a schedule whose queue has no worker never piles runs up in the broker.
-            header["expires"] = entry.next
-        if schedule.key is not None:
-            header["key"] = schedule.key
-        entry.last, entry.last_task = due, task_id
-        if self.journal.durable:
-            self.journal.task_accepted(task_id, p.pack_header(header), schedule.payload)
-        self.journal.schedule_fired(name, due, task_id)
-        self.counters["periodic_fired"] += 1
-        out: list[Assignment] = []
-        self.tasks.admit(_task(task_id, header, schedule.payload), out)
-        self.tasks.dispatched(out)
 
     def _on_periodic(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         """List the periodic schedules; ``remove`` names ones to forget."""
         remove = header.get("remove", [])
         if not isinstance(remove, list) or not all(isinstance(n, str) for n in remove):
             raise ProtocolError("PERIODIC 'remove' must be a list of schedule names")
-        removed = []
-        for name in remove:
-            if self.periodic.pop(name, None) is not None:
-                self.journal.schedule_dropped(name)
-                removed.append(name)
-        listing = [entry.listing() for entry in self.periodic.values()]
-        reply = {"req": header.get("req"), "periodic": listing, "removed": removed}
+        removed = self.periodic.remove(remove)
+        reply = {"req": header.get("req"), "periodic": self.periodic.listing(), "removed": removed}
         self.outbox.send(ident, p.PERIODIC, reply)
 
     def _on_dead_letters(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
@@ -745,72 +645,11 @@ class Broker:
     # ----------------------------------------------------------------- replay
 
     def _replay(self) -> None:
-        """Rebuild the state from the journal: results, then held and waiting tasks."""
-        self.tasks.replaying = True
-        try:
-            self._replay_journal()
-        finally:
-            self.tasks.replaying = False
-
-    def _replay_journal(self) -> None:
-        now, wall = time.monotonic(), time.time()
-        ttl = self.tasks.results.ttl
-        self.journal.purge_results()  # those that expired while no broker ran
-        for stored in self.journal.results():
-            # put() adds the TTL to "now"; shift it so the result keeps its expiry.
-            self.tasks.results.put(
-                stored.id,
-                stored.state,
-                stored.header,
-                stored.payload,
-                now - ttl + (stored.expires - wall),
-            )
-        held, waiting = [], []
-        for stored in self.journal.tasks():
-            header = p.unpack_header(stored.header)
-            task = make_task(stored.id, header, stored.payload)
-            task.redeliveries, task.retries = stored.redeliveries, stored.retries
-            task.delivery = stored.delivery
-            if stored.eta is not None:
-                task.retrying = True
-                self.tasks.timers.add(now + (stored.eta - wall), (RETRY, task.id))
-            (held if stored.worker or task.retrying else waiting).append((task, stored.worker))
-        for task, worker in held:
-            self.tasks.dispatch.restore(task, worker.encode() if worker else None)
-            if task.data[0].get("expires") is not None:  # in case it comes back unstarted
-                self.tasks.timers.add(now + (task.data[0]["expires"] - wall), (EXPIRE, task.id))
-        for task, _ in held:
-            self.tasks.gather_inputs(task)
-        for task, _ in waiting:
-            self.tasks.enter(task, [])  # no worker is connected yet: nothing is assigned
-        held = [(t, w) for t, w in held if w]
-        for stored_schedule in self.journal.schedules():
-            try:
-                schedule = Schedule.from_wire(p.unpack_header(stored_schedule.definition))
-            except (ValueError, ProtocolError) as exc:
-                log.warning("dropped periodic schedule %s: %s", stored_schedule.name, exc)
-                continue
-            self._arm(Entry(schedule, stored_schedule.last, stored_schedule.last_task))
-        for stored in self.journal.dead():
-            header = p.unpack_header(stored.header)
-            task = make_task(stored.id, header, stored.payload)
-            task.redeliveries = stored.redeliveries
-            self.tasks.dead_letters[task.id] = task
+        """Rebuild the core from the journal (see :mod:`zq.replay`)."""
         grace = self.settings.reattach_grace
         if grace is None:
             grace = 2 * self.settings.heartbeat * self.settings.liveness
-        self.workers.expect({w.encode() for _, w in held}, now + grace)
-        if self.journal.durable:
-            log.info(
-                "journal %s: %d result(s), %d task(s) waiting, %d held by %d worker(s)"
-                " (%.0fs for them to re-attach)",
-                self.journal.path,
-                len(self.tasks.results),
-                len(waiting),
-                len(held),
-                self.workers.expected(),
-                grace,
-            )
+        replay(self.tasks, self.periodic, self.workers, grace)
 
     _HANDLERS = {
         (p.CLIENT, p.HELLO): _on_hello,
@@ -829,30 +668,6 @@ class Broker:
         (p.WORKER, p.HEARTBEAT): _on_worker_heartbeat,
         (p.WORKER, p.DISCONNECT): _on_worker_disconnect,
     }
-
-
-def _bytes(frame: Any) -> bytes:
-    return frame if isinstance(frame, bytes) else frame.bytes
-
-
-#: The failure type a task ended without running gets, by its state.
-_UNRUN_KINDS = {p.EXPIRED: "zq.Expired", p.REVOKED: "zq.Revoked", p.FAILURE: "zq.WorkflowError"}
-
-_DONE_STATES = (p.SUCCESS, p.FAILURE, p.RETRY, p.LOST, p.EXPIRED, p.REVOKED)
-#: The DONE states of a task that ran to its end: their run times feed the prefetch.
-_RAN = (p.SUCCESS, p.FAILURE, p.RETRY)
-
-
-def _task(task_id: str, header: dict[str, Any], body: Any) -> Task:
-    """The scheduler's view of an accepted task (header checked by check_task_header)."""
-    return Task(
-        task_id,
-        header["queue"],
-        header.get("key"),
-        (header, body),
-        header.get("priority", 0),
-        header["name"],
-    )
 
 
 def _delivery(header: dict[str, Any]) -> int | None:
