@@ -31,6 +31,7 @@ from zq.journal import Journal, NullJournal, open_journal
 from zq.outbox import Outbox, Outgoing, finish_out, finish_pub
 from zq.periodic import PERIODIC, Periodic
 from zq.replay import replay
+from zq.reports import Reports
 from zq.security import Authorizer, load_pair, serve_with
 from zq.sequence import SubmitOrder
 from zq.tasks import Tasks
@@ -108,6 +109,7 @@ class Broker:
         self.workers = Workers()
         self.outbox = Outbox(self.settings.max_message_size)
         self.tasks = Tasks(self.settings, self.counters, self.outbox, self.workers)
+        self.reports = Reports(self.tasks)
         self.periodic = Periodic(self.tasks, self.counters)
         self.endpoint = ""
         self.pub_endpoint = ""
@@ -505,7 +507,7 @@ class Broker:
             ",".join(queues),
         )
         self._event(b"worker.online", info)
-        self.tasks.worker_ready(peer, queues, running, names)
+        self.reports.worker_ready(peer, queues, running, names)
         self.periodic.declare(header.get("periodic", []))  # last: a bad schedule costs itself only
 
     def _worker(self, ident: bytes) -> Peer:
@@ -529,7 +531,7 @@ class Broker:
                 raise ProtocolError("STARTED needs 'id' or 'ids' and 'deliveries' (lists)")
             if len(ids) != len(deliveries):
                 raise ProtocolError("STARTED 'ids' and 'deliveries' differ in length")
-        self.tasks.started(peer, ids, deliveries)
+        self.reports.started(peer, ids, deliveries)
 
     def _on_progress(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         """A running task reported progress: keep the latest, publish it to its client."""
@@ -537,14 +539,14 @@ class Broker:
         task_id, info = header.get("id"), header.get("progress")
         if not isinstance(task_id, str) or not isinstance(info, dict):
             raise ProtocolError("PROGRESS needs 'id' and 'progress' (a map)")
-        self.tasks.progress(peer, task_id, info, _delivery(header))
+        self.reports.progress(peer, task_id, info, _delivery(header))
 
     def _on_done(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
         peer = self._worker(ident)
         returned: list[tuple[str, int | None]] = []  # prefetched tasks given back unstarted
         batch = header.get("done")
         if batch is None:
-            self.tasks.done(peer, header, payload[0] if payload else b"", returned)
+            self.reports.done(peer, header, payload[0] if payload else b"", returned)
         elif not isinstance(batch, list) or len(batch) != len(payload):
             raise ProtocolError("DONE 'done' must list one header per payload frame")
         else:
@@ -552,11 +554,11 @@ class Broker:
                 try:
                     if not isinstance(done_header, dict):
                         raise ProtocolError("DONE 'done' entries must be maps")
-                    self.tasks.done(peer, done_header, body, returned)
+                    self.reports.done(peer, done_header, body, returned)
                 except ProtocolError as exc:  # one bad entry costs that entry only
                     self._reject_malformed(ident, exc)
         if returned:
-            self.tasks.given_back(peer, returned)
+            self.reports.given_back(peer, returned)
 
     def _release_due(self, now: float) -> None:
         """Timers whose time came: retry delays run out (the task goes back to the head

@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from zq import protocol as p
 from zq.dispatch import Assignment, Dispatcher, Task
-from zq.errors import ProtocolError
 from zq.journal import Journal, NullJournal
 from zq.outbox import Outbox
 from zq.results import ResultStore, Waiters
 from zq.timers import TimerHeap
-from zq.workers import Peer, Workers
+from zq.workers import Workers
 from zq.workflow import Graph, check_links
 
 if TYPE_CHECKING:
@@ -64,7 +63,7 @@ class Tasks:
         self.scheduled: dict[str, Task] = {}  # accepted, waiting for their ETA
         self.graph = Graph()  # accepted, waiting for their parents (workflows)
         self.inputs: dict[str, list[Any]] = {}  # task id -> its parents' result bodies
-        self._terminating: set[str] = set()  # running tasks revoked with terminate
+        self.terminating: set[str] = set()  # running tasks revoked with terminate
         self.results = ResultStore(
             settings.result_ttl, settings.max_results, on_drop=self.result_dropped
         )
@@ -158,7 +157,7 @@ class Tasks:
                 if terminate:
                     # Remembered until it ends: a worker that re-attaches it, or one it
                     # is handed to, is told again (see stop_if_terminating).
-                    self._terminating.add(task_id)
+                    self.terminating.add(task_id)
                     self.stop_if_terminating(task)
                     reply["terminating"].append(task_id)
                 else:
@@ -209,57 +208,6 @@ class Tasks:
             for t in self.dead_letters.values()
         ]
 
-    # ------------------------------------------------------------ from workers
-
-    def worker_ready(
-        self,
-        peer: Peer,
-        queues: list[str],
-        running: dict[str, int | None],
-        names: list[str],
-    ) -> None:
-        """A worker said READY: it re-attaches what it runs, and gets what it may take."""
-        capacity = peer.capacity(self.settings.prefetch)
-        self.dispatched(self.dispatch.add_worker(peer.wid, queues, capacity, running, names))
-        self._unserved.difference_update((q, n) for q in queues for n in names)
-        for task_id in self._terminating & running.keys():  # re-attached, still to stop
-            task = self.dispatch.tasks.get(task_id)
-            if task is not None:
-                self.stop_if_terminating(task)
-
-    def started(self, peer: Peer, ids: list[Any], deliveries: list[Any]) -> None:
-        """The worker started these tasks (``ids`` and ``deliveries`` in step)."""
-        for task_id, delivery in zip(ids, deliveries, strict=True):
-            if not isinstance(task_id, str) or not self.dispatch.started(
-                peer.wid, task_id, _as_delivery(delivery)
-            ):
-                self.counters["stale_started"] += 1
-        # Not published: a message per task that no client needs (status asks the
-        # broker), and about a fifth of the broker's sends per task.
-
-    def progress(
-        self, peer: Peer, task_id: str, info: dict[str, Any], delivery: int | None
-    ) -> None:
-        """A running task reported progress: keep the latest, publish it to its client."""
-        task = self.dispatch.held(peer.wid, task_id, delivery)
-        if task is None:
-            self.counters["stale_progress"] += 1
-            return
-        task.started = True
-        task.progress = {k: info.get(k) for k in ("done", "total", "note")}
-        head = {"id": task_id, "state": p.STARTED_STATE, "progress": task.progress}
-        topic = (task.data[0]["client"] + task_id).encode()
-        self.outbox.publish(topic, p.PROGRESS, p.pack_header(head))
-
-    def worker_gone(self, wid: bytes, *, counts: bool = True) -> list[Task]:
-        """A worker died or left: its tasks go back to the head of their lanes (or are
-        given up on). ``counts``: a crash, not a departure on purpose. Returns them."""
-        lost, out = self.dispatch.remove_worker(wid, counts=counts)
-        self.count_redelivered(lost)
-        self.end_terminated(lost)
-        self.dispatched(out)
-        return lost
-
     # ------------------------------------------------------------------ timers
 
     def due(self, kind: str, task_id: str) -> None:
@@ -278,6 +226,20 @@ class Tasks:
             self.expire(task_id)
 
     # -------------------------------------------------------------- the steps
+
+    def now_served(self, queues: list[str], names: list[str]) -> None:
+        """A worker takes these names from these queues: log them unserved again if
+        they ever are."""
+        self._unserved.difference_update((q, n) for q in queues for n in names)
+
+    def worker_gone(self, wid: bytes, *, counts: bool = True) -> list[Task]:
+        """A worker died or left: its tasks go back to the head of their lanes (or are
+        given up on). ``counts``: a crash, not a departure on purpose. Returns them."""
+        lost, out = self.dispatch.remove_worker(wid, counts=counts)
+        self.count_redelivered(lost)
+        self.end_terminated(lost)
+        self.dispatched(out)
+        return lost
 
     def known(self, task_id: str) -> bool:
         """True if the id was accepted already (a resent SUBMIT is a duplicate)."""
@@ -360,9 +322,9 @@ class Tasks:
             self.timers.add(now + (eta - wall), (ETA, task.id))
             return
         out += self.dispatch.submit(task)
-        self._check_served(task)
+        self.check_served(task)
 
-    def _check_served(self, task: Task) -> None:
+    def check_served(self, task: Task) -> None:
         """Log, once until a worker takes it, that no connected worker takes this task's
         (queue, name): its tasks wait, and a user should hear why."""
         route = (task.queue, task.name)
@@ -420,127 +382,10 @@ class Tasks:
     def stop_if_terminating(self, task: Task) -> None:
         """Tell the worker holding ``task`` to stop it, if it was revoked with terminate
         (a placeholder worker is told when it comes back)."""
-        if task.id in self._terminating and task.worker is not None:
+        if task.id in self.terminating and task.worker is not None:
             peer = self.workers.find(task.worker)
             if peer is not None:
                 self.outbox.send(peer.ident, p.REVOKE, {"id": task.id, "delivery": task.delivery})
-
-    def given_back(self, peer: Peer, returned: list[tuple[str, int | None]]) -> None:
-        """A stalled worker gave back tasks it had not started: no more prefetch for it
-        until a task ends there again, and the tasks go back to the head of their lanes
-        together, in the order it held them (not counted as redeliveries)."""
-        self.refresh_capacity(peer)
-        tasks, out = self.dispatch.give_back(peer.wid, returned)
-        self.counters["given_back"] += len(tasks)
-        self.counters["stale_done"] += len(returned) - len(tasks)
-        self.end_terminated(tasks)
-        self.dispatched(out)
-
-    def refresh_capacity(self, peer: Peer) -> None:
-        """Automatic prefetch: set the worker's credit from its latest run times."""
-        if self.settings.prefetch is None and peer.slots:
-            out = self.dispatch.set_capacity(peer.wid, peer.capacity(self.settings.prefetch))
-            if out:
-                self.dispatched(out)
-
-    def done(
-        self,
-        peer: Peer,
-        header: dict[str, Any],
-        body: Any,
-        returned: list[tuple[str, int | None]],
-    ) -> None:
-        """One task's outcome from the worker that ran it (a task given back unstarted
-        is added to ``returned`` instead)."""
-        ident = peer.ident
-        task_id, state = header.get("id"), header.get("state")
-        if not isinstance(task_id, str) or state not in DONE_STATES:
-            raise ProtocolError(f"DONE needs 'id' and a 'state' in {', '.join(DONE_STATES)}")
-        # Acknowledged (after the commit) whatever happens here, so the worker's outbox
-        # lets go of it: a DONE is only ever sent again after a reconnect.
-        delivery = _delivery(header)
-        self.outbox.ack(ident, task_id, delivery)
-        runtime = header.get("runtime")
-        if not isinstance(runtime, (int, float)) or runtime < 0:
-            runtime = None
-        if state in _RAN and runtime is not None:
-            peer.runtimes.add(runtime)
-            self.refresh_capacity(peer)  # lower before the slot it freed is refilled
-        if state == p.LOST and header.get("unknown"):
-            self._unknown_here(peer, task_id, delivery)
-            return
-        if state == p.LOST and header.get("returned"):
-            # Its runtime says how long the worker's slots were stuck.
-            peer.runtimes.stalled(runtime or 0.0)
-            returned.append((task_id, delivery))
-            return
-        if state == p.LOST:  # the process running it died: run it again, or give up
-            counts = not header.get("fenced")  # a fenced stop is not a crash
-            task, out = self.dispatch.lost(peer.wid, task_id, delivery, counts=counts)
-            if task is None:
-                self.counters["stale_done"] += 1
-            else:
-                self.count_redelivered([task])
-                self.end_terminated([task])
-            self.dispatched(out)
-            return
-        bad_retry = None  # why a RETRY cannot be held, if it cannot
-        if state == p.RETRY:
-            countdown = header.pop("countdown", None)
-            if type(countdown) in (int, float) and 0 <= countdown <= p.MAX_RETRY_COUNTDOWN:
-                self._retry(peer, task_id, delivery, countdown)
-                return
-            # The worker has let go of the task (its DONE is acknowledged): a retry the
-            # broker cannot hold fails it, or it would stay on that worker, key and all.
-            bad_retry = (
-                f"the task asked to be retried after {countdown!r} seconds; a retry waits "
-                f"a number of seconds from 0 to {p.MAX_RETRY_COUNTDOWN:g}"
-            )
-            state = header["state"] = p.FAILURE
-            body = p.failure("zq.ProtocolError", bad_retry)
-        task, out = self.dispatch.done(peer.wid, task_id, delivery)
-        if task is None:
-            # Not this worker's task (any more): it was handed to another worker, or it
-            # is a resend of a DONE the broker already has.
-            self.counters["stale_done"] += 1
-            log.info("ignored DONE for %s from %s, which does not hold it", task_id, peer.wid)
-        else:
-            self.counters["done"] += 1
-            if bad_retry is not None:
-                self.counters["malformed"] += 1
-                log.warning("%s from %s failed: %s", task_id, peer.wid, bad_retry)
-            self.finish(task, state, p.pack_header(header), body)
-        self.dispatched(out)
-
-    def _unknown_here(self, peer: Peer, task_id: str, delivery: int | None) -> None:
-        """The worker does not have the task's name after all: it gets no more tasks of
-        that name, and the task goes back to the head of its lane for one that has it."""
-        task, out = self.dispatch.drop_name(peer.wid, task_id, delivery)
-        if task is None:
-            self.counters["stale_done"] += 1
-        else:
-            self.counters["unknown_task"] += 1
-            log.warning(
-                "worker %s does not have task %s after all: it is sent no more of them",
-                peer.wid.decode(),
-                task.name,
-            )
-            self.end_terminated([task])
-            self._check_served(task)
-        self.dispatched(out)
-
-    def _retry(self, peer: Peer, task_id: str, delivery: int | None, countdown: float) -> None:
-        """The task asked to run again later: hold it (and its key) for the countdown."""
-        task, out = self.dispatch.retry(peer.wid, task_id, delivery)
-        if task is None:
-            self.counters["stale_done"] += 1
-        else:
-            self.counters["retried"] += 1
-            self.timers.add(time.monotonic() + countdown, (RETRY, task_id))
-            self.journal.task_retrying(task_id, task.retries, time.time() + countdown)
-            head = p.pack_header({"id": task_id, "state": p.RETRY, "countdown": countdown})
-            self.outbox.publish((task.data[0]["client"] + task_id).encode(), p.STARTED, head)
-        self.dispatched(out)
 
     def expire(self, task_id: str) -> None:
         """End a task EXPIRED if it has not started (a running task runs on)."""
@@ -571,7 +416,7 @@ class Tasks:
 
     def _store_final(self, task: Task, state: str, head: bytes, body: Any) -> None:
         self.inputs.pop(task.id, None)
-        self._terminating.discard(task.id)
+        self.terminating.discard(task.id)
         task_header = task.data[0]
         ignored = task_header.get("ignore_result", False)
         if ignored:
@@ -619,7 +464,7 @@ class Tasks:
                 self._bury(task)
         stopped: list[Assignment] = []
         for wid, task in assignments:
-            if task.id in self._terminating:
+            if task.id in self.terminating:
                 # Revoked with terminate, then handed back before its worker stopped it
                 # (that worker was lost): it must not start again anywhere.
                 stopped.append((wid, task))
@@ -647,7 +492,7 @@ class Tasks:
         """Handed-back tasks that were revoked with terminate end REVOKED now, rather
         than wait in their queue for the assignment that would end them."""
         for task in handed_back:
-            if task.id in self._terminating:
+            if task.id in self.terminating:
                 cancelled, more = self.dispatch.cancel(task.id)
                 if cancelled is not None:
                     self.end_unrun(cancelled, p.REVOKED, "was revoked (terminate)")
@@ -674,10 +519,6 @@ def _bytes(frame: Any) -> bytes:
 #: The failure type a task ended without running gets, by its state.
 _UNRUN_KINDS = {p.EXPIRED: "zq.Expired", p.REVOKED: "zq.Revoked", p.FAILURE: "zq.WorkflowError"}
 
-DONE_STATES = (p.SUCCESS, p.FAILURE, p.RETRY, p.LOST, p.EXPIRED, p.REVOKED)
-#: The DONE states of a task that ran to its end: their run times feed the prefetch.
-_RAN = (p.SUCCESS, p.FAILURE, p.RETRY)
-
 
 def make_task(task_id: str, header: dict[str, Any], body: Any) -> Task:
     """The scheduler's view of an accepted task (header checked by check_task_header)."""
@@ -689,12 +530,3 @@ def make_task(task_id: str, header: dict[str, Any], body: Any) -> Task:
         header.get("priority", 0),
         header["name"],
     )
-
-
-def _delivery(header: dict[str, Any]) -> int | None:
-    """The delivery a worker's report is about (see Dispatcher.held)."""
-    return _as_delivery(header.get("delivery"))
-
-
-def _as_delivery(value: Any) -> int | None:
-    return value if isinstance(value, int) else None
