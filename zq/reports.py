@@ -184,6 +184,10 @@ class Reports:
         task, out = self.dispatch.retry(peer.wid, task_id, delivery)
         if task is None:
             self.counters["stale_done"] += 1
+        elif task_id in self.tasks.terminating:
+            # Revoked with terminate while it ran: it is stopped now, not held for a
+            # retry delay (up to a week) before it ends.
+            self.tasks.end_terminated([task])
         else:
             self.counters["retried"] += 1
             self.tasks.timers.add(time.monotonic() + countdown, (RETRY, task_id))

@@ -106,7 +106,7 @@ class Tasks:
             if len(body) <= SMALL_PAYLOAD:
                 # A zero-copy frame would keep its share of libzmq's receive buffer
                 # alive for as long as the task waits; a small payload is cheaper copied.
-                body = body.bytes
+                body = _bytes(body)
             task = make_task(task_id, task_header, body)
             if self.journal.durable:
                 self.journal.task_accepted(task_id, p.pack_header(task_header), _bytes(body))
