@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import threading
 import time
@@ -23,8 +22,8 @@ from typing import Any
 
 import zmq
 
+from zq import messages, wire
 from zq import protocol as p
-from zq import wire
 from zq.dispatch import PREFETCH_MAX
 from zq.errors import ProtocolError
 from zq.journal import Journal, NullJournal, open_journal
@@ -352,59 +351,37 @@ class Broker:
         }
 
     def _on_submit(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
-        client = header.get("client")
-        tasks = header.get("tasks")
-        if (
-            not isinstance(client, str)
-            or not 0 < len(client) <= p.MAX_ID_LEN
-            or not isinstance(tasks, list)
-        ):
-            # The client id goes into every task's header: a long one would multiply.
-            raise ProtocolError(
-                f"SUBMIT needs 'client' (string of 1..{p.MAX_ID_LEN}) and 'tasks' (list)"
-            )
-        if len(tasks) != len(payload):
-            raise ProtocolError(f"SUBMIT has {len(tasks)} tasks but {len(payload)} payloads")
-        if not self._in_order(ident, client, header):
+        submit = messages.submit(header, payload)
+        if not self._in_order(ident, submit):
             return
-        accepted, rejected = self.tasks.submit(client, tasks, payload)
+        accepted, rejected = self.tasks.submit(submit.client, submit.tasks, payload)
         if accepted:
             self.outbox.send(ident, p.ACCEPTED, {"ids": accepted})
         if rejected:
             self.outbox.send(ident, p.REJECTED, {"rejected": rejected})
 
-    def _in_order(self, ident: bytes, client: str, header: dict[str, Any]) -> bool:
+    def _in_order(self, ident: bytes, submit: messages.Submit) -> bool:
         """True if this SUBMIT overtakes no older unacknowledged one of its client (see
         :mod:`zq.sequence`); else the client is asked to send those again, first."""
-        n, since = header.get("n"), header.get("since")
-        if type(n) is not int or type(since) is not int:
+        if submit.n is None or submit.since is None:
             return True  # a client that does not number its submits
-        if self._order.take(client, n, since):
+        if self._order.take(submit.client, submit.n, submit.since):
             return True
         self.counters["resend_asked"] += 1
         reason = "an older submit of this client is missing: send the unacknowledged ones again"
-        self.outbox.send(ident, p.ERROR, {"reason": reason, "code": "resend", "n": n})
+        self.outbox.send(ident, p.ERROR, {"reason": reason, "code": "resend", "n": submit.n})
         return False
 
     def _on_fetch(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
-        ids = header.get("ids")
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise ProtocolError("FETCH needs 'ids' (list of strings)")
-        wait = header.get("wait", 0)
-        if not isinstance(wait, (int, float)) or not 0 <= wait < math.inf:  # also refuses NaN
-            raise ProtocolError("FETCH 'wait' must be a number of seconds >= 0")
-        self.tasks.fetch(ident, ids, float(wait))
+        fetch = messages.fetch(header)
+        self.tasks.fetch(ident, fetch.ids, fetch.wait)
 
     def _on_revoke(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
-        """Revoke tasks: a waiting one ends REVOKED at once; a running one is stopped
-        only with ``terminate`` (its worker kills the process running it and reports
-        REVOKED). The reply says what became of each id."""
-        ids = header.get("ids")
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise ProtocolError("REVOKE needs 'ids' (list of task ids)")
-        terminate = header.get("terminate", False) is True
-        reply = self.tasks.revoke(ids, terminate)
-        self.outbox.send(ident, p.REVOKE, {**reply, "req": header.get("req")})
+        """Revoke tasks (see :meth:`zq.tasks.Tasks.revoke`); the reply says what became
+        of each id."""
+        revoke = messages.revoke(header)
+        reply = self.tasks.revoke(revoke.ids, revoke.terminate)
+        self.outbox.send(ident, p.REVOKE, {**reply, "req": revoke.req})
 
     def _on_status(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         self.outbox.send(ident, p.STATUS, {**self.status(), "req": header.get("req")})
@@ -452,63 +429,36 @@ class Broker:
     # ---------------------------------------------------------------- workers
 
     def _on_ready(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
-        wid, concurrency = header.get("worker"), header.get("concurrency")
-        queues, running = header.get("queues"), header.get("running", [])
-        if (
-            not isinstance(wid, str)
-            or not isinstance(concurrency, int)
-            or not 1 <= concurrency <= p.MAX_CONCURRENCY
-        ):
-            raise ProtocolError(
-                f"READY needs 'worker' (string) and 'concurrency' (int 1..{p.MAX_CONCURRENCY})"
-            )
-        if not isinstance(queues, list) or not all(isinstance(q, str) for q in queues):
-            raise ProtocolError("READY needs 'queues' (list of strings)")
-        if isinstance(running, list) and all(isinstance(t, str) for t in running):
-            running = dict.fromkeys(running)  # ids without deliveries (any delivery)
-        if not isinstance(running, dict) or not all(
-            isinstance(t, str) and (d is None or isinstance(d, int)) for t, d in running.items()
-        ):
-            raise ProtocolError("READY 'running' must map task ids to delivery numbers")
-        names = header.get("tasks", [])
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ProtocolError("READY 'tasks' must be a list of task names")
-        if not isinstance(header.get("periodic", []), list):
-            raise ProtocolError("READY 'periodic' must be a list of schedules")
-        now = time.monotonic()
-        wkey = wid.encode()
-        sent = _sent_at(header)
-        if self.workers.is_late(ident, wkey, sent):
+        ready = messages.ready(header)
+        wkey = ready.worker.encode()
+        if self.workers.is_late(ident, wkey, ready.sent):
             self.counters["stale_ready"] += 1
-            log.info("ignored a late READY from an earlier connection of worker %s", wid)
+            log.info("ignored a late READY from an earlier connection of worker %s", ready.worker)
             return
         other = self.workers.other_on(ident, wkey)
         if other is not None:
             self._drop_worker(other, "re-registered under another id")
-        info = {k: header.get(k) for k in ("worker", "host", "pid", "concurrency", "queues")}
-        info["tasks"] = len(names)
-        info["names"] = names
         # A draining worker (stopping gracefully) keeps its tasks but gets no more.
-        slots = 0 if header.get("draining") else concurrency
-        peer = Peer(ident, wkey, info, now, slots)
-        peer.ready_sent = sent
+        slots = 0 if ready.draining else ready.concurrency
+        peer = Peer(ident, wkey, ready.info, time.monotonic(), slots)
+        peer.ready_sent = ready.sent
         self.workers.register(peer)
         welcome = self._welcome()
-        if sent is not None:  # the worker's lease starts at its READY
-            welcome["t"] = sent
+        if ready.sent is not None:  # the worker's lease starts at its READY
+            welcome["t"] = ready.sent
         self.outbox.send(ident, p.WELCOME, welcome)
         log.info(
             "worker %s %s (%s pid %s, %d slots, queues %s)",
-            wid,
-            "stopping: no new tasks" if header.get("draining") else "online",
-            info["host"],
-            info["pid"],
-            concurrency,
-            ",".join(queues),
+            ready.worker,
+            "stopping: no new tasks" if ready.draining else "online",
+            ready.info["host"],
+            ready.info["pid"],
+            ready.concurrency,
+            ",".join(ready.queues),
         )
-        self._event(b"worker.online", info)
-        self.reports.worker_ready(peer, queues, running, names)
-        self.periodic.declare(header.get("periodic", []))  # last: a bad schedule costs itself only
+        self._event(b"worker.online", ready.info)
+        self.reports.worker_ready(peer, ready.queues, ready.running, ready.names)
+        self.periodic.declare(ready.periodic)  # last: a bad schedule costs itself only
 
     def _worker(self, ident: bytes) -> Peer:
         peer = self.workers.get(ident)
@@ -522,41 +472,25 @@ class Broker:
 
     def _on_started(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         peer = self._worker(ident)
-        ids = header.get("ids")
-        if ids is None:  # one task
-            ids, deliveries = [header.get("id")], [header.get("delivery")]
-        else:  # several: "ids" and "deliveries", in step
-            deliveries = header.get("deliveries")
-            if not isinstance(ids, list) or not isinstance(deliveries, list):
-                raise ProtocolError("STARTED needs 'id' or 'ids' and 'deliveries' (lists)")
-            if len(ids) != len(deliveries):
-                raise ProtocolError("STARTED 'ids' and 'deliveries' differ in length")
-        self.reports.started(peer, ids, deliveries)
+        started = messages.started(header)
+        self.reports.started(peer, started.ids, started.deliveries)
 
     def _on_progress(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         """A running task reported progress: keep the latest, publish it to its client."""
         peer = self._worker(ident)
-        task_id, info = header.get("id"), header.get("progress")
-        if not isinstance(task_id, str) or not isinstance(info, dict):
-            raise ProtocolError("PROGRESS needs 'id' and 'progress' (a map)")
-        self.reports.progress(peer, task_id, info, _delivery(header))
+        report = messages.progress(header)
+        self.reports.progress(peer, report.id, report.progress, report.delivery)
 
     def _on_done(self, ident: bytes, header: dict[str, Any], payload: list[Any]) -> None:
         peer = self._worker(ident)
         returned: list[tuple[str, int | None]] = []  # prefetched tasks given back unstarted
-        batch = header.get("done")
-        if batch is None:
-            self.reports.done(peer, header, payload[0] if payload else b"", returned)
-        elif not isinstance(batch, list) or len(batch) != len(payload):
-            raise ProtocolError("DONE 'done' must list one header per payload frame")
-        else:
-            for done_header, body in zip(batch, payload, strict=True):
-                try:
-                    if not isinstance(done_header, dict):
-                        raise ProtocolError("DONE 'done' entries must be maps")
-                    self.reports.done(peer, done_header, body, returned)
-                except ProtocolError as exc:  # one bad entry costs that entry only
-                    self._reject_malformed(ident, exc)
+        for done_header, body in messages.done_batch(header, payload):
+            try:
+                if not isinstance(done_header, dict):
+                    raise ProtocolError("DONE 'done' entries must be maps")
+                self.reports.done(peer, done_header, body, returned)
+            except ProtocolError as exc:  # one bad entry costs that entry only
+                self._reject_malformed(ident, exc)
         if returned:
             self.reports.given_back(peer, returned)
 
@@ -571,19 +505,15 @@ class Broker:
 
     def _on_periodic(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
         """List the periodic schedules; ``remove`` names ones to forget."""
-        remove = header.get("remove", [])
-        if not isinstance(remove, list) or not all(isinstance(n, str) for n in remove):
-            raise ProtocolError("PERIODIC 'remove' must be a list of schedule names")
-        removed = self.periodic.remove(remove)
-        reply = {"req": header.get("req"), "periodic": self.periodic.listing(), "removed": removed}
+        request = messages.periodic(header)
+        removed = self.periodic.remove(request.remove)
+        reply = {"req": request.req, "periodic": self.periodic.listing(), "removed": removed}
         self.outbox.send(ident, p.PERIODIC, reply)
 
     def _on_dead_letters(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
-        requeue = header.get("requeue", [])
-        if not isinstance(requeue, list) or not all(isinstance(i, str) for i in requeue):
-            raise ProtocolError("DEAD_LETTERS 'requeue' must be a list of task ids")
-        requeued = self.tasks.requeue_dead(requeue)
-        reply = {"req": header.get("req"), "requeued": requeued, "dead": self.tasks.dead_listing()}
+        request = messages.dead_letters(header)
+        requeued = self.tasks.requeue_dead(request.requeue)
+        reply = {"req": request.req, "requeued": requeued, "dead": self.tasks.dead_listing()}
         self.outbox.send(ident, p.DEAD_LETTERS, reply)
 
     def _on_worker_heartbeat(self, ident: bytes, header: dict[str, Any], _: list[Any]) -> None:
@@ -591,7 +521,7 @@ class Broker:
         only while it is fresh) then runs from a time at or before this one, whichever
         way a network fails. At once: not behind this turn's journal commit."""
         self._worker(ident)
-        sent = _sent_at(header)
+        sent = messages.sent_at(header)
         echo = {} if sent is None else {"t": sent}
         wire.send(self._router, [ident, p.BROKER, p.HEARTBEAT, p.pack_header(echo)])
 
@@ -670,21 +600,6 @@ class Broker:
         (p.WORKER, p.HEARTBEAT): _on_worker_heartbeat,
         (p.WORKER, p.DISCONNECT): _on_worker_disconnect,
     }
-
-
-def _delivery(header: dict[str, Any]) -> int | None:
-    """The delivery a worker's report is about (see Dispatcher.held)."""
-    return _as_delivery(header.get("delivery"))
-
-
-def _sent_at(header: dict[str, Any]) -> float | None:
-    """A worker's send time ``t`` (its monotonic clock), if it says one."""
-    sent = header.get("t")
-    return sent if type(sent) is float else None
-
-
-def _as_delivery(value: Any) -> int | None:
-    return value if isinstance(value, int) else None
 
 
 class _Ignore(Exception):

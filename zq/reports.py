@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any
 
+from zq import messages
 from zq import protocol as p
 from zq.errors import ProtocolError
 from zq.tasks import RETRY, Tasks
@@ -55,7 +56,7 @@ class Reports:
         """The worker started these tasks (``ids`` and ``deliveries`` in step)."""
         for task_id, delivery in zip(ids, deliveries, strict=True):
             if not isinstance(task_id, str) or not self.dispatch.started(
-                peer.wid, task_id, _as_delivery(delivery)
+                peer.wid, task_id, delivery if isinstance(delivery, int) else None
             ):
                 self.counters["stale_started"] += 1
         # Not published: a message per task that no client needs (status asks the
@@ -108,7 +109,7 @@ class Reports:
             raise ProtocolError(f"DONE needs 'id' and a 'state' in {', '.join(DONE_STATES)}")
         # Acknowledged (after the commit) whatever happens here, so the worker's outbox
         # lets go of it: a DONE is only ever sent again after a reconnect.
-        delivery = _delivery(header)
+        delivery = messages.delivery(header)
         self.tasks.outbox.ack(ident, task_id, delivery)
         runtime = header.get("runtime")
         if not isinstance(runtime, (int, float)) or runtime < 0:
@@ -195,12 +196,3 @@ class Reports:
             head = p.pack_header({"id": task_id, "state": p.RETRY, "countdown": countdown})
             self.tasks.outbox.publish((task.data[0]["client"] + task_id).encode(), p.STARTED, head)
         self.tasks.dispatched(out)
-
-
-def _delivery(header: dict[str, Any]) -> int | None:
-    """The delivery a worker's report is about (see Dispatcher.held)."""
-    return _as_delivery(header.get("delivery"))
-
-
-def _as_delivery(value: Any) -> int | None:
-    return value if isinstance(value, int) else None
