@@ -290,7 +290,7 @@ class App:
         fields = {
             "every": None if every is None else seconds("every", every),
             "cron": cron,
-            "payload": p.encode([list(args), kwargs or {}]),  # TypeError here, at import
+            "payload": p.encode_call(args, kwargs or {}),  # TypeError here, at import
             "key": None if key is None else str(key),
         }
 
@@ -404,7 +404,7 @@ def task_message(
     the caller, for an argument that cannot be encoded, ValueError for a bad id."""
     if task_id is not None and not (isinstance(task_id, str) and 0 < len(task_id) <= p.MAX_ID_LEN):
         raise ValueError(f"task_id must be a string of 1..{p.MAX_ID_LEN} characters")
-    payload = p.encode([list(args), kwargs or {}])
+    payload = p.encode_call(args, kwargs or {})
     header: dict[str, Any] = {
         "id": task_id or new_id(),
         "name": name,
