@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 from zq import protocol as p
+from zq.address import check_broker_url
 from zq.canvas import Signature
 from zq.client import AsyncResult, Client
 from zq.ids import new_id
@@ -39,8 +40,10 @@ DEFAULT_QUEUE = "default"
 
 
 def default_broker() -> str:
-    """``$ZQ_BROKER`` if set, else ``tcp://127.0.0.1:5555``."""
-    return os.environ.get("ZQ_BROKER") or DEFAULT_BROKER
+    """``$ZQ_BROKER`` if set, else ``tcp://127.0.0.1:5555``; :class:`ValueError` if
+    ``$ZQ_BROKER`` is not a broker address (see :func:`zq.address.check_broker_url`)."""
+    env = os.environ.get("ZQ_BROKER")
+    return check_broker_url(env, what="$ZQ_BROKER") if env else DEFAULT_BROKER
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,9 +171,11 @@ class App:
         curve_secret: str | None = None,
         broker_key: str | None = None,
     ) -> None:
-        """``broker`` defaults to ``$ZQ_BROKER``. For a CURVE broker, ``curve_secret`` is
-        this peer's ``.key_secret`` file and ``broker_key`` the broker's ``.key`` file
-        (defaults: ``$ZQ_CURVE_SECRET``, ``$ZQ_BROKER_KEY``)."""
+        """``broker`` defaults to ``$ZQ_BROKER``, else ``tcp://127.0.0.1:5555``; a
+        :class:`ValueError` says what is wrong with one that is not a broker address.
+        For a CURVE broker, ``curve_secret`` is this peer's ``.key_secret`` file and
+        ``broker_key`` the broker's ``.key`` file (defaults: ``$ZQ_CURVE_SECRET``,
+        ``$ZQ_BROKER_KEY``)."""
         self.name = name
         self.broker = broker or default_broker()
         self.curve_secret = curve_secret or os.environ.get("ZQ_CURVE_SECRET") or None
@@ -184,6 +189,15 @@ class App:
 
     def __repr__(self) -> str:
         return f"<zq.App {self.name} broker={self.broker}>"
+
+    @property
+    def broker(self) -> str:
+        """The broker's address; set it to another (checked) before the client starts."""
+        return self._broker
+
+    @broker.setter
+    def broker(self, url: str) -> None:
+        self._broker = check_broker_url(url)
 
     @overload
     def task(self, fn: F) -> Task: ...
