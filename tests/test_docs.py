@@ -35,3 +35,26 @@ def test_workflow_examples_run(broker, start_worker, tmp_path, monkeypatch):
     finally:
         flow.app.close()
         sys.modules.pop("flow", None)
+
+
+ROOT = DOC.parent.parent
+#: What a clone of the project has: README.md and everything under docs/.
+OWN_DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", OWN_DOCS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_the_docs_stand_on_their_own(doc):
+    """No page sends a reader outside the project (there was a ../shared/DESIGN.md),
+    and every project file a page names in backticks exists."""
+    text = doc.read_text()
+    assert "../shared" not in text
+    assert "DESIGN.md" not in text
+    for ref in re.findall(r"`((?:docs|tests|zq)/[\w./-]*)`", text):
+        assert (ROOT / ref).exists(), f"{doc.name} names {ref}, which does not exist"
+
+
+def test_readme_points_at_the_design_and_porting_pages():
+    readme = (ROOT / "README.md").read_text()
+    for page in ("docs/design.md", "docs/celery.md"):
+        assert f"`{page}`" in readme
+        assert (ROOT / page).exists()

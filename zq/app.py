@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 from zq import protocol as p
+from zq.address import check_broker_url
 from zq.canvas import Signature
 from zq.client import AsyncResult, Client
 from zq.ids import new_id
@@ -39,8 +40,35 @@ DEFAULT_QUEUE = "default"
 
 
 def default_broker() -> str:
-    """``$ZQ_BROKER`` if set, else ``tcp://127.0.0.1:5555``."""
-    return os.environ.get("ZQ_BROKER") or DEFAULT_BROKER
+    """``$ZQ_BROKER`` if set, else ``tcp://127.0.0.1:5555``; :class:`ValueError` if
+    ``$ZQ_BROKER`` is not a broker address (see :func:`zq.address.check_broker_url`)."""
+    env = os.environ.get("ZQ_BROKER")
+    return check_broker_url(env, what="$ZQ_BROKER") if env else DEFAULT_BROKER
+
+
+#: Passed for ``backend`` when the caller gave none (None is a value Celery users pass).
+_NO_BACKEND: Any = object()
+
+_NO_SETTINGS = (
+    "zq has no settings object: options go where they apply, @app.task(queue=, "
+    "time_limit=, retries=, ...) and the flags of `zq worker` and `zq broker`"
+)
+
+
+class _CeleryOnly:
+    """An attribute of Celery's app that zq lacks: reading it raises AttributeError
+    saying what to do instead (a descriptor, not ``__getattr__``, which would hide
+    an AttributeError raised inside any property of App)."""
+
+    def __init__(self, hint: str) -> None:
+        self.hint = hint
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> Any:
+        hint = f"{self.hint}; see docs/celery.md"
+        raise AttributeError(f"zq.App has no {self.name} (Celery's): {hint}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,14 +191,29 @@ class App:
     def __init__(
         self,
         name: str = "zq",
-        *,
         broker: str | None = None,
+        *,
+        backend: Any = _NO_BACKEND,
         curve_secret: str | None = None,
         broker_key: str | None = None,
     ) -> None:
-        """``broker`` defaults to ``$ZQ_BROKER``. For a CURVE broker, ``curve_secret`` is
-        this peer's ``.key_secret`` file and ``broker_key`` the broker's ``.key`` file
-        (defaults: ``$ZQ_CURVE_SECRET``, ``$ZQ_BROKER_KEY``)."""
+        """``broker`` (``App("tasks", "tcp://10.0.0.5:5555")`` works too, as in Celery)
+        defaults to ``$ZQ_BROKER``, else ``tcp://127.0.0.1:5555``; a :class:`ValueError`
+        says what is wrong with one that is not a broker address. For a CURVE broker,
+        ``curve_secret`` is this peer's ``.key_secret`` file and ``broker_key`` the
+        broker's ``.key`` file (defaults: ``$ZQ_CURVE_SECRET``, ``$ZQ_BROKER_KEY``).
+
+        ``backend`` is Celery's, and a :class:`TypeError` here: zq's results come back
+        through its broker, so there is no backend to name.
+        """
+        if backend is not _NO_BACKEND:
+            # A TypeError, as for any argument a function does not take: no value of
+            # it would do. The message says why and what to do, which Python's would not.
+            raise TypeError(
+                f"zq.App() takes no backend (got backend={backend!r:.60}): results come "
+                "back through the zq broker, which keeps them for `zq broker --result-ttl` "
+                "(24 h), so delete the argument"
+            )
         self.name = name
         self.broker = broker or default_broker()
         self.curve_secret = curve_secret or os.environ.get("ZQ_CURVE_SECRET") or None
@@ -184,6 +227,22 @@ class App:
 
     def __repr__(self) -> str:
         return f"<zq.App {self.name} broker={self.broker}>"
+
+    @property
+    def broker(self) -> str:
+        """The broker's address; set it to another (checked) before the client starts."""
+        return self._broker
+
+    @broker.setter
+    def broker(self, url: str) -> None:
+        self._broker = check_broker_url(url)
+
+    conf = _CeleryOnly(_NO_SETTINGS)
+    config_from_object = _CeleryOnly(_NO_SETTINGS)
+    autodiscover_tasks = _CeleryOnly(
+        "zq does not look for tasks: import the modules that define them from the module "
+        "you give `zq worker`"
+    )
 
     @overload
     def task(self, fn: F) -> Task: ...
@@ -290,7 +349,7 @@ class App:
         fields = {
             "every": None if every is None else seconds("every", every),
             "cron": cron,
-            "payload": p.encode([list(args), kwargs or {}]),  # TypeError here, at import
+            "payload": p.encode_call(args, kwargs or {}),  # TypeError here, at import
             "key": None if key is None else str(key),
         }
 
@@ -405,7 +464,7 @@ def task_message(
     the caller, for an argument that cannot be encoded, ValueError for a bad id."""
     if task_id is not None and not (isinstance(task_id, str) and 0 < len(task_id) <= p.MAX_ID_LEN):
         raise ValueError(f"task_id must be a string of 1..{p.MAX_ID_LEN} characters")
-    payload = p.encode([list(args), kwargs or {}])
+    payload = p.encode_call(args, kwargs or {})
     header: dict[str, Any] = {
         "id": task_id or new_id(),
         "name": name,

@@ -894,7 +894,7 @@ def demo(
 ) -> None:
     """Score orders end to end on an embedded broker and local workers, then check that
     no customer was ever scored twice at once and that orders started in order."""
-    from zq.demo import demo_cluster, make_orders, run_orders
+    from zq.demo import demo_cluster, make_orders, progress, run_orders
 
     logging.getLogger("zq").setLevel(logging.WARNING)
     concurrency = concurrency or os.cpu_count() or 1
@@ -903,8 +903,8 @@ def demo(
     )
     with demo_cluster(workers=workers, concurrency=concurrency, echo=click.echo) as app:
         click.echo(f"scoring {orders} orders from {customers} customers")
-        with click.progressbar(length=orders, label="scoring", show_pos=True) as bar:
-            summary = run_orders(app, batch, on_result=lambda order, outcome: bar.update(1))
+        with progress(orders, label="scoring") as advance:
+            summary = run_orders(app, batch, on_result=lambda order, outcome: advance(1))
     _finish(summary)
 
 

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import click
+
 from zq.app import App
 from zq.broker import Broker, BrokerSettings
 from zq.client import AsyncResult
@@ -49,9 +51,10 @@ class Summary:
     def lines(self) -> list[str]:
         ok = "OK" if not self.violations and not self.failed else "FAILED"
         lat = ", ".join(f"p{q} {self.percentile(q) * 1000:.0f} ms" for q in (50, 95, 99))
+        by = _plural(self.pids, "scoring process", "scoring processes")
         out = [
             f"orders scored:   {self.orders - self.failed}/{self.orders} "
-            f"in {self.seconds:.2f}s by {self.pids} worker processes",
+            f"in {self.seconds:.2f}s by {by}",
             f"throughput:      {self.throughput:.1f} orders/s",
             f"latency:         {lat} (submit to result, all orders sent at once)",
             f"per-customer check ({ok}): no overlapping scorings, "
@@ -140,7 +143,8 @@ def demo_cluster(*, workers: int, concurrency: int, echo: Callable[[str], None])
     app = App("zq.demo", broker=broker.endpoint)
     try:
         wait_for(lambda: len(app.status()["workers"]) == workers, 30, "workers online")
-        echo(f"{workers} workers x {concurrency} processes online")
+        each = _plural(concurrency, "scoring process", "scoring processes")
+        echo(f"{_plural(workers, 'worker', 'workers')} online, {each} each")
         yield app
     finally:
         app.close()
@@ -153,3 +157,54 @@ def demo_cluster(*, workers: int, concurrency: int, echo: Callable[[str], None])
                 proc.kill()
                 proc.wait(5)
         broker.stop()
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+class ProgressLines:
+    """Progress as a line every ``every`` seconds, and one at the end.
+
+    For output that is not a terminal (a file, a pipe, a CI log): click's bar redraws
+    one line in place, so there it shows nothing until it ends."""
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        label: str,
+        echo: Callable[[str], None],
+        every: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.total = total
+        self.label = label
+        self.done = 0
+        self._echo = echo
+        self._every = every
+        self._clock = clock
+        self._start = self._last = clock()
+
+    def update(self, n: int = 1) -> None:
+        """Count ``n`` more done; print a line if ``every`` has passed, or at the end."""
+        self.done += n
+        now = self._clock()
+        if self.done >= self.total or now - self._last >= self._every:
+            self._last = now
+            percent = 100 * self.done // max(self.total, 1)
+            self._echo(
+                f"{self.label}: {self.done}/{self.total} ({percent}%) "
+                f"after {now - self._start:.1f}s"
+            )
+
+
+@contextlib.contextmanager
+def progress(total: int, *, label: str) -> Iterator[Callable[[int], None]]:
+    """Yields a function to count finished items: it moves click's progress bar on a
+    terminal, else prints :class:`ProgressLines`."""
+    if sys.stdout is not None and sys.stdout.isatty():
+        with click.progressbar(length=total, label=label, show_pos=True) as bar:
+            yield bar.update
+    else:
+        yield ProgressLines(total, label=label, echo=click.echo).update

@@ -191,7 +191,26 @@ def _buffer(frame: Any) -> bytes | memoryview:
 # ---------------------------------------------------------------- payload codec
 
 
-def _default(obj: Any) -> msgpack.ExtType:
+#: Types a map key may have: msgpack carries them and they come back as an equal,
+#: hashable key. A tuple key would come back a list, which no dict can hold.
+_KEY_TYPES = (str, int, float, bytes, _dt.date, uuid.UUID, decimal.Decimal, type(None))
+_KEY_NAMES = "str, int, float, bool, None, bytes, datetime, date, UUID or Decimal"
+_VALUE_NAMES = (
+    "str, int, float, bool, None, bytes, list, tuple, dict, set, datetime, date, UUID, Decimal"
+)
+#: How deep msgpack's packer nests containers (deeper, it refuses the value).
+_MAX_DEPTH = 1024
+#: msgpack's integers: from a signed to an unsigned 64-bit number.
+_INT_RANGE = range(-(2**63), 2**64)
+
+
+def _default(obj: Any) -> Any:
+    """What msgpack packs for a value it does not pack itself. It is run with
+    ``strict_types``, so tuples and subclasses of the built-in types come here too."""
+    if isinstance(obj, (tuple, list)):
+        return list(obj)
+    if isinstance(obj, dict):
+        return dict(obj)
     if isinstance(obj, _dt.datetime):
         return msgpack.ExtType(_EXT_DATETIME, obj.isoformat().encode())
     if isinstance(obj, _dt.date):
@@ -201,8 +220,19 @@ def _default(obj: Any) -> msgpack.ExtType:
     if isinstance(obj, decimal.Decimal):
         return msgpack.ExtType(_EXT_DECIMAL, str(obj).encode())
     if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=repr)  # type: ignore[return-value]
-    raise TypeError(f"zq cannot encode {type(obj).__qualname__} values: {obj!r:.80}")
+        return sorted(obj, key=repr)
+    # Subclasses (enums, say) travel as their plain value, whatever their __str__ says.
+    if isinstance(obj, str):
+        return str.__str__(obj)
+    if isinstance(obj, int):
+        return int.__int__(obj)
+    if isinstance(obj, float):
+        return float.__float__(obj)
+    if isinstance(obj, bytes):
+        return bytes(obj)
+    raise TypeError(
+        f"{type(obj).__qualname__} values cannot be sent ({_short(obj)}); zq sends {_VALUE_NAMES}"
+    )
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
@@ -218,17 +248,143 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 
 def encode(value: Any) -> bytes:
-    """Encode task arguments or a result. Raises :class:`TypeError` for unsupported types.
+    """Encode task arguments or a result; :class:`TypeError`, saying where, for what
+    could not make the round trip (a type msgpack cannot carry, a tuple as a dict key).
 
     Beyond msgpack's own types, ``datetime``, ``date``, ``UUID`` and ``Decimal``
     round-trip as extension types; sets become sorted lists and tuples become lists.
     """
     try:
-        return msgpack.packb(value, default=_default, use_bin_type=True, datetime=False)
-    except TypeError:
-        raise
-    except (ValueError, OverflowError) as exc:
-        raise TypeError(f"zq cannot encode this value: {exc}") from None
+        return _pack(value)
+    except _Refused as refused:
+        raise TypeError(_cannot(_problem(value, "value"), refused.cause)) from None
+
+
+def encode_call(args: Any, kwargs: Any) -> bytes:
+    """Encode a task call's ``[args, kwargs]``; a :class:`TypeError` names the argument
+    (``args[0]['totals'][(1, 2)]``, ``kwargs['when']``)."""
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"zq cannot encode kwargs: a dict is needed, got {type(kwargs).__name__}")
+    for name in kwargs:
+        if not isinstance(name, str):  # the worker would fail to call fn(**kwargs)
+            raise TypeError(
+                f"zq cannot encode kwargs[{_short(name)}]: keyword argument names must be "
+                f"str (got {type(name).__qualname__})"
+            )
+    args = list(args)
+    try:
+        return _pack([args, kwargs])
+    except _Refused as refused:
+        found = _problem(args, "args") or _problem(kwargs, "kwargs")
+        raise TypeError(_cannot(found, refused.cause)) from None
+
+
+class _Refused(Exception):
+    """Raised by :func:`_pack`; the caller finds where and says so."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _pack(value: Any) -> bytes:
+    """msgpack bytes that decode to ``value`` (tuples as lists), else :class:`_Refused`."""
+    suspect = False
+
+    def default(obj: Any) -> Any:
+        nonlocal suspect
+        # A hashable container (a tuple, a frozenset) may be a map key here, and it
+        # decodes as a list or a map, which cannot be one: such payloads are checked
+        # below. Values without one, the common case, cost nothing more.
+        if type(obj) is tuple:
+            suspect = True
+            return list(obj)
+        out = _default(obj)
+        if type(out) in (list, dict) and type(obj).__hash__ is not None:
+            suspect = True
+        return out
+
+    try:
+        data = msgpack.packb(
+            value, default=default, use_bin_type=True, datetime=False, strict_types=True
+        )
+        if suspect:  # decode as the receiver will (raw extension types hash too)
+            msgpack.unpackb(data, strict_map_key=False)  # TypeError: unhashable type
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _Refused(exc) from None
+    return data
+
+
+def _cannot(found: tuple[str, str] | None, exc: Exception) -> str:
+    if found is None:
+        return f"zq cannot encode this value: {exc}"
+    where, why = found
+    if len(where) > 160:
+        where = where[:150] + "..."
+    return f"zq cannot encode {where}: {why}"
+
+
+def _problem(value: Any, name: str) -> tuple[str, str] | None:
+    """The first part of ``value`` (called ``name``) that cannot make the round trip:
+    its path and why. Run only when encoding failed, so it may take its time; a loop,
+    not recursion, because msgpack nests deeper than Python recurses."""
+    stack: list[tuple[Any, str, int]] = [(value, name, 0)]
+    while stack:
+        obj, path, depth = stack.pop()
+        if isinstance(obj, (dict, list, tuple, set, frozenset)):
+            if depth >= _MAX_DEPTH:
+                return path, f"nested more than {_MAX_DEPTH} deep (does it contain itself?)"
+            if isinstance(obj, dict):
+                children = []
+                for key, item in obj.items():
+                    where = f"{path}[{_short(key)}]"
+                    if not isinstance(key, _KEY_TYPES):
+                        return where, _bad_key(key)
+                    found = _leaf_problem(key, where)
+                    if found is not None:
+                        return found
+                    children.append((item, where, depth + 1))
+            elif isinstance(obj, (list, tuple)):
+                children = [(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(obj)]
+            else:
+                children = [(item, f"a member of {path}", depth + 1) for item in obj]
+            stack.extend(reversed(children))
+        else:
+            found = _leaf_problem(obj, path)
+            if found is not None:
+                return found
+    return None
+
+
+def _bad_key(key: Any) -> str:
+    why = f"map keys must be {_KEY_NAMES} (got {type(key).__qualname__}"
+    if isinstance(key, (tuple, frozenset)):
+        why += ", which would arrive as a list, and a list cannot be a key"
+    return why + ")"
+
+
+def _leaf_problem(obj: Any, path: str) -> tuple[str, str] | None:
+    """Why ``obj``, not a container, cannot be encoded; None if it can."""
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        if obj in _INT_RANGE:
+            return None
+        return path, f"integers must be within -2**63 .. 2**64-1 (got {_short(obj)})"
+    try:
+        msgpack.packb(obj, default=_default, use_bin_type=True, datetime=False, strict_types=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        return path, str(exc)
+    return None
+
+
+def _short(obj: Any) -> str:
+    """A repr fit for an error message, whatever the object."""
+    if isinstance(obj, int) and obj.bit_length() > 64:
+        return f"an int of {obj.bit_length()} bits"  # (repr of a huge int may raise)
+    try:
+        text = repr(obj)
+    except Exception:
+        text = f"<{type(obj).__qualname__} object>"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def decode(data: bytes | memoryview) -> Any:
