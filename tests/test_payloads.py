@@ -8,6 +8,7 @@ Now encoding refuses it, naming the path to the offending part.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import datetime as dt
 import decimal
 import enum
@@ -137,6 +138,42 @@ def test_subclasses_of_builtin_types_travel_as_their_plain_values():
     assert [type(v) for v in out[:2]] == [int, str]
     with pytest.raises(TypeError, match="Colour values cannot be sent"):
         p.encode(Colour.RED)
+
+
+def test_a_bad_key_after_many_tuples_is_still_found():
+    """Past 32 tuples the value is packed again by msgpack alone, and still checked."""
+    rows = [(i, "row") for i in range(100)]
+    assert p.decode(p.encode({"rows": rows})) == {"rows": [[i, "row"] for i in range(100)]}
+    with pytest.raises(TypeError, match=re.escape("zq cannot encode value['by'][(1, 2)]")):
+        p.encode({"rows": rows, "by": {(1, 2): 3}})
+
+
+class Loud(str):
+    """A str whose repr (called while its set is sorted) encodes something itself."""
+
+    said: list[bytes] = []
+
+    def __repr__(self) -> str:
+        Loud.said.append(p.encode(["inner", (1, 2)]))
+        return str.__repr__(self)
+
+
+def test_encode_called_while_encoding_gets_a_packer_of_its_own():
+    value = [{Loud("b"), Loud("a")}, ("after", {"k": 1})]
+    assert p.decode(p.encode(value)) == [["a", "b"], ["after", {"k": 1}]]
+    assert Loud.said and all(p.decode(inner) == ["inner", [1, 2]] for inner in Loud.said)
+
+
+def test_threads_encoding_at_once_each_get_their_own_bytes():
+    def work(n: int) -> bool:
+        for i in range(2000):
+            value = [n, i, (n, "t"), {"n": n, "items": [i] * (i % 7)}]
+            if p.decode(p.encode(value)) != [n, i, [n, "t"], {"n": n, "items": [i] * (i % 7)}]:
+                return False
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(work, range(8)))
 
 
 # Structures whose dict keys may be tuples or frozensets (the cases that used to

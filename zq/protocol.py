@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import decimal
+import threading
 import uuid
 from typing import Any
 
@@ -287,32 +288,90 @@ class _Refused(Exception):
         self.cause = cause
 
 
-def _pack(value: Any) -> bytes:
-    """msgpack bytes that decode to ``value`` (tuples as lists), else :class:`_Refused`."""
-    suspect = False
+class _ManyTuples(Exception):
+    """Stops a packing that met many tuples: see :meth:`_Packing.default`."""
 
-    def default(obj: Any) -> Any:
-        nonlocal suspect
-        # A hashable container (a tuple, a frozenset) may be a map key here, and it
-        # decodes as a list or a map, which cannot be one: such payloads are checked
-        # below. Values without one, the common case, cost nothing more.
+
+#: Tuples after which a value is packed again by msgpack alone (tuples natively).
+_MANY_TUPLES = 32
+#: Output size past which a thread drops its Packer, whose buffer keeps its peak size.
+_KEEP_BUFFER = 256 * 1024
+
+
+class _Packing:
+    """A thread's msgpack Packer, and what its current packing has met.
+
+    A Packer made per call (as ``msgpack.packb`` does) cost as much as packing a small
+    value. It packs with ``strict_types``, so every tuple and every subclass of a
+    built-in type goes through :meth:`default`: a hashable container there (a tuple, a
+    frozenset) may be a map key, which would decode as a list or a map, which cannot
+    be one. Such values are decoded once as the receiver will, to be sure; values
+    without one, the common case, are not.
+    """
+
+    __slots__ = ("busy", "packer", "suspect", "tuples")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.suspect = False
+        self.tuples = 0
+        self.packer = self._new()
+
+    def _new(self) -> msgpack.Packer:
+        return msgpack.Packer(
+            default=self.default, use_bin_type=True, datetime=False, strict_types=True
+        )
+
+    def default(self, obj: Any) -> Any:
         if type(obj) is tuple:
-            suspect = True
+            self.tuples += 1
+            if self.tuples > _MANY_TUPLES:  # a Python call each: let msgpack do them
+                raise _ManyTuples
+            self.suspect = True
             return list(obj)
         out = _default(obj)
         if type(out) in (list, dict) and type(obj).__hash__ is not None:
-            suspect = True
+            self.suspect = True
         return out
 
-    try:
-        data = msgpack.packb(
-            value, default=default, use_bin_type=True, datetime=False, strict_types=True
-        )
-        if suspect:  # decode as the receiver will (raw extension types hash too)
+    def pack(self, value: Any) -> bytes:
+        if self.busy:  # re-entered (a finalizer, a signal handler): the Packer is in use
+            return _pack_checked(value)
+        self.busy, self.suspect, self.tuples = True, False, 0
+        try:
+            data = self.packer.pack(value)
+        except _ManyTuples:
+            data = _pack_checked(value)
+            self.suspect = False
+        finally:
+            self.busy = False
+        if self.suspect:
             msgpack.unpackb(data, strict_map_key=False)  # TypeError: unhashable type
+        if len(data) > _KEEP_BUFFER:
+            self.packer = self._new()
+        return data
+
+
+def _pack_checked(value: Any) -> bytes:
+    """Pack with msgpack alone (tuples natively, in C), then decode once to check."""
+    data = msgpack.packb(value, default=_default, use_bin_type=True, datetime=False)
+    msgpack.unpackb(data, strict_map_key=False)
+    return data
+
+
+_threads = threading.local()  # .packing: each thread's own _Packing
+
+
+def _pack(value: Any) -> bytes:
+    """msgpack bytes that decode to ``value`` (tuples as lists), else :class:`_Refused`."""
+    try:
+        packing = _threads.packing
+    except AttributeError:
+        packing = _threads.packing = _Packing()
+    try:
+        return packing.pack(value)
     except (TypeError, ValueError, OverflowError) as exc:
         raise _Refused(exc) from None
-    return data
 
 
 def _cannot(found: tuple[str, str] | None, exc: Exception) -> str:
