@@ -1,7 +1,7 @@
 """Pure scheduling state: queues, key lanes, worker credits, affinity, in-flight tasks.
 
 No sockets here. The broker calls these methods and sends the assignments they
-return. The rules (DESIGN.md section 3):
+return. The rules (docs/design.md, Scheduling):
 
 1. **Exclusive**: a key has at most one task assigned to a worker at any moment.
 2. **Ordered**: a key's tasks are assigned in the order they were submitted; a task
