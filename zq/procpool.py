@@ -34,6 +34,7 @@ from zq import protocol as p
 from zq.app import App, load_app
 from zq.errors import SoftTimeLimitExceeded
 from zq.pool import Event, execute, fence_closed, fenced, returned, revoked
+from zq.settings import setting
 
 log = logging.getLogger("zq.worker")
 
@@ -60,10 +61,26 @@ _LONG_LENGTH = struct.Struct("!Q")
 class Limits:
     """Worker-wide limits; a task's own ``time_limit``/``soft_time_limit`` win."""
 
-    soft_time_limit: float | None = None  # seconds, then SoftTimeLimitExceeded in the task
-    time_limit: float | None = None  # seconds, then the child process is killed
-    max_tasks_per_child: int | None = None  # then the child is replaced
-    max_memory_per_child: int | None = None  # KiB of peak RSS, then the child is replaced
+    soft_time_limit: float | None = setting(
+        None,
+        help="Seconds after which zq.SoftTimeLimitExceeded is raised inside a task, unless "
+        "the task sets its own.",
+        shown="none",
+    )
+    time_limit: float | None = setting(
+        None,
+        help="Seconds after which the process running a task is killed and replaced and "
+        "the task fails, unless the task sets its own.",
+        shown="none",
+    )
+    max_tasks_per_child: int | None = setting(
+        None, help="Replace a child process after it ran this many tasks.", shown="never"
+    )
+    max_memory_per_child: int | None = setting(
+        None,
+        help="Replace a child process after a task left its peak memory (RSS) above this many KiB.",
+        shown="never",
+    )
 
     def for_task(self, app: App, name: str) -> tuple[float | None, float | None]:
         """(soft, hard) time limits for the task called ``name``."""

@@ -24,19 +24,20 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from zq import protocol as p
 from zq import wire
-from zq.app import App, default_broker, load_app
+from zq.app import DEFAULT_BROKER, DEFAULT_QUEUE, App, default_broker, load_app
 from zq.canvas import with_inputs
 from zq.errors import ProtocolError, WorkerError
 from zq.pool import ThreadPool, returned, unknown
 from zq.procpool import Limits, ProcessPool
 from zq.security import ClientCurve
+from zq.settings import setting
 
 log = logging.getLogger("zq.worker")
 
@@ -46,16 +47,37 @@ DONE_GAP = 0.001
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerSettings:
-    """How a worker connects and runs tasks. See ``zq worker --help`` for each field."""
+    """How a worker connects and runs tasks: each field's help is ``zq worker --help``'s."""
 
-    broker: str = field(default_factory=default_broker)
-    concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
-    pool: str = "process"  # or "thread"
-    queues: tuple[str, ...] = ("default",)
-    heartbeat: float = 1.0  # until the broker's WELCOME says otherwise
-    limits: Limits = field(default_factory=Limits)
-    shutdown_timeout: float = 30.0  # on stop(), seconds running tasks may take to finish
-    curve: ClientCurve | None = None  # keys for a CURVE broker
+    broker: str = setting(
+        default_factory=default_broker,  # $ZQ_BROKER, else DEFAULT_BROKER
+        help="Broker address.",
+        shown=DEFAULT_BROKER,
+    )
+    concurrency: int = setting(
+        default_factory=lambda: os.cpu_count() or 1, help="Tasks run at once.", shown="CPU count"
+    )
+    pool: str = setting(
+        "process",
+        help="Run tasks in child processes (CPU-bound work) or threads (I/O-bound).",
+    )
+    queues: tuple[str, ...] = setting(
+        (DEFAULT_QUEUE,), help="Queues to take tasks from, in order of preference."
+    )
+    heartbeat: float = setting(
+        1.0, help="Heartbeat period in seconds, until the broker's WELCOME says otherwise."
+    )
+    limits: Limits = setting(  # noqa: RUF009 (it makes a dataclasses.field)
+        default_factory=Limits, help="Time limits and child replacement (process pool only)."
+    )
+    shutdown_timeout: float = setting(
+        30.0,
+        help="On SIGTERM or Ctrl-C, seconds running tasks may take to finish before the rest "
+        "are handed back to the broker (a second signal stops at once).",
+    )
+    curve: ClientCurve | None = setting(  # noqa: RUF009 (as above)
+        None, help="This peer's keys, for a CURVE broker.", shown="plain"
+    )
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
