@@ -24,6 +24,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ from zq import wire
 from zq.app import DEFAULT_BROKER, DEFAULT_QUEUE, App, default_broker, load_app
 from zq.canvas import with_inputs
 from zq.errors import ProtocolError, WorkerError
-from zq.pool import ThreadPool, returned, unknown
+from zq.pool import DONE, STARTED, Done, Event, Progress, Started, ThreadPool, returned, unknown
 from zq.procpool import Limits, ProcessPool
 from zq.security import ClientCurve
 from zq.settings import setting
@@ -203,7 +204,7 @@ class Worker:
             self._on_pool_events(self.pool.tick())
             if self.pool.failure is not None and self.failure is None:
                 self._give_up(self.pool.failure)
-            pool_events: list[tuple[Any, ...]] = []
+            pool_events: list[Event] = []
             for item in events:
                 if item is self._dealer:
                     self._drain_broker()
@@ -540,7 +541,7 @@ class Worker:
     def _end_unrun(self, task_id: str, state: str, kind: str, why: str) -> None:
         """Report a task this worker ends without running it (no run time: it must not
         count in the broker's average of this worker's run times)."""
-        self._on_pool_event(("done", task_id, state, p.failure(kind, why), None, {}))
+        self._on_pool_event(Done(task_id, state, p.failure(kind, why), None, {}))
 
     def _on_revoke(self, task_id: Any, delivery: Any) -> None:
         """Stop a run the broker revoked, if it is that very run (same delivery)."""
@@ -555,49 +556,62 @@ class Worker:
         log.info("task %s revoked and stopped", task_id)
         self._on_pool_events(events)
 
-    def _on_pool_events(self, events: list[tuple[Any, ...]]) -> None:
+    def _on_pool_events(self, events: list[Event]) -> None:
         """Report a turn's pool events; a task that started and ended within the turn
         needs no STARTED (a short task: a message per task saved)."""
         if not events:
             return
-        ended = {event[1] for event in events if event[0] == "done"}
+        ended = {event.task_id for event in events if event.kind == DONE}
         if ended:
             self._stalled_since = None  # a slot freed: waiting tasks will start
         for event in events:
-            if event[0] != "started" or event[1] not in ended:
+            if event.kind != STARTED or event.task_id not in ended:
                 self._on_pool_event(event)
 
-    def _on_pool_event(self, event: tuple[Any, ...]) -> None:
-        if event[0] == "started":
-            self._started.append(event[1])
-        elif event[0] == "progress":
-            task_id = event[1]
-            if task_id in self._deliveries:
-                delivery = self._deliveries[task_id]
-                self._send(p.PROGRESS, {"id": task_id, "delivery": delivery, "progress": event[2]})
-        elif event[0] == "done":
-            _, task_id, state, body, runtime, extra = event
-            if extra.get("unknown"):
-                log.warning("handed task %s back: %s", task_id, p.decode(body)["message"])
-            if len(body) > self._max_message - p.ENVELOPE:
-                # Sent as is, it would make the broker drop this connection (again and
-                # again, from the outbox): fail the task with the reason instead.
-                state, extra = p.FAILURE, {}
-                body = p.failure(
-                    "zq.ResultTooLarge",
-                    f"the result is {len(body)} bytes; the broker accepts "
-                    f"{self._max_message} per message",
-                )
-            header = {
-                "id": task_id,
-                "state": state,
-                "worker": self.id,
-                "runtime": runtime,
-                "delivery": self._deliveries.pop(task_id, None),
-                **extra,
-            }
-            self._outbox[task_id] = (header, body)
-            self._dones.append((header, body))
+    def _on_pool_event(self, event: Event) -> None:
+        self._ON_POOL_EVENT[type(event)](self, event)
+
+    def _report_started(self, event: Started) -> None:
+        self._started.append(event.task_id)
+
+    def _report_progress(self, event: Progress) -> None:
+        task_id = event.task_id
+        if task_id in self._deliveries:
+            delivery = self._deliveries[task_id]
+            self._send(p.PROGRESS, {"id": task_id, "delivery": delivery, "progress": event.info})
+
+    def _report_done(self, event: Done) -> None:
+        """Put a task's DONE in the outbox (until the broker acknowledges it) and in
+        the next DONE message."""
+        task_id, state, body, extras = event.task_id, event.state, event.body, event.extras
+        if extras.get("unknown"):
+            log.warning("handed task %s back: %s", task_id, p.decode(body)["message"])
+        if len(body) > self._max_message - p.ENVELOPE:
+            # Sent as is, it would make the broker drop this connection (again and
+            # again, from the outbox): fail the task with the reason instead.
+            state, extras = p.FAILURE, {}
+            body = p.failure(
+                "zq.ResultTooLarge",
+                f"the result is {len(body)} bytes; the broker accepts "
+                f"{self._max_message} per message",
+            )
+        header = {
+            "id": task_id,
+            "state": state,
+            "worker": self.id,
+            "runtime": event.runtime,
+            "delivery": self._deliveries.pop(task_id, None),
+            **extras,
+        }
+        self._outbox[task_id] = (header, body)
+        self._dones.append((header, body))
+
+    #: How each pool event is reported to the broker.
+    _ON_POOL_EVENT: dict[type[Event], Callable[[Any, Any], None]] = {
+        Started: _report_started,
+        Progress: _report_progress,
+        Done: _report_done,
+    }
 
     def _flush_dones(self, now: float) -> None:
         """Send the STARTEDs and DONEs since the last send: one STARTED message, and
