@@ -38,10 +38,12 @@ class Started(_StartedFields):
     """A task began to run: the worker reports it STARTED (unless it ends in the same
     turn of the supervisor's loop)."""
 
+    # Each event class fills in its kind; built straight from a tuple (the field
+    # class's own __new__ would be a second Python call per event, many per task).
     __slots__ = ()
 
     def __new__(cls, task_id: str) -> Started:
-        return super().__new__(cls, STARTED, task_id)
+        return tuple.__new__(cls, (STARTED, task_id))
 
 
 class _ProgressFields(NamedTuple):
@@ -56,7 +58,7 @@ class Progress(_ProgressFields):
     __slots__ = ()
 
     def __new__(cls, task_id: str, info: dict[str, Any]) -> Progress:
-        return super().__new__(cls, PROGRESS, task_id, info)
+        return tuple.__new__(cls, (PROGRESS, task_id, info))
 
 
 class _DoneFields(NamedTuple):
@@ -78,7 +80,7 @@ class Done(_DoneFields):
     def __new__(
         cls, task_id: str, state: str, body: bytes, runtime: float | None, extras: dict[str, Any]
     ) -> Done:
-        return super().__new__(cls, DONE, task_id, state, body, runtime, extras)
+        return tuple.__new__(cls, (DONE, task_id, state, body, runtime, extras))
 
 
 Event = Started | Progress | Done
