@@ -414,61 +414,67 @@ class Worker:
                 log.warning("dropped a malformed message from the broker: %s", exc)
 
     def _handle(self, tag: bytes, command: bytes, header: dict[str, Any], payload: list) -> None:
-        if command == p.TASK:
-            if not payload:
-                raise ProtocolError("TASK without a payload")
-            batch = header.get("tasks")
-            if batch is None:
-                self._on_task(header, payload[0], payload[1:])
-                return
-            # Several tasks in one message: each has its payload frame, then as many
-            # input frames (a workflow step's parents' results) as its "inputs" says.
-            at = 0
-            for task_header in batch:
-                inputs = task_header.get("inputs", 0) if isinstance(task_header, dict) else 0
-                if not isinstance(task_header, dict) or at + 1 + inputs > len(payload):
-                    raise ProtocolError("TASK batch does not match its frames")
-                self._on_task(task_header, payload[at], payload[at + 1 : at + 1 + inputs])
-                at += 1 + inputs
-        elif command == p.HEARTBEAT:
-            self._confirm(header.get("t"))
-        elif command == p.ACCEPTED:
-            self._on_accepted(header.get("ids", ()), header.get("deliveries"))
-        elif command == p.REVOKE:
-            self._on_revoke(header.get("id"), header.get("delivery"))
-        elif command == p.WELCOME:
-            heartbeat, _, max_message = p.welcome_settings(
-                header, self._heartbeat, 3, self._max_message
+        handler = self._HANDLERS.get(command)
+        if handler is not None:  # (else a command no broker sends a worker: ignored)
+            handler(self, header, payload)
+
+    def _on_tasks(self, header: dict[str, Any], payload: list) -> None:
+        """TASK: one task, or several in one message (``tasks``)."""
+        if not payload:
+            raise ProtocolError("TASK without a payload")
+        batch = header.get("tasks")
+        if batch is None:
+            self._on_task(header, payload[0], payload[1:])
+            return
+        # Several tasks in one message: each has its payload frame, then as many
+        # input frames (a workflow step's parents' results) as its "inputs" says.
+        at = 0
+        for task_header in batch:
+            inputs = task_header.get("inputs", 0) if isinstance(task_header, dict) else 0
+            if not isinstance(task_header, dict) or at + 1 + inputs > len(payload):
+                raise ProtocolError("TASK batch does not match its frames")
+            self._on_task(task_header, payload[at], payload[at + 1 : at + 1 + inputs])
+            at += 1 + inputs
+
+    def _on_heartbeat(self, header: dict[str, Any], payload: list) -> None:
+        self._confirm(header.get("t"))
+
+    def _on_welcome(self, header: dict[str, Any], payload: list) -> None:
+        """WELCOME: the broker's settings, and the lease it confirms; every DONE it
+        has not acknowledged goes again."""
+        heartbeat, _, max_message = p.welcome_settings(
+            header, self._heartbeat, 3, self._max_message
+        )
+        self._heartbeat, self._max_message = heartbeat, max_message
+        give_back = header.get("give_back")
+        self._give_back = float(give_back) if isinstance(give_back, (int, float)) else None
+        self._fence = _fence_after(heartbeat)
+        self.pool.set_fence(self._fence)
+        # Before the TASKs that follow it in this read are handed over: a pool
+        # starts no keyed task while the lease looks expired.
+        self._confirm(header.get("t"))
+        self._awaiting_welcome = False
+        if self._silent_since is not None:
+            # A warning, as the silence was: at --log-level warning both show.
+            log.warning(
+                "broker %s answers%s, after %.1fs",
+                self.settings.broker,
+                " again" if self._welcomed else "",
+                time.monotonic() - self._silent_since,
             )
-            self._heartbeat, self._max_message = heartbeat, max_message
-            give_back = header.get("give_back")
-            self._give_back = float(give_back) if isinstance(give_back, (int, float)) else None
-            self._fence = _fence_after(heartbeat)
-            self.pool.set_fence(self._fence)
-            # Before the TASKs that follow it in this read are handed over: a pool
-            # starts no keyed task while the lease looks expired.
-            self._confirm(header.get("t"))
-            self._awaiting_welcome = False
-            if self._silent_since is not None:
-                # A warning, as the silence was: at --log-level warning both show.
-                log.warning(
-                    "broker %s answers%s, after %.1fs",
-                    self.settings.broker,
-                    " again" if self._welcomed else "",
-                    time.monotonic() - self._silent_since,
-                )
-                self._silent_since = None
-            self._welcomed = True
-            # Every DONE not acknowledged yet, again, in this turn's DONE batches: one
-            # message each could overflow the socket's queue (thousands with prefetch).
-            self._dones = list(self._outbox.values())
-        elif command == p.ERROR:
-            if header.get("code") == "unknown-worker":
-                if not self._awaiting_welcome:
-                    log.warning("broker does not know this worker (any more); saying READY")
-                    self._ready()
-            else:
-                log.error("broker reported an error: %s", header.get("reason"))
+            self._silent_since = None
+        self._welcomed = True
+        # Every DONE not acknowledged yet, again, in this turn's DONE batches: one
+        # message each could overflow the socket's queue (thousands with prefetch).
+        self._dones = list(self._outbox.values())
+
+    def _on_error(self, header: dict[str, Any], payload: list) -> None:
+        if header.get("code") == "unknown-worker":
+            if not self._awaiting_welcome:
+                log.warning("broker does not know this worker (any more); saying READY")
+                self._ready()
+        else:
+            log.error("broker reported an error: %s", header.get("reason"))
 
     def _confirm(self, sent: Any) -> None:
         """The broker echoed ``sent``, the time this worker sent a HEARTBEAT or READY
@@ -527,10 +533,11 @@ class Worker:
                     return
             self.pool.submit(header, payload)
 
-    def _on_accepted(self, ids: Any, deliveries: Any) -> None:
+    def _on_accepted(self, header: dict[str, Any], payload: list) -> None:
         """The broker has these DONEs in its journal: let them go. An acknowledgement
         names the delivery it is for, so a late one about an earlier report (a LOST
         sent again after a reconnect) does not take the DONE of a later run with it."""
+        ids, deliveries = header.get("ids", ()), header.get("deliveries")
         if not isinstance(deliveries, list) or len(deliveries) != len(ids):
             deliveries = [None] * len(ids)  # an older broker: by id alone
         for task_id, delivery in zip(ids, deliveries, strict=True):
@@ -543,8 +550,9 @@ class Worker:
         count in the broker's average of this worker's run times)."""
         self._on_pool_event(Done(task_id, state, p.failure(kind, why), None, {}))
 
-    def _on_revoke(self, task_id: Any, delivery: Any) -> None:
+    def _on_revoke(self, header: dict[str, Any], payload: list) -> None:
         """Stop a run the broker revoked, if it is that very run (same delivery)."""
+        task_id, delivery = header.get("id"), header.get("delivery")
         if not isinstance(task_id, str) or task_id not in self._deliveries:
             return  # it ended meanwhile: its DONE is on its way
         if delivery is not None and self._deliveries[task_id] != delivery:
@@ -555,6 +563,17 @@ class Worker:
             return
         log.info("task %s revoked and stopped", task_id)
         self._on_pool_events(events)
+
+    #: What each command from the broker does (a handler's ProtocolError, ValueError,
+    #: TypeError or AttributeError drops the message: see _drain_broker).
+    _HANDLERS: dict[bytes, Callable[[Any, dict[str, Any], list], None]] = {
+        p.TASK: _on_tasks,
+        p.HEARTBEAT: _on_heartbeat,
+        p.ACCEPTED: _on_accepted,
+        p.REVOKE: _on_revoke,
+        p.WELCOME: _on_welcome,
+        p.ERROR: _on_error,
+    }
 
     def _on_pool_events(self, events: list[Event]) -> None:
         """Report a turn's pool events; a task that started and ended within the turn
