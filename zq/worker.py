@@ -33,8 +33,8 @@ import zmq
 from zq import protocol as p
 from zq import wire
 from zq.app import DEFAULT_BROKER, DEFAULT_QUEUE, App, default_broker, load_app
-from zq.canvas import with_inputs
 from zq.errors import ProtocolError, WorkerError
+from zq.message import with_inputs
 from zq.pool import DONE, STARTED, Done, Event, Progress, Started, ThreadPool, returned, unknown
 from zq.procpool import Limits, ProcessPool
 from zq.security import ClientCurve
