@@ -25,6 +25,8 @@ READ_SIZE = 1 << 16
 #: The framing: a length, then the message (2 GiB and more: -1, then a 64-bit length).
 _LENGTH = struct.Struct("!i")
 _LONG_LENGTH = struct.Struct("!Q")
+#: Messages up to this many bytes go in one write with their length.
+ONE_WRITE = 16384
 
 # The kinds of message, each one's first item (besides the pool events' own).
 RUN = "run"
@@ -77,11 +79,12 @@ FromChild = Ready | Progress | Ended | Skipped
 
 def encode(message: ToChild | FromChild) -> bytes:
     """A message as it goes on the socket (before its frame)."""
-    if isinstance(message, Ended):
-        return p.encode([*message.done, message.retiring])
-    if isinstance(message, Progress):
+    kind = type(message)
+    if kind is Ended:
+        return p.encode([*message.done, message.retiring])  # type: ignore[union-attr]
+    if kind is Progress:
         return p.encode(message)  # (its kind is its first field)
-    return p.encode([_KINDS[type(message)], *message])
+    return p.encode([_KINDS[kind], *message])
 
 
 def to_child(data: bytes | memoryview) -> ToChild:
@@ -155,14 +158,18 @@ def frame(message: bytes) -> list[bytes]:
     small message (a copy costs less than a system call), else its head, then it."""
     size = len(message)
     head = _LENGTH.pack(size) if size < 0x7FFFFFFF else _LENGTH.pack(-1) + _LONG_LENGTH.pack(size)
-    return [head + message] if size <= 16384 else [head, message]
+    return [head + message] if size <= ONE_WRITE else [head, message]
 
 
 def send(sock: socket.socket, message: ToChild | FromChild) -> None:
     """Send one message over a supervisor-child socket (blocking while the other
     side's socket buffer is full)."""
-    for data in frame(encode(message)):
-        sock.sendall(data)
+    data = encode(message)
+    if len(data) <= ONE_WRITE:  # (most messages: one write, without frame()'s list)
+        sock.sendall(_LENGTH.pack(len(data)) + data)
+        return
+    for part in frame(data):
+        sock.sendall(part)
 
 
 def read_now(sock: socket.socket, framer: Framer) -> bool:

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from zq import protocol as p
 from zq.app import App, load_app
@@ -216,11 +216,9 @@ def _fence(lease: Any, fence_after: Any, parent: int, keyed: threading.Event) ->
             os._exit(FENCED_EXIT)
 
 
-class _Job(NamedTuple):
-    """A task the pool holds and no child has (its backlog)."""
-
-    header: dict[str, Any]
-    payload: bytes
+#: A task the pool holds and no child has (its backlog): (header, payload). A plain
+#: tuple: one is made per task submitted, and a named one costs 5 times as much.
+_Job = tuple[dict[str, Any], bytes]
 
 
 class _Child:
@@ -346,7 +344,7 @@ class ProcessPool:
 
     def running(self) -> list[str]:
         held = [entry.header["id"] for c in self._children.values() for entry in c.given]
-        return held + [job.header["id"] for job in self._backlog]
+        return held + [header["id"] for header, _ in self._backlog]
 
     def waiting(self) -> int:
         """Tasks held that no child has started (as far as the supervisor knows), less
@@ -366,7 +364,7 @@ class ProcessPool:
         backlog, one for each child still loading the app: it takes one as soon as it
         can, as a task already given to it would (see :meth:`waiting`)."""
         kept = [self._backlog.popleft() for _ in range(min(self._booting(), len(self._backlog)))]
-        ids = [job.header["id"] for job in self._backlog]
+        ids = [header["id"] for header, _ in self._backlog]
         self._backlog.clear()
         self._backlog.extend(kept)
         for child in list(self._children.values()):
@@ -444,7 +442,7 @@ class ProcessPool:
         events: list[Event] = []
         while True:  # again if the child it was with died: it went back, maybe elsewhere
             for job in self._backlog:
-                if job.header["id"] == task_id:
+                if job[0]["id"] == task_id:
                     self._backlog.remove(job)
                     return [*events, revoked(task_id, "revoked before it started")]
             held = [
@@ -514,7 +512,7 @@ class ProcessPool:
         return task_id, time.monotonic() - child.started
 
     def submit(self, header: dict[str, Any], payload: bytes) -> None:
-        self._backlog.append(_Job(header, payload))
+        self._backlog.append((header, payload))
         self._feed()
 
     def _feed(self) -> None:
@@ -542,14 +540,14 @@ class ProcessPool:
         that may too: up to an even share over ``idle`` children, BATCH, BATCH_BYTES
         and the tasks ``child`` has left before it is recycled."""
         batch = [self._backlog.popleft()]
-        if not self._batchable(batch[0].header):
+        if not self._batchable(batch[0][0]):
             return batch
         share = min(self.BATCH, -(-(len(self._backlog) + 1) // idle))
         if self.limits.max_tasks_per_child is not None:
             share = min(share, max(1, self.limits.max_tasks_per_child - child.done))
         size = 0
-        while len(batch) < share and self._backlog and self._batchable(self._backlog[0].header):
-            size += len(self._backlog[0].payload)
+        while len(batch) < share and self._backlog and self._batchable(self._backlog[0][0]):
+            size += len(self._backlog[0][1])
             if size > self.BATCH_BYTES:
                 break
             batch.append(self._backlog.popleft())
@@ -571,7 +569,7 @@ class ProcessPool:
         if not unstarted:
             return False
         taken = self._cancel(busiest, unstarted[len(unstarted) // 2 :], "requeue")
-        self._backlog.extend(_Job(entry.header, entry.payload) for entry in taken)
+        self._backlog.extend((entry.header, entry.payload) for entry in taken)
         return bool(taken)
 
     def _give(self, fd: int, child: _Child, batch: list[_Job]) -> bool:
@@ -658,7 +656,7 @@ class ProcessPool:
             return []
         _, header, payload = self._drop(child, at)
         if why == "requeue":
-            self._backlog.appendleft(_Job(header, payload))
+            self._backlog.appendleft((header, payload))
             return []
         if why == "revoked":
             return [revoked(header["id"], "revoked before it started")]
@@ -669,7 +667,7 @@ class ProcessPool:
         from the ``first``-th on, which it has not started (it runs them in order)."""
         while len(child.given) > first:
             _, header, payload = child.given.pop()
-            self._backlog.appendleft(_Job(header, payload))
+            self._backlog.appendleft((header, payload))
 
     def _bury(self, fd: int, child: _Child, *, killed: str | None = None) -> list[Event]:
         """A child died (or was ``killed``, for that reason): report its first task
