@@ -33,6 +33,7 @@ from zq.replay import replay
 from zq.reports import Reports
 from zq.security import Authorizer, load_pair, serve_with
 from zq.sequence import SubmitOrder
+from zq.settings import setting
 from zq.tasks import Tasks
 from zq.workers import Peer, Workers
 
@@ -57,25 +58,81 @@ STATUS_KEYS = 100
 
 @dataclass(frozen=True, kw_only=True)
 class BrokerSettings:
-    """How a broker binds and times out. See ``zq broker --help`` for each field."""
+    """How a broker binds and times out: each field's help is ``zq broker --help``'s."""
 
-    bind: str = "tcp://127.0.0.1:5555"  # this machine only; 0.0.0.0 must be asked for
-    pub_bind: str | None = None  # default: the bind address with port + 1
-    heartbeat: float = 1.0
-    liveness: int = 3
-    result_ttl: float = 24 * 3600.0
-    prefetch: int | None = None  # tasks beyond a worker's slots; None: automatic
-    journal: str | None = None  # a SQLite file; None or ":memory:" for no journal
-    max_redeliveries: int = 3  # then a task whose workers keep dying is a dead letter
-    #: Seconds to wait after a restart for a worker to re-attach the tasks it held
-    #: (default: twice the dead-after window) before they are handed to others.
-    reattach_grace: float | None = None
-    curve_secret: str | None = None  # the broker's .key_secret file: CURVE on
-    authorized_keys: str | None = None  # directory of the peers' public .key files
-    max_message_size: int = p.DEFAULT_MAX_MESSAGE  # bytes; larger ones cut the peer off
-    max_queued: int = 1_000_000  # accepted, unfinished tasks, in all queues together
-    max_queued_per_queue: int | None = None  # waiting tasks in one queue (default: max_queued)
-    max_results: int = 1_000_000  # results kept; past it the oldest are dropped (counted)
+    bind: str = setting(
+        "tcp://127.0.0.1:5555",  # this machine only; 0.0.0.0 must be asked for
+        help="Address the broker's ROUTER binds; clients and workers connect here. The "
+        "default takes connections from this machine only: tcp://0.0.0.0:5555 takes them "
+        "from the network (plain and open without --curve-secret); tcp://127.0.0.1:* is a "
+        "random loopback port.",
+    )
+    pub_bind: str | None = setting(
+        None,
+        help="Address the results/events XPUB binds.",
+        shown="the --bind port + 1; peers learn it from the broker",
+    )
+    heartbeat: float = setting(
+        1.0,
+        help="Heartbeat period H in seconds: workers and clients send a heartbeat every H "
+        "(workers every H/2) and the broker answers each one.",
+    )
+    liveness: int = setting(
+        3,
+        help="Missed heartbeats after which a worker is dead and its tasks requeued "
+        "(at least 3: workers stop keyed tasks after 1.5).",
+    )
+    result_ttl: float = setting(24 * 3600.0, help="Seconds the broker keeps each result for FETCH.")
+    prefetch: int | None = setting(
+        None,  # automatic
+        help="Tasks sent to a worker beyond its free slots. auto: enough to keep its slots "
+        "busy for ~2 ms at the run time of its recent tasks (at most 1000; none for tasks "
+        "longer than 2 ms per slot); 0: none ever wait in a worker while another could "
+        "run them; N: always N (at most 1000).",
+        shown="auto",
+    )
+    journal: str | None = setting(
+        None,
+        help="SQLite file that keeps accepted tasks and results across a crash; ':memory:' "
+        "turns durability off.",
+        shown="none, no journal",
+    )
+    max_redeliveries: int = setting(
+        3, help="Times a task's worker may die running it before it is a dead letter."
+    )
+    reattach_grace: float | None = setting(
+        None,
+        help="Seconds to wait after a restart for a worker to re-attach the tasks it held "
+        "before they are handed to others.",
+        shown="twice the dead-after window",
+    )
+    curve_secret: str | None = setting(
+        None,
+        help="The broker's .key_secret file (zq keys generate): encrypt all traffic and "
+        "accept only peers in --authorized-keys.",
+        shown="plain and open",
+    )
+    authorized_keys: str | None = setting(
+        None,
+        help="Directory of the public .key files of the clients and workers allowed in; "
+        "re-read when it changes or on SIGHUP.",
+    )
+    max_message_size: int = setting(
+        p.DEFAULT_MAX_MESSAGE,
+        help="Bytes in one message; a peer that sends more is disconnected, and clients "
+        "and workers refuse to send more.",
+    )
+    max_queued: int = setting(
+        1_000_000, help="Accepted, unfinished tasks in all; past it a submit is REJECTED."
+    )
+    max_queued_per_queue: int | None = setting(
+        None,
+        help="Tasks waiting in one queue; past it a submit to that queue is REJECTED.",
+        shown="--max-queued",
+    )
+    max_results: int = setting(
+        1_000_000, help="Results kept for FETCH; past it the oldest are dropped (and counted)."
+    )
 
     def __post_init__(self) -> None:
         # What its workers and clients would refuse in its WELCOME.

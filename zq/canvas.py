@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from zq import protocol as p
+from zq.message import seconds, task_message, timing
 from zq.workflow import MAX_PARENTS
 
 if TYPE_CHECKING:
@@ -96,8 +96,6 @@ class Signature(Canvas):
     def _build(
         self, waits: list[str], values: list[str] | None, kind: str | None, steps: list[Step]
     ) -> tuple[list[str], list[str], str]:
-        from zq.app import seconds, task_message, timing
-
         takes_input = values is not None and not self.immutable
         opts = self.options
         key = opts.get("key")
@@ -250,11 +248,3 @@ class GroupResult:
     def revoke(self, *, terminate: bool = False) -> None:
         for result in self.results:
             result.revoke(terminate=terminate)
-
-
-def with_inputs(header: dict[str, Any], payload: bytes, inputs: list[Any]) -> bytes:
-    """A workflow step's arguments with its parents' results in front (worker side)."""
-    args, kwargs = p.decode(payload)
-    values = [p.decode(body) for body in inputs]
-    first = values[0] if header.get("pass") == "one" else values
-    return p.encode([[first, *args], kwargs])

@@ -15,10 +15,31 @@ from typing import Any
 import click
 
 from zq import protocol as p
-from zq.app import DEFAULT_BROKER, DEFAULT_QUEUE, App, default_broker
+from zq.app import DEFAULT_BROKER, DEFAULT_QUEUE, App
+from zq.broker import BrokerSettings
 from zq.errors import WorkerError
+from zq.procpool import Limits
+from zq.settings import described
+from zq.worker import WorkerSettings
 
-BROKER_HELP = "Broker address. [env ZQ_BROKER; default tcp://127.0.0.1:5555]"
+
+def _declared(settings: type, name: str, env: str | None = None, **instead: Any) -> dict[str, Any]:
+    """``click.option`` arguments for the field ``name`` of a settings dataclass: its
+    default and help, as declared there once (:func:`zq.settings.setting`), and
+    ``env``, the variable that sets it. ``instead`` replaces the field's ``help``,
+    ``shown`` or ``default`` where the command line takes the setting in another form
+    (a list as text, another unit)."""
+    field = described(settings, name)._replace(**instead)
+    tags = [f"env {env}"] if env else []
+    if field.shown is not None:  # else click shows the value itself
+        tags.append(f"default: {field.shown}")
+    text = f"{field.help} [{'; '.join(tags)}]" if tags else field.help
+    return {
+        "default": field.default,
+        "help": text,
+        "show_default": field.shown is None,
+        "envvar": env,
+    }
 
 
 class _Prefetch(click.ParamType):
@@ -147,9 +168,7 @@ def _timeout_option(fn: Any) -> Any:
 
 
 def _broker_option(fn: Any) -> Any:
-    return click.option(
-        "--broker", envvar="ZQ_BROKER", default=default_broker, show_default=False, help=BROKER_HELP
-    )(fn)
+    return click.option("--broker", **_declared(WorkerSettings, "broker", env="ZQ_BROKER"))(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -268,109 +287,51 @@ def _stop_on_signals(stop: Any) -> None:
 
 
 @main.command()
-@click.option(
-    "--bind",
-    envvar="ZQ_BIND",
-    default="tcp://127.0.0.1:5555",
-    show_default=True,
-    help="Address the broker's ROUTER binds; clients and workers connect here. The "
-    "default takes connections from this machine only: tcp://0.0.0.0:5555 takes them "
-    "from the network (plain and open without --curve-secret); tcp://127.0.0.1:* is a "
-    "random loopback port. [env ZQ_BIND]",
-)
-@click.option(
-    "--pub",
-    "pub_bind",
-    envvar="ZQ_PUB",
-    default=None,
-    help="Address the results/events XPUB binds. [default: the --bind port + 1; "
-    "peers learn it from the broker]",
-)
+@click.option("--bind", **_declared(BrokerSettings, "bind", env="ZQ_BIND"))
+@click.option("--pub", "pub_bind", **_declared(BrokerSettings, "pub_bind", env="ZQ_PUB"))
 @click.option(
     "--heartbeat",
     type=click.FloatRange(min=p.MIN_HEARTBEAT, max=p.MAX_HEARTBEAT),
-    default=1.0,
-    show_default=True,
-    help="Heartbeat period H in seconds: workers and clients send a heartbeat every H "
-    "(workers every H/2) and the broker answers each one.",
+    **_declared(BrokerSettings, "heartbeat"),
 )
+@click.option("--liveness", type=click.IntRange(min=3), **_declared(BrokerSettings, "liveness"))
 @click.option(
-    "--liveness",
-    type=click.IntRange(min=3),
-    default=3,
-    show_default=True,
-    help="Missed heartbeats after which a worker is dead and its tasks requeued "
-    "(at least 3: workers stop keyed tasks after 1.5).",
+    "--result-ttl", type=click.FloatRange(min=1), **_declared(BrokerSettings, "result_ttl")
 )
-@click.option(
-    "--result-ttl",
-    type=click.FloatRange(min=1),
-    default=86400.0,
-    show_default=True,
-    help="Seconds the broker keeps each result for FETCH.",
-)
-@click.option(
-    "--prefetch",
-    type=_Prefetch(),
-    default="auto",
-    show_default=True,
-    help="Tasks sent to a worker beyond its free slots. auto: enough to keep its slots "
-    "busy for ~2 ms at the run time of its recent tasks (at most 1000; none for tasks "
-    "longer than 2 ms per slot); 0: none ever wait in a worker while another could "
-    "run them; N: always N (at most 1000).",
-)
+@click.option("--prefetch", type=_Prefetch(), **_declared(BrokerSettings, "prefetch"))
 @click.option(
     "--journal",
-    envvar="ZQ_JOURNAL",
-    default=None,
-    help="SQLite file that keeps accepted tasks and results across a crash; ':memory:' "
-    "turns durability off. [env ZQ_JOURNAL; default: $ZQ_DATA_DIR, else "
-    "~/.local/share/zq, /journal-PORT.db]",
+    # Not the dataclass's default (no journal): the command keeps one unless told not to.
+    **_declared(
+        BrokerSettings,
+        "journal",
+        env="ZQ_JOURNAL",
+        shown="$ZQ_DATA_DIR, else ~/.local/share/zq, /journal-PORT.db",
+    ),
 )
 @click.option(
     "--curve-secret",
-    envvar="ZQ_CURVE_SECRET",
     type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="The broker's .key_secret file (zq keys generate): encrypt all traffic and accept "
-    "only peers in --authorized-keys. [env ZQ_CURVE_SECRET; default: plain and open]",
+    **_declared(BrokerSettings, "curve_secret", env="ZQ_CURVE_SECRET"),
 )
 @click.option(
     "--authorized-keys",
-    envvar="ZQ_AUTHORIZED_KEYS",
     type=click.Path(exists=True, file_okay=False),
-    default=None,
-    help="Directory of the public .key files of the clients and workers allowed in; "
-    "re-read when it changes or on SIGHUP. [env ZQ_AUTHORIZED_KEYS]",
+    **_declared(BrokerSettings, "authorized_keys", env="ZQ_AUTHORIZED_KEYS"),
 )
 @click.option(
     "--max-message-size",
     type=click.IntRange(min=p.MIN_MAX_MESSAGE, max=p.PEER_MAX_MESSAGE),
-    default=p.DEFAULT_MAX_MESSAGE,
-    show_default=True,
-    help="Bytes in one message; a peer that sends more is disconnected, and clients and "
-    "workers refuse to send more.",
+    **_declared(BrokerSettings, "max_message_size"),
 )
-@click.option(
-    "--max-queued",
-    type=click.IntRange(min=1),
-    default=1_000_000,
-    show_default=True,
-    help="Accepted, unfinished tasks in all; past it a submit is REJECTED.",
-)
+@click.option("--max-queued", type=click.IntRange(min=1), **_declared(BrokerSettings, "max_queued"))
 @click.option(
     "--max-queued-per-queue",
     type=click.IntRange(min=1),
-    default=None,
-    help="Tasks waiting in one queue; past it a submit to that queue is REJECTED. "
-    "[default: --max-queued]",
+    **_declared(BrokerSettings, "max_queued_per_queue"),
 )
 @click.option(
-    "--max-results",
-    type=click.IntRange(min=1),
-    default=1_000_000,
-    show_default=True,
-    help="Results kept for FETCH; past it the oldest are dropped (and counted).",
+    "--max-results", type=click.IntRange(min=1), **_declared(BrokerSettings, "max_results")
 )
 def broker(
     bind: str,
@@ -388,7 +349,7 @@ def broker(
     max_results: int,
 ) -> None:
     """Run the broker: queues, customer-sticky routing, results. Stop with Ctrl-C/SIGTERM."""
-    from zq.broker import Broker, BrokerSettings
+    from zq.broker import Broker
     from zq.journal import default_journal_path
 
     try:
@@ -435,65 +396,58 @@ def broker(
 @click.option(
     "-c",
     "--concurrency",
-    type=click.IntRange(min=1, max=4096),
-    default=None,
-    help="Tasks run at once. [default: CPU count]",
+    type=click.IntRange(min=1, max=p.MAX_CONCURRENCY),
+    **_declared(WorkerSettings, "concurrency"),
 )
 @click.option(
     "--pool",
     type=click.Choice(["process", "thread"]),
-    default="process",
-    show_default=True,
-    help="Run tasks in child processes (CPU-bound work) or threads (I/O-bound).",
+    **_declared(WorkerSettings, "pool"),
 )
 @click.option(
     "-Q",
     "--queues",
-    default=DEFAULT_QUEUE,
-    show_default=True,
-    help="Comma-separated queues to take tasks from, in order of preference.",
+    **_declared(
+        WorkerSettings,
+        "queues",
+        default=",".join(described(WorkerSettings, "queues").default),
+        help="Comma-separated queues to take tasks from, in order of preference.",
+    ),
 )
 @click.option(
     "--soft-time-limit",
     type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Seconds after which zq.SoftTimeLimitExceeded is raised inside a task, unless "
-    "the task sets its own. [default: none]",
+    **_declared(Limits, "soft_time_limit"),
 )
 @click.option(
     "--time-limit",
     type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Seconds after which the process running a task is killed and replaced and "
-    "the task fails, unless the task sets its own. [default: none]",
+    **_declared(Limits, "time_limit"),
 )
 @click.option(
-    "--max-tasks-per-child",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Replace a child process after it ran this many tasks. [default: never]",
+    "--max-tasks-per-child", type=click.IntRange(min=1), **_declared(Limits, "max_tasks_per_child")
 )
 @click.option(
     "--max-memory-per-child",
     type=click.IntRange(min=1),
-    default=None,
-    help="Replace a child process after a task left its peak memory above this many "
-    "MiB. [default: never]",
+    # In MiB here (the limit is held in KiB, as the kernel reports peak memory).
+    **_declared(
+        Limits,
+        "max_memory_per_child",
+        help="Replace a child process after a task left its peak memory above this many MiB.",
+    ),
 )
 @click.option(
     "--shutdown-timeout",
     type=click.FloatRange(min=0),
-    default=30.0,
-    show_default=True,
-    help="On SIGTERM or Ctrl-C, seconds running tasks may take to finish before the rest "
-    "are handed back to the broker (a second signal stops at once).",
+    **_declared(WorkerSettings, "shutdown_timeout"),
 )
 def worker(
     app_spec: str,
     broker: str,
     curve_secret: str | None,
     broker_key: str | None,
-    concurrency: int | None,
+    concurrency: int,
     pool: str,
     queues: str,
     soft_time_limit: float | None,
@@ -505,9 +459,8 @@ def worker(
     """Run a worker for the tasks of MODULE[:APP] (default: the demo's zq.scoring).
 
     Time limits and child replacement apply to the process pool only."""
-    from zq.procpool import Limits
     from zq.security import ClientCurve
-    from zq.worker import Worker, WorkerSettings
+    from zq.worker import Worker
 
     sys.path.insert(0, os.getcwd())  # like `python -m`, so ./myapp.py is importable
     _import_tasks(app_spec)
@@ -517,7 +470,7 @@ def worker(
         settings = WorkerSettings(
             broker=broker,
             curve=curve,
-            concurrency=concurrency or os.cpu_count() or 1,
+            concurrency=concurrency,
             pool=pool,
             queues=queue_list,
             shutdown_timeout=shutdown_timeout,

@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,6 +33,7 @@ import zmq
 
 from zq import protocol as p
 from zq import wire
+from zq.address import check_broker_url
 from zq.errors import (
     BrokerUnavailable,
     ProtocolError,
@@ -131,7 +133,7 @@ class Client:
         fetch_after: float = FETCH_AFTER,
         curve: ClientCurve | None = None,
     ) -> None:
-        self.broker = broker
+        self.broker = check_broker_url(broker)
         self.curve = curve
         #: The broker's limit on one message (from WELCOME; the default until then).
         self.max_message_size = p.DEFAULT_MAX_MESSAGE
@@ -505,30 +507,36 @@ class Client:
             self._unreachable = False
             log.warning("broker %s answers again", self.broker)
         _tag, command, header, payload = p.parse(frames)
-        if command == p.WELCOME:
-            self._on_welcome(header)
-        elif command == p.ACCEPTED:
-            for task_id in header.get("ids", ()):
-                self._settled(task_id)
-                self._update(task_id, p.QUEUED, header, None, only_if=p.PENDING)
-            self._settle_flushes()
-        elif command == p.REJECTED:
-            for task_id, reason in header.get("rejected", {}).items():
-                self._settled(task_id)
-                self._update(task_id, p.REJECTED_STATE, {"reason": reason}, None)
-            self._settle_flushes()
-        elif command == p.RESULT:
-            self._on_result(header, payload)
-        elif command in (p.STATUS, p.DEAD_LETTERS, p.REVOKE, p.PERIODIC):  # request replies
-            future = self._requests.pop(header.get("req"), None)
-            if future is not None:
-                future.set_result(header)
-        elif command == p.HEARTBEAT:
-            if header.get("broker") != self._broker_instance:
-                self._send(p.HELLO, {"client": self.id})  # it restarted: start over
-        elif command == p.ERROR and header.get("code") == "resend":
+        handler = self._REPLIES.get(command)
+        if handler is not None:  # (else a command no broker sends a client: ignored)
+            handler(self, header, payload)
+
+    def _on_accepted(self, header: dict[str, Any], payload: list[bytes]) -> None:
+        for task_id in header.get("ids", ()):
+            self._settled(task_id)
+            self._update(task_id, p.QUEUED, header, None, only_if=p.PENDING)
+        self._settle_flushes()
+
+    def _on_rejected(self, header: dict[str, Any], payload: list[bytes]) -> None:
+        for task_id, reason in header.get("rejected", {}).items():
+            self._settled(task_id)
+            self._update(task_id, p.REJECTED_STATE, {"reason": reason}, None)
+        self._settle_flushes()
+
+    def _on_answer(self, header: dict[str, Any], payload: list[bytes]) -> None:
+        """The reply to a :meth:`request` (it has the request's ``req``)."""
+        future = self._requests.pop(header.get("req"), None)
+        if future is not None:
+            future.set_result(header)
+
+    def _on_heartbeat(self, header: dict[str, Any], payload: list[bytes]) -> None:
+        if header.get("broker") != self._broker_instance:
+            self._send(p.HELLO, {"client": self.id})  # it restarted: start over
+
+    def _on_error(self, header: dict[str, Any], payload: list[bytes]) -> None:
+        if header.get("code") == "resend":
             self._on_resend(header.get("n"))
-        elif command == p.ERROR:
+        else:
             log.error("broker reported an error: %s", header.get("reason"))
 
     def _on_resend(self, n: Any) -> None:
@@ -539,7 +547,7 @@ class Client:
             log.info("broker %s asked for unacknowledged submits again; resending", self.broker)
             self._resend_unacked()
 
-    def _on_welcome(self, header: dict[str, Any]) -> None:
+    def _on_welcome(self, header: dict[str, Any], payload: list[bytes]) -> None:
         try:
             settings = p.welcome_settings(
                 header, self._heartbeat, self._liveness, self.max_message_size
@@ -577,21 +585,26 @@ class Client:
     def _on_published(self, frames: list[bytes]) -> None:
         if len(frames) < 3:
             return
-        _, header, payload = frames[1], p.unpack_header(frames[2]), frames[3:]
-        if frames[1] == p.RESULT:
-            self._on_result(header, payload)
-        elif frames[1] == p.RESULTS:
-            results = header.get("results")
-            if not isinstance(results, list) or len(results) != len(payload):
-                log.warning("dropped a RESULTS message whose header does not match its frames")
-                return
-            for one, body in zip(results, payload, strict=True):
-                if isinstance(one, dict):
-                    self._on_result(one, [body])
-        elif frames[1] in (p.STARTED, p.PROGRESS):  # STARTED, RETRY or progress: not final
-            state = header.get("state", p.STARTED_STATE)
-            if state in (p.STARTED_STATE, p.RETRY):
-                self._update(header.get("id", ""), state, header, None)
+        header, payload = p.unpack_header(frames[2]), frames[3:]
+        handler = self._PUBLISHED.get(frames[1])
+        if handler is not None:
+            handler(self, header, payload)
+
+    def _on_results(self, header: dict[str, Any], payload: list[bytes]) -> None:
+        """A loop turn's results for this client, in one message."""
+        results = header.get("results")
+        if not isinstance(results, list) or len(results) != len(payload):
+            log.warning("dropped a RESULTS message whose header does not match its frames")
+            return
+        for one, body in zip(results, payload, strict=True):
+            if isinstance(one, dict):
+                self._on_result(one, [body])
+
+    def _on_running(self, header: dict[str, Any], payload: list[bytes]) -> None:
+        """STARTED, RETRY or progress: not final."""
+        state = header.get("state", p.STARTED_STATE)
+        if state in (p.STARTED_STATE, p.RETRY):
+            self._update(header.get("id", ""), state, header, None)
 
     def _on_result(self, header: dict[str, Any], payload: list[bytes]) -> None:
         task_id = header.get("id", "")
@@ -599,6 +612,27 @@ class Client:
         if state in p.FINAL_STATES:
             self._watched.pop(task_id, None)
         self._update(task_id, state, header, payload[0] if payload else None)
+
+    #: What each command on the DEALER does (see _drain for what a handler raises).
+    _REPLIES: dict[bytes, Callable[[Any, dict[str, Any], list[bytes]], None]] = {
+        p.WELCOME: _on_welcome,
+        p.ACCEPTED: _on_accepted,
+        p.REJECTED: _on_rejected,
+        p.RESULT: _on_result,
+        p.STATUS: _on_answer,
+        p.DEAD_LETTERS: _on_answer,
+        p.REVOKE: _on_answer,
+        p.PERIODIC: _on_answer,
+        p.HEARTBEAT: _on_heartbeat,
+        p.ERROR: _on_error,
+    }
+    #: What each command on the SUB does.
+    _PUBLISHED: dict[bytes, Callable[[Any, dict[str, Any], list[bytes]], None]] = {
+        p.RESULT: _on_result,
+        p.RESULTS: _on_results,
+        p.STARTED: _on_running,
+        p.PROGRESS: _on_running,
+    }
 
     def _update(
         self,

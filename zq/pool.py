@@ -2,12 +2,10 @@
 
 The worker's supervisor thread owns the pool (this module's :class:`ThreadPool`, or
 :class:`zq.procpool.ProcessPool`, the default). A pool exposes file descriptors for
-the supervisor to poll and turns what becomes readable into events::
-
-    ("started", task_id)
-    ("done", task_id, state, payload_bytes, runtime_seconds, header_extras)
-
-(``progress`` events too.)
+the supervisor to poll and turns what becomes readable into events: :class:`Started`,
+:class:`Progress` and :class:`Done`, named tuples whose first field names their kind
+(``("started", task_id)``, ``("done", task_id, state, body, runtime, extras)``), as in
+the process pool's messages from its children.
 """
 
 from __future__ import annotations
@@ -18,14 +16,74 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from zq import protocol as p
 from zq.app import App, Task
 from zq.context import TaskContext, running
 from zq.errors import Retry
 
-Event = tuple[Any, ...]
+#: The kinds of events, each one's first field.
+STARTED = "started"
+PROGRESS = "progress"
+DONE = "done"
+
+
+class _StartedFields(NamedTuple):
+    kind: str
+    task_id: str
+
+
+class Started(_StartedFields):
+    """A task began to run: the worker reports it STARTED (unless it ends in the same
+    turn of the supervisor's loop)."""
+
+    # Each event class fills in its kind; built straight from a tuple (the field
+    # class's own __new__ would be a second Python call per event, many per task).
+    __slots__ = ()
+
+    def __new__(cls, task_id: str) -> Started:
+        return tuple.__new__(cls, (STARTED, task_id))
+
+
+class _ProgressFields(NamedTuple):
+    kind: str
+    task_id: str
+    info: dict[str, Any]
+
+
+class Progress(_ProgressFields):
+    """A running task's progress report (see :func:`zq.current_task`)."""
+
+    __slots__ = ()
+
+    def __new__(cls, task_id: str, info: dict[str, Any]) -> Progress:
+        return tuple.__new__(cls, (PROGRESS, task_id, info))
+
+
+class _DoneFields(NamedTuple):
+    kind: str
+    task_id: str
+    state: str
+    body: bytes
+    runtime: float | None
+    extras: dict[str, Any]
+
+
+class Done(_DoneFields):
+    """A task ended here, or was ended unrun: what its DONE says. ``body`` is the
+    encoded value or failure; ``runtime`` is None for a task that did not run (it must
+    not count in the broker's run times); ``extras`` go into the DONE header."""
+
+    __slots__ = ()
+
+    def __new__(
+        cls, task_id: str, state: str, body: bytes, runtime: float | None, extras: dict[str, Any]
+    ) -> Done:
+        return tuple.__new__(cls, (DONE, task_id, state, body, runtime, extras))
+
+
+Event = Started | Progress | Done
 Outcome = tuple[str, bytes, dict[str, Any]]
 
 
@@ -40,8 +98,8 @@ def execute(
     name = header.get("name", "")
     task = app.tasks.get(name)
     if task is None:
-        _, _, state, body, _, extra = unknown(app, header.get("id", ""), name)
-        return state, body, extra
+        done = unknown(app, header.get("id", ""), name)
+        return done.state, done.body, done.extras
     try:
         args, kwargs = p.decode(payload)
         with running(TaskContext(header, report)):
@@ -73,14 +131,14 @@ def _failed(task: Task, header: dict[str, Any], exc: Exception) -> Outcome:
     return p.RETRY, info, {"countdown": countdown}
 
 
-def fenced(task_id: str, runtime: float | None) -> Event:
+def fenced(task_id: str, runtime: float | None) -> Done:
     """The DONE event of a keyed task stopped, or not started, because the worker's
     lease was past the fence: LOST, run again elsewhere, not counted as a crash."""
     why = "the worker lost touch with the broker: a keyed task stops (it runs again)"
-    return ("done", task_id, p.LOST, p.failure("zq.Fenced", why), runtime, {"fenced": True})
+    return Done(task_id, p.LOST, p.failure("zq.Fenced", why), runtime, {"fenced": True})
 
 
-def unknown(app: App, task_id: str, name: str) -> Event:
+def unknown(app: App, task_id: str, name: str) -> Done:
     """The event for a task whose name this worker's app does not register: handed
     back (LOST ``unknown``), so the broker sends it to a worker that has the name and
     sends this one no more of it. The failure says which names the app has."""
@@ -90,18 +148,18 @@ def unknown(app: App, task_id: str, name: str) -> Event:
         f"task {name!r} is not registered in app {app.name!r} on this worker, which has "
         f"{len(names)} task(s): {shown or 'none'}. Is the worker running the right module?"
     )
-    return ("done", task_id, p.LOST, p.failure("zq.UnknownTask", why), None, {"unknown": True})
+    return Done(task_id, p.LOST, p.failure("zq.UnknownTask", why), None, {"unknown": True})
 
 
-def returned(task_id: str, runtime: float | None = None) -> Event:
+def returned(task_id: str, runtime: float | None = None) -> Done:
     """The event for a task handed back unrun (LOST ``returned``: requeued by the
     broker, not counted as a redelivery); ``runtime``: how long slots were stuck."""
-    return ("done", task_id, p.LOST, b"", runtime, {"returned": True})
+    return Done(task_id, p.LOST, b"", runtime, {"returned": True})
 
 
-def revoked(task_id: str, why: str) -> Event:
+def revoked(task_id: str, why: str) -> Done:
     """The event for a task revoked (with terminate) before or while it ran."""
-    return ("done", task_id, p.REVOKED, p.failure("zq.Revoked", why), 0.0, {})
+    return Done(task_id, p.REVOKED, p.failure("zq.Revoked", why), 0.0, {})
 
 
 def fence_closed(lease: float, fence_after: float) -> bool:
@@ -173,14 +231,14 @@ class ThreadPool:
             if header.get("key") is not None and fence_closed(self._lease, self._fence_after):
                 self._emit(fenced(task_id, None))  # e.g. the process was frozen (SIGSTOP)
                 continue
-            self._emit(("started", task_id))
+            self._emit(Started(task_id))
             start = time.monotonic()
 
             def report(info: dict[str, Any], task_id: str = task_id) -> None:
-                self._emit(("progress", task_id, info))
+                self._emit(Progress(task_id, info))
 
             state, body, extra = execute(self.app, header, payload, report)
-            self._emit(("done", task_id, state, body, time.monotonic() - start, extra))
+            self._emit(Done(task_id, state, body, time.monotonic() - start, extra))
 
     def _emit(self, event: Event) -> None:
         self._events.put(event)
@@ -259,8 +317,8 @@ class ThreadPool:
                 event = self._events.get_nowait()
             except queue.Empty:
                 return events
-            if event[0] == "done":
-                self._running.pop(event[1], None)
+            if event.kind == DONE:
+                self._running.pop(event.task_id, None)
             events.append(event)
 
     def close(self, timeout: float = 2.0) -> None:

@@ -22,18 +22,34 @@ import os
 import resource
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from zq import protocol as p
 from zq.app import App, load_app
 from zq.errors import SoftTimeLimitExceeded
-from zq.pool import Event, execute, fence_closed, fenced, returned, revoked
+from zq.pool import Done, Event, Progress, Started, execute, fence_closed, fenced, returned, revoked
+from zq.poolwire import (
+    READ_SIZE,
+    Cancel,
+    Ended,
+    Framer,
+    FromChild,
+    Given,
+    Ready,
+    Run,
+    Skipped,
+    from_child,
+    read_now,
+    send,
+    to_child,
+)
+from zq.settings import setting
 
 log = logging.getLogger("zq.worker")
 
@@ -48,22 +64,32 @@ FENCED_EXIT = 70
 #: Seconds between a child's checks of its fence (at most; a tenth of the fence time
 #: if that is less, so short heartbeats keep their margin).
 FENCE_POLL = 0.1
-#: Bytes read from a supervisor-child socket at a time.
-READ_SIZE = 1 << 16
-#: The supervisor-child framing (multiprocessing.Connection's): a length, then the
-#: message (2 GiB and more: -1, then a 64-bit length).
-_LENGTH = struct.Struct("!i")
-_LONG_LENGTH = struct.Struct("!Q")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Limits:
     """Worker-wide limits; a task's own ``time_limit``/``soft_time_limit`` win."""
 
-    soft_time_limit: float | None = None  # seconds, then SoftTimeLimitExceeded in the task
-    time_limit: float | None = None  # seconds, then the child process is killed
-    max_tasks_per_child: int | None = None  # then the child is replaced
-    max_memory_per_child: int | None = None  # KiB of peak RSS, then the child is replaced
+    soft_time_limit: float | None = setting(
+        None,
+        help="Seconds after which zq.SoftTimeLimitExceeded is raised inside a task, unless "
+        "the task sets its own.",
+        shown="none",
+    )
+    time_limit: float | None = setting(
+        None,
+        help="Seconds after which the process running a task is killed and replaced and "
+        "the task fails, unless the task sets its own.",
+        shown="none",
+    )
+    max_tasks_per_child: int | None = setting(
+        None, help="Replace a child process after it ran this many tasks.", shown="never"
+    )
+    max_memory_per_child: int | None = setting(
+        None,
+        help="Replace a child process after a task left its peak memory (RSS) above this many KiB.",
+        shown="never",
+    )
 
     def for_task(self, app: App, name: str) -> tuple[float | None, float | None]:
         """(soft, hard) time limits for the task called ``name``."""
@@ -89,11 +115,11 @@ def _child_main(
     """Entry point of a pool child: run the tasks the supervisor sends, in order, one
     at a time, and say each one's outcome as soon as it has it.
 
-    Messages in: ``["run", [[seq, header, payload], ...]]`` (a batch: several short
-    tasks for one write) and ``["cancel", [seq, ...]]`` (do not start these). Out:
-    ``["ready"]`` once the app is loaded (nothing is sent to a child before: a large
-    payload would fill the socket and block the supervisor until the import ended),
-    ``done`` and ``progress`` events, and ``["skipped", seq]`` for a cancelled task.
+    Messages (:mod:`zq.poolwire`) in: :class:`Run` (a batch: several short tasks for
+    one write) and :class:`Cancel` (do not start these). Out: :class:`Ready` once the
+    app is loaded (nothing is sent to a child before: a large payload would fill the
+    socket and block the supervisor until the import ended), ``Progress`` and
+    :class:`Ended` events, and :class:`Skipped` for a cancelled task.
     Before a task starts, ``at`` says its number, then the socket is read again for
     cancels: see :meth:`ProcessPool._cancel` for why that order is safe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
@@ -103,11 +129,11 @@ def _child_main(
     threading.Thread(target=_fence, args=args, daemon=True).start()
     app = load_app(spec)
     try:
-        _send_message(sock, p.encode(["ready"]))
+        send(sock, Ready())
     except OSError:  # the supervisor gave up on us while we loaded the app
         return
-    framer = _Framer()
-    queued: deque[list[Any]] = deque()
+    framer = Framer()
+    queued: deque[Given] = deque()
     cancelled: set[int] = set()
     ran = 0
     while True:
@@ -123,17 +149,17 @@ def _child_main(
             continue
         seq, header, payload = queued[0]
         at.value = seq  # first, then look for a cancel of it
-        _read_now(sock, framer)  # (closed: the blocking read after this task finds out)
+        read_now(sock, framer)  # (closed: the blocking read after this task finds out)
         _take(framer, queued, cancelled)
         queued.popleft()
         task_id = header["id"]
         if seq in cancelled:
             cancelled.discard(seq)
-            _send_message(sock, p.encode(["skipped", seq]))
+            send(sock, Skipped(seq))
             continue
         if header.get("key") is not None:
             if fence_closed(lease.value, fence_after.value):
-                _send_message(sock, p.encode([*fenced(task_id, None), False]))
+                send(sock, Ended(fenced(task_id, None), False))
                 continue
             keyed.set()
         ran += 1
@@ -143,7 +169,7 @@ def _child_main(
             signal.setitimer(signal.ITIMER_REAL, soft)
 
         def report(info: dict[str, Any], task_id: str = task_id) -> None:
-            _send_message(sock, p.encode(["progress", task_id, info]))
+            send(sock, Progress(task_id, info))
 
         try:
             state, body, extra = execute(app, header, payload, report)
@@ -151,15 +177,14 @@ def _child_main(
             signal.setitimer(signal.ITIMER_REAL, 0)
         runtime = time.monotonic() - start
         keyed.clear()
-        # Recycled after this task (task count or peak memory): said in its "done", so
+        # Recycled after this task (task count or peak memory): said as it ends, so
         # that the supervisor takes back what it queued here (it would come back LOST,
         # as if the child had crashed) and starts a fresh child when it exits.
         retiring = limits.max_tasks_per_child is not None and ran >= limits.max_tasks_per_child
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         if limits.max_memory_per_child and peak_kib > limits.max_memory_per_child:
             retiring = True
-        done = ["done", task_id, state, body, runtime, extra, retiring]
-        _send_message(sock, p.encode(done))
+        send(sock, Ended(Done(task_id, state, body, runtime, extra), retiring))
         if retiring:
             # Out now, whatever the task left running (a non-daemon thread would keep
             # a normal exit waiting, and the child would hold its slot with no task).
@@ -168,31 +193,14 @@ def _child_main(
             os._exit(0)
 
 
-def _take(framer: _Framer, queued: deque[list[Any]], cancelled: set[int]) -> None:
+def _take(framer: Framer, queued: deque[Given], cancelled: set[int]) -> None:
     """A child takes in the whole messages read so far: tasks to run, cancels."""
     while framer.messages:
-        kind, items = p.decode(framer.messages.popleft())
-        if kind == "run":
-            queued.extend(items)
-        elif kind == "cancel" and queued:  # a number already passed would stay: not those
-            cancelled.update(seq for seq in items if seq >= queued[0][0])
-
-
-def _read_now(sock: socket.socket, framer: _Framer) -> bool:
-    """Read all a supervisor-child socket holds into ``framer``, without waiting;
-    whether the other side has closed it."""
-    while True:
-        try:
-            data = sock.recv(READ_SIZE, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return False
-        except OSError:  # reset
-            return True
-        if not data:
-            return True
-        framer.add(data)
-        if len(data) < READ_SIZE:
-            return False
+        message = to_child(framer.messages.popleft())
+        if isinstance(message, Run):
+            queued.extend(message.tasks)
+        elif queued:  # a Cancel: of a number already passed it would stay, so not those
+            cancelled.update(seq for seq in message.seqs if seq >= queued[0].seq)
 
 
 def _fence(lease: Any, fence_after: Any, parent: int, keyed: threading.Event) -> None:
@@ -208,8 +216,9 @@ def _fence(lease: Any, fence_after: Any, parent: int, keyed: threading.Event) ->
             os._exit(FENCED_EXIT)
 
 
-#: A task given to a child: (its number there, header, payload).
-_Given = tuple[int, dict[str, Any], bytes]
+#: A task the pool holds and no child has (its backlog): (header, payload). A plain
+#: tuple: one is made per task submitted, and a named one costs 5 times as much.
+_Job = tuple[dict[str, Any], bytes]
 
 
 class _Child:
@@ -235,10 +244,10 @@ class _Child:
         self.sock = sock  # blocking, but read only with MSG_DONTWAIT
         self.at = at  # shared: the number of the task it starts or runs
         self.booted = False  # it said "ready": it has loaded the app, it reads its socket
-        self.framer = _Framer()
+        self.framer = Framer()
         # Given to it, in order, and not reported back: the first may be running, the
         # others have not started (it runs them in order and reports each at once).
-        self.given: deque[_Given] = deque()
+        self.given: deque[Given] = deque()
         self.numbered = 0  # the number of the last task given to it
         # Cancelled, by number: what a "skipped" does. None: nothing (taken back at the
         # cancel); for those it may still start: "revoked" or "returned" (an event
@@ -254,12 +263,12 @@ class _Child:
     @property
     def task(self) -> str | None:
         """The task it runs (or is about to start)."""
-        return self.given[0][1]["id"] if self.given else None
+        return self.given[0].header["id"] if self.given else None
 
     @property
     def keyed(self) -> bool:
         """Its first task has a key (keyed tasks go alone)."""
-        return bool(self.given) and self.given[0][1].get("key") is not None
+        return bool(self.given) and self.given[0].header.get("key") is not None
 
 
 class ProcessPool:
@@ -291,7 +300,7 @@ class ProcessPool:
         self._lease = self._mp.RawValue("d", time.monotonic())
         self._fence_after = self._mp.RawValue("d", fence_after)
         self._children: dict[int, _Child] = {}  # by socket fd
-        self._backlog: deque[tuple[dict[str, Any], bytes]] = deque()
+        self._backlog: deque[_Job] = deque()
         self._turn = 0  # the supervisor's loop turns, counted by started()
         self._boot_failures = 0  # children in a row that died loading the app
         self._respawns: list[float] = []  # when to replace those (see tick)
@@ -334,7 +343,7 @@ class ProcessPool:
         return list(self._children)
 
     def running(self) -> list[str]:
-        held = [header["id"] for c in self._children.values() for _, header, _ in c.given]
+        held = [entry.header["id"] for c in self._children.values() for entry in c.given]
         return held + [header["id"] for header, _ in self._backlog]
 
     def waiting(self) -> int:
@@ -361,7 +370,7 @@ class ProcessPool:
         for child in list(self._children.values()):
             if len(child.given) > 1:
                 taken = self._cancel(child, list(child.given)[1:], "returned")
-                ids += [header["id"] for _, header, _ in taken]
+                ids += [entry.header["id"] for entry in taken]
         return ids
 
     def set_fence(self, seconds: float) -> None:
@@ -375,7 +384,7 @@ class ProcessPool:
         for child in self._children.values():
             if child.given and not child.reported and child.head_turn < self._turn:
                 child.reported = True
-                events.append(("started", child.given[0][1]["id"]))
+                events.append(Started(child.given[0].header["id"]))
         self._turn += 1
         return events
 
@@ -413,7 +422,7 @@ class ProcessPool:
         events: list[Event] = []
         for fd, child in list(self._children.items()):
             if child.deadline is not None and now >= child.deadline and child.given:
-                _, hard = self.limits.for_task(self.app, child.given[0][1].get("name", ""))
+                _, hard = self.limits.for_task(self.app, child.given[0].header.get("name", ""))
                 reason = (
                     f"the hard time limit ({hard:g}s) was exceeded; the process "
                     "running the task was killed and replaced"
@@ -432,15 +441,15 @@ class ProcessPool:
         the cancel is killed too (the task ends REVOKED, never run)."""
         events: list[Event] = []
         while True:  # again if the child it was with died: it went back, maybe elsewhere
-            for item in self._backlog:
-                if item[0]["id"] == task_id:
-                    self._backlog.remove(item)
+            for job in self._backlog:
+                if job[0]["id"] == task_id:
+                    self._backlog.remove(job)
                     return [*events, revoked(task_id, "revoked before it started")]
             held = [
                 (fd, child, entry)
                 for fd, child in self._children.items()
                 for entry in child.given
-                if entry[1]["id"] == task_id
+                if entry.header["id"] == task_id
             ]
             if not held:
                 return events or None
@@ -457,7 +466,7 @@ class ProcessPool:
             if task_id not in self.running():
                 return events
 
-    def _cancel(self, child: _Child, entries: list[_Given], why: str) -> list[_Given]:
+    def _cancel(self, child: _Child, entries: list[Given], why: str) -> list[Given]:
         """Tell ``child`` not to start ``entries`` (not its first); those it surely
         will not start are taken back from it and returned. For the others ``why``
         says what their "skipped" does, if the child skips them (it may have started
@@ -470,26 +479,26 @@ class ProcessPool:
         a system call on the same socket between their write and their read, and the
         kernel takes that socket's lock in both: the two cannot pass each other.)"""
         try:
-            _send_message(child.sock, p.encode(["cancel", [seq for seq, _, _ in entries]]))
+            send(child.sock, Cancel([entry.seq for entry in entries]))
         except OSError:  # it has died: it can start nothing more
             at = -1
         else:
             at = child.at.value
-        taken: list[_Given] = []
+        taken: list[Given] = []
         for entry in entries:
-            if at < 0 or entry[0] > at:
+            if at < 0 or entry.seq > at:
                 child.given.remove(entry)
                 if at >= 0:
-                    child.cancelled[entry[0]] = None  # its "skipped" will say nothing
+                    child.cancelled[entry.seq] = None  # its "skipped" will say nothing
                 taken.append(entry)
             else:  # a first cancel's word stands (a revoke is not undone by a steal)
-                child.cancelled.setdefault(entry[0], why)
+                child.cancelled.setdefault(entry.seq, why)
         return taken
 
-    def _kill(self, fd: int, child: _Child, state: str, kind: str, why: str) -> Event:
+    def _kill(self, fd: int, child: _Child, state: str, kind: str, why: str) -> Done:
         """Kill a child for a reason of ours (its task is not LOST) and replace it."""
         task, runtime = self._stop(fd, child, _KILLED_FOR.get(kind, kind))
-        return ("done", task, state, p.failure(kind, why), runtime, {})
+        return Done(task, state, p.failure(kind, why), runtime, {})
 
     def _stop(
         self, fd: int, child: _Child, reason: str = "stopped: the broker's lease ran out (fenced)"
@@ -497,10 +506,10 @@ class ProcessPool:
         """Kill a child and replace it; its first task's id and how long it had it
         (what was queued behind it goes back to the backlog). ``reason`` is for the log."""
         child.proc.kill()
-        _, header, _ = child.given.popleft()
+        task_id = child.given.popleft().header["id"]
         self._take_back(child, 0)
-        self._bury(fd, child, killed=f"task {header['id']} {reason}")
-        return header["id"], time.monotonic() - child.started
+        self._bury(fd, child, killed=f"task {task_id} {reason}")
+        return task_id, time.monotonic() - child.started
 
     def submit(self, header: dict[str, Any], payload: bytes) -> None:
         self._backlog.append((header, payload))
@@ -526,7 +535,7 @@ class ProcessPool:
                 self._feed()  # the replacement can take it (it reads once it runs)
                 return
 
-    def _batch(self, child: _Child, idle: int) -> list[tuple[dict[str, Any], bytes]]:
+    def _batch(self, child: _Child, idle: int) -> list[_Job]:
         """The backlog's first task, and, if it may go with others, those after it
         that may too: up to an even share over ``idle`` children, BATCH, BATCH_BYTES
         and the tasks ``child`` has left before it is recycled."""
@@ -556,21 +565,21 @@ class ProcessPool:
         busiest = max(self._children.values(), key=lambda c: len(c.given), default=None)
         if busiest is None or len(busiest.given) < 2:
             return False
-        unstarted = [e for e in list(busiest.given)[1:] if e[0] not in busiest.cancelled]
+        unstarted = [e for e in list(busiest.given)[1:] if e.seq not in busiest.cancelled]
         if not unstarted:
             return False
         taken = self._cancel(busiest, unstarted[len(unstarted) // 2 :], "requeue")
-        self._backlog.extend((header, payload) for _, header, payload in taken)
+        self._backlog.extend((entry.header, entry.payload) for entry in taken)
         return bool(taken)
 
-    def _give(self, fd: int, child: _Child, batch: list[tuple[dict[str, Any], bytes]]) -> bool:
+    def _give(self, fd: int, child: _Child, batch: list[_Job]) -> bool:
         """Send an idle child its tasks; False if it died meanwhile (buried now)."""
         given = []
         for header, payload in batch:
             child.numbered += 1
-            given.append((child.numbered, header, payload))
+            given.append(Given(child.numbered, header, payload))
         try:
-            _send_message(child.sock, p.encode(["run", given]))
+            send(child.sock, Run(given))
         except OSError:  # it died (e.g. fenced) before we read its EOF
             self._bury(fd, child)
             return False
@@ -585,7 +594,7 @@ class ProcessPool:
             return  # (its deadline counts only while it holds a task: see tick)
         child.started = time.monotonic()
         child.head_turn, child.reported = self._turn, False
-        _, hard = self.limits.for_task(self.app, child.given[0][1].get("name", ""))
+        _, hard = self.limits.for_task(self.app, child.given[0].header.get("name", ""))
         child.deadline = child.started + hard if hard else None
 
     def on_readable(self, fd: int) -> list[Event]:
@@ -595,50 +604,53 @@ class ProcessPool:
         events: list[Event] = []
         # Without waiting: the fd may be a replacement child's that reuses a buried
         # one's number and has nothing to say (a bare read would block).
-        closed = _read_now(child.sock, child.framer)
+        closed = read_now(child.sock, child.framer)
         messages = child.framer.messages
         while messages:  # what it said before it died still counts
-            event = tuple(p.decode(messages.popleft()))
-            if event[0] == "done":
-                child.done += 1
-                self._ended(child, event[1])
-                if event[6:7] and event[6]:  # it retires: it starts nothing more
-                    child.retiring = True
-                    self._take_back(child, 0)
-                events.append(event[:6])
-            elif event[0] == "skipped":
-                events += self._skipped(child, event[1])
-            elif event[0] == "ready":
-                child.booted = True
-                self._boot_failures = 0
-            else:
-                events.append(event)
+            message = from_child(messages.popleft())
+            events += self._FROM_CHILD[type(message)](self, child, message)
         if closed:
             events += self._bury(fd, child)
         self._feed()
         return events
 
-    def _ended(self, child: _Child, task_id: str) -> None:
-        """A task given to ``child`` was reported done: it is no longer held there."""
-        for at, entry in enumerate(child.given):
-            if entry[1]["id"] == task_id:
-                self._drop(child, at)
-                return
+    def _on_ready(self, child: _Child, _: Ready) -> list[Event]:
+        child.booted = True
+        self._boot_failures = 0
+        return []
 
-    def _drop(self, child: _Child, at: int) -> _Given:
+    def _on_progress(self, child: _Child, progress: Progress) -> list[Event]:
+        return [progress]
+
+    def _on_ended(self, child: _Child, ended: Ended) -> list[Event]:
+        """A task given to ``child`` ended: it is no longer held there; if the child
+        retires, it starts nothing more (what it held behind comes back)."""
+        child.done += 1
+        task_id = ended.done.task_id
+        for at, entry in enumerate(child.given):
+            if entry.header["id"] == task_id:
+                self._drop(child, at)
+                break
+        if ended.retiring:
+            child.retiring = True
+            self._take_back(child, 0)
+        return [ended.done]
+
+    def _drop(self, child: _Child, at: int) -> Given:
         """Remove the ``at``-th task given to ``child``, which it reported back."""
         entry = child.given[at]
         del child.given[at]
-        child.cancelled.pop(entry[0], None)
+        child.cancelled.pop(entry.seq, None)
         if at == 0:
             self._became_first(child)
         return entry
 
-    def _skipped(self, child: _Child, seq: int) -> list[Event]:
-        """The child skipped task number ``seq`` on a cancel: settle it as the cancel
-        said (nothing if it was taken back when cancelled)."""
+    def _on_skipped(self, child: _Child, skipped: Skipped) -> list[Event]:
+        """The child skipped a task on a cancel: settle it as the cancel said (nothing
+        if it was taken back when cancelled)."""
+        seq = skipped.seq
         why = child.cancelled.get(seq)
-        at = next((i for i, entry in enumerate(child.given) if entry[0] == seq), None)
+        at = next((i for i, entry in enumerate(child.given) if entry.seq == seq), None)
         if why is None or at is None:
             child.cancelled.pop(seq, None)
             return []
@@ -679,14 +691,14 @@ class ProcessPool:
         self._take_back(child, 1)
         if not child.given:
             return []
-        task_id = child.given[0][1]["id"]
+        task_id = child.given[0].header["id"]
         child.given.clear()
         # LOST: the broker runs it again (at the head of its key's lane), or after too
         # many deaths makes it a dead letter, so a poison task neither loops nor vanishes.
         if code == FENCED_EXIT:
             return [fenced(task_id, time.monotonic() - child.started)]
         reason = f"the worker process running the task died (exit code {code})"
-        return [("done", task_id, p.LOST, p.failure("zq.WorkerLost", reason), 0.0, {})]
+        return [Done(task_id, p.LOST, p.failure("zq.WorkerLost", reason), 0.0, {})]
 
     def close(self, timeout: float = 2.0) -> None:
         for child in self._children.values():
@@ -698,6 +710,14 @@ class ProcessPool:
                 child.proc.kill()
                 child.proc.join(1.0)
         self._children.clear()
+
+    #: What each message from a child does (see on_readable); each returns events.
+    _FROM_CHILD: dict[type[FromChild], Callable[[Any, _Child, Any], list[Event]]] = {
+        Ready: _on_ready,
+        Progress: _on_progress,
+        Ended: _on_ended,
+        Skipped: _on_skipped,
+    }
 
 
 #: Why the pool killed a child, by the failure kind its task ends with (for the log).
@@ -749,52 +769,3 @@ def _exit_status(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
-
-
-class _Framer:
-    """Whole messages out of the bytes read from a supervisor-child socket, in
-    :attr:`messages`; a large one comes in many reads and is joined once."""
-
-    __slots__ = ("_chunks", "_held", "_need", "messages")
-
-    def __init__(self) -> None:
-        self.messages: deque[memoryview] = deque()
-        self._chunks: list[bytes] = []  # read, not yet a whole message
-        self._held = 0  # their bytes
-        self._need = 1  # bytes the next message needs, once its length is in
-
-    def add(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._held += len(data)
-        if self._held < self._need:
-            return
-        chunks = self._chunks
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        at, end, self._need = 0, len(data), 1
-        while end - at >= _LENGTH.size:
-            (size,) = _LENGTH.unpack_from(data, at)
-            start = at + _LENGTH.size
-            if size == -1:
-                if end - start < _LONG_LENGTH.size:
-                    break
-                (size,) = _LONG_LENGTH.unpack_from(data, start)
-                start += _LONG_LENGTH.size
-            if end - start < size:
-                self._need = start + size - at
-                break
-            self.messages.append(memoryview(data)[start : start + size])
-            at = start + size
-        self._chunks = [data[at:]] if at < end else []
-        self._held = end - at
-
-
-def _send_message(sock: socket.socket, message: bytes) -> None:
-    """Send one whole message over a supervisor-child socket, framed for a
-    :class:`_Framer` (blocking while the other side's socket buffer is full)."""
-    size = len(message)
-    head = _LENGTH.pack(size) if size < 0x7FFFFFFF else _LENGTH.pack(-1) + _LONG_LENGTH.pack(size)
-    if size <= 16384:  # one write for a small message (a copy costs less than a syscall)
-        sock.sendall(head + message)
-    else:
-        sock.sendall(head)
-        sock.sendall(message)

@@ -24,19 +24,22 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from zq import protocol as p
 from zq import wire
-from zq.app import App, default_broker, load_app
-from zq.canvas import with_inputs
+from zq.address import check_broker_url
+from zq.app import DEFAULT_BROKER, DEFAULT_QUEUE, App, default_broker, load_app
 from zq.errors import ProtocolError, WorkerError
-from zq.pool import ThreadPool, returned, unknown
+from zq.message import with_inputs
+from zq.pool import DONE, STARTED, Done, Event, Progress, Started, ThreadPool, returned, unknown
 from zq.procpool import Limits, ProcessPool
 from zq.security import ClientCurve
+from zq.settings import setting
 
 log = logging.getLogger("zq.worker")
 
@@ -46,16 +49,37 @@ DONE_GAP = 0.001
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerSettings:
-    """How a worker connects and runs tasks. See ``zq worker --help`` for each field."""
+    """How a worker connects and runs tasks: each field's help is ``zq worker --help``'s."""
 
-    broker: str = field(default_factory=default_broker)
-    concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
-    pool: str = "process"  # or "thread"
-    queues: tuple[str, ...] = ("default",)
-    heartbeat: float = 1.0  # until the broker's WELCOME says otherwise
-    limits: Limits = field(default_factory=Limits)
-    shutdown_timeout: float = 30.0  # on stop(), seconds running tasks may take to finish
-    curve: ClientCurve | None = None  # keys for a CURVE broker
+    broker: str = setting(
+        default_factory=default_broker,  # $ZQ_BROKER, else DEFAULT_BROKER
+        help="Broker address.",
+        shown=DEFAULT_BROKER,
+    )
+    concurrency: int = setting(
+        default_factory=lambda: os.cpu_count() or 1, help="Tasks run at once.", shown="CPU count"
+    )
+    pool: str = setting(
+        "process",
+        help="Run tasks in child processes (CPU-bound work) or threads (I/O-bound).",
+    )
+    queues: tuple[str, ...] = setting(
+        (DEFAULT_QUEUE,), help="Queues to take tasks from, in order of preference."
+    )
+    heartbeat: float = setting(
+        1.0, help="Heartbeat period in seconds, until the broker's WELCOME says otherwise."
+    )
+    limits: Limits = setting(  # noqa: RUF009 (it makes a dataclasses.field)
+        default_factory=Limits, help="Time limits and child replacement (process pool only)."
+    )
+    shutdown_timeout: float = setting(
+        30.0,
+        help="On SIGTERM or Ctrl-C, seconds running tasks may take to finish before the rest "
+        "are handed back to the broker (a second signal stops at once).",
+    )
+    curve: ClientCurve | None = setting(  # noqa: RUF009 (as above)
+        None, help="This peer's keys, for a CURVE broker.", shown="plain"
+    )
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -66,6 +90,7 @@ class WorkerSettings:
             raise ValueError(f"pool must be 'process' or 'thread', got {self.pool!r}")
         if not self.queues or not all(self.queues):
             raise ValueError("queues must name at least one queue")
+        check_broker_url(self.broker, what="--broker")  # here, not as a ZMQError later
 
 
 class Worker:
@@ -181,7 +206,7 @@ class Worker:
             self._on_pool_events(self.pool.tick())
             if self.pool.failure is not None and self.failure is None:
                 self._give_up(self.pool.failure)
-            pool_events: list[tuple[Any, ...]] = []
+            pool_events: list[Event] = []
             for item in events:
                 if item is self._dealer:
                     self._drain_broker()
@@ -391,61 +416,67 @@ class Worker:
                 log.warning("dropped a malformed message from the broker: %s", exc)
 
     def _handle(self, tag: bytes, command: bytes, header: dict[str, Any], payload: list) -> None:
-        if command == p.TASK:
-            if not payload:
-                raise ProtocolError("TASK without a payload")
-            batch = header.get("tasks")
-            if batch is None:
-                self._on_task(header, payload[0], payload[1:])
-                return
-            # Several tasks in one message: each has its payload frame, then as many
-            # input frames (a workflow step's parents' results) as its "inputs" says.
-            at = 0
-            for task_header in batch:
-                inputs = task_header.get("inputs", 0) if isinstance(task_header, dict) else 0
-                if not isinstance(task_header, dict) or at + 1 + inputs > len(payload):
-                    raise ProtocolError("TASK batch does not match its frames")
-                self._on_task(task_header, payload[at], payload[at + 1 : at + 1 + inputs])
-                at += 1 + inputs
-        elif command == p.HEARTBEAT:
-            self._confirm(header.get("t"))
-        elif command == p.ACCEPTED:
-            self._on_accepted(header.get("ids", ()), header.get("deliveries"))
-        elif command == p.REVOKE:
-            self._on_revoke(header.get("id"), header.get("delivery"))
-        elif command == p.WELCOME:
-            heartbeat, _, max_message = p.welcome_settings(
-                header, self._heartbeat, 3, self._max_message
+        handler = self._HANDLERS.get(command)
+        if handler is not None:  # (else a command no broker sends a worker: ignored)
+            handler(self, header, payload)
+
+    def _on_tasks(self, header: dict[str, Any], payload: list) -> None:
+        """TASK: one task, or several in one message (``tasks``)."""
+        if not payload:
+            raise ProtocolError("TASK without a payload")
+        batch = header.get("tasks")
+        if batch is None:
+            self._on_task(header, payload[0], payload[1:])
+            return
+        # Several tasks in one message: each has its payload frame, then as many
+        # input frames (a workflow step's parents' results) as its "inputs" says.
+        at = 0
+        for task_header in batch:
+            inputs = task_header.get("inputs", 0) if isinstance(task_header, dict) else 0
+            if not isinstance(task_header, dict) or at + 1 + inputs > len(payload):
+                raise ProtocolError("TASK batch does not match its frames")
+            self._on_task(task_header, payload[at], payload[at + 1 : at + 1 + inputs])
+            at += 1 + inputs
+
+    def _on_heartbeat(self, header: dict[str, Any], payload: list) -> None:
+        self._confirm(header.get("t"))
+
+    def _on_welcome(self, header: dict[str, Any], payload: list) -> None:
+        """WELCOME: the broker's settings, and the lease it confirms; every DONE it
+        has not acknowledged goes again."""
+        heartbeat, _, max_message = p.welcome_settings(
+            header, self._heartbeat, 3, self._max_message
+        )
+        self._heartbeat, self._max_message = heartbeat, max_message
+        give_back = header.get("give_back")
+        self._give_back = float(give_back) if isinstance(give_back, (int, float)) else None
+        self._fence = _fence_after(heartbeat)
+        self.pool.set_fence(self._fence)
+        # Before the TASKs that follow it in this read are handed over: a pool
+        # starts no keyed task while the lease looks expired.
+        self._confirm(header.get("t"))
+        self._awaiting_welcome = False
+        if self._silent_since is not None:
+            # A warning, as the silence was: at --log-level warning both show.
+            log.warning(
+                "broker %s answers%s, after %.1fs",
+                self.settings.broker,
+                " again" if self._welcomed else "",
+                time.monotonic() - self._silent_since,
             )
-            self._heartbeat, self._max_message = heartbeat, max_message
-            give_back = header.get("give_back")
-            self._give_back = float(give_back) if isinstance(give_back, (int, float)) else None
-            self._fence = _fence_after(heartbeat)
-            self.pool.set_fence(self._fence)
-            # Before the TASKs that follow it in this read are handed over: a pool
-            # starts no keyed task while the lease looks expired.
-            self._confirm(header.get("t"))
-            self._awaiting_welcome = False
-            if self._silent_since is not None:
-                # A warning, as the silence was: at --log-level warning both show.
-                log.warning(
-                    "broker %s answers%s, after %.1fs",
-                    self.settings.broker,
-                    " again" if self._welcomed else "",
-                    time.monotonic() - self._silent_since,
-                )
-                self._silent_since = None
-            self._welcomed = True
-            # Every DONE not acknowledged yet, again, in this turn's DONE batches: one
-            # message each could overflow the socket's queue (thousands with prefetch).
-            self._dones = list(self._outbox.values())
-        elif command == p.ERROR:
-            if header.get("code") == "unknown-worker":
-                if not self._awaiting_welcome:
-                    log.warning("broker does not know this worker (any more); saying READY")
-                    self._ready()
-            else:
-                log.error("broker reported an error: %s", header.get("reason"))
+            self._silent_since = None
+        self._welcomed = True
+        # Every DONE not acknowledged yet, again, in this turn's DONE batches: one
+        # message each could overflow the socket's queue (thousands with prefetch).
+        self._dones = list(self._outbox.values())
+
+    def _on_error(self, header: dict[str, Any], payload: list) -> None:
+        if header.get("code") == "unknown-worker":
+            if not self._awaiting_welcome:
+                log.warning("broker does not know this worker (any more); saying READY")
+                self._ready()
+        else:
+            log.error("broker reported an error: %s", header.get("reason"))
 
     def _confirm(self, sent: Any) -> None:
         """The broker echoed ``sent``, the time this worker sent a HEARTBEAT or READY
@@ -504,10 +535,11 @@ class Worker:
                     return
             self.pool.submit(header, payload)
 
-    def _on_accepted(self, ids: Any, deliveries: Any) -> None:
+    def _on_accepted(self, header: dict[str, Any], payload: list) -> None:
         """The broker has these DONEs in its journal: let them go. An acknowledgement
         names the delivery it is for, so a late one about an earlier report (a LOST
         sent again after a reconnect) does not take the DONE of a later run with it."""
+        ids, deliveries = header.get("ids", ()), header.get("deliveries")
         if not isinstance(deliveries, list) or len(deliveries) != len(ids):
             deliveries = [None] * len(ids)  # an older broker: by id alone
         for task_id, delivery in zip(ids, deliveries, strict=True):
@@ -518,10 +550,11 @@ class Worker:
     def _end_unrun(self, task_id: str, state: str, kind: str, why: str) -> None:
         """Report a task this worker ends without running it (no run time: it must not
         count in the broker's average of this worker's run times)."""
-        self._on_pool_event(("done", task_id, state, p.failure(kind, why), None, {}))
+        self._on_pool_event(Done(task_id, state, p.failure(kind, why), None, {}))
 
-    def _on_revoke(self, task_id: Any, delivery: Any) -> None:
+    def _on_revoke(self, header: dict[str, Any], payload: list) -> None:
         """Stop a run the broker revoked, if it is that very run (same delivery)."""
+        task_id, delivery = header.get("id"), header.get("delivery")
         if not isinstance(task_id, str) or task_id not in self._deliveries:
             return  # it ended meanwhile: its DONE is on its way
         if delivery is not None and self._deliveries[task_id] != delivery:
@@ -533,49 +566,73 @@ class Worker:
         log.info("task %s revoked and stopped", task_id)
         self._on_pool_events(events)
 
-    def _on_pool_events(self, events: list[tuple[Any, ...]]) -> None:
+    #: What each command from the broker does (a handler's ProtocolError, ValueError,
+    #: TypeError or AttributeError drops the message: see _drain_broker).
+    _HANDLERS: dict[bytes, Callable[[Any, dict[str, Any], list], None]] = {
+        p.TASK: _on_tasks,
+        p.HEARTBEAT: _on_heartbeat,
+        p.ACCEPTED: _on_accepted,
+        p.REVOKE: _on_revoke,
+        p.WELCOME: _on_welcome,
+        p.ERROR: _on_error,
+    }
+
+    def _on_pool_events(self, events: list[Event]) -> None:
         """Report a turn's pool events; a task that started and ended within the turn
         needs no STARTED (a short task: a message per task saved)."""
         if not events:
             return
-        ended = {event[1] for event in events if event[0] == "done"}
+        ended = {event.task_id for event in events if event.kind == DONE}
         if ended:
             self._stalled_since = None  # a slot freed: waiting tasks will start
         for event in events:
-            if event[0] != "started" or event[1] not in ended:
+            if event.kind != STARTED or event.task_id not in ended:
                 self._on_pool_event(event)
 
-    def _on_pool_event(self, event: tuple[Any, ...]) -> None:
-        if event[0] == "started":
-            self._started.append(event[1])
-        elif event[0] == "progress":
-            task_id = event[1]
-            if task_id in self._deliveries:
-                delivery = self._deliveries[task_id]
-                self._send(p.PROGRESS, {"id": task_id, "delivery": delivery, "progress": event[2]})
-        elif event[0] == "done":
-            _, task_id, state, body, runtime, extra = event
-            if extra.get("unknown"):
-                log.warning("handed task %s back: %s", task_id, p.decode(body)["message"])
-            if len(body) > self._max_message - p.ENVELOPE:
-                # Sent as is, it would make the broker drop this connection (again and
-                # again, from the outbox): fail the task with the reason instead.
-                state, extra = p.FAILURE, {}
-                body = p.failure(
-                    "zq.ResultTooLarge",
-                    f"the result is {len(body)} bytes; the broker accepts "
-                    f"{self._max_message} per message",
-                )
-            header = {
-                "id": task_id,
-                "state": state,
-                "worker": self.id,
-                "runtime": runtime,
-                "delivery": self._deliveries.pop(task_id, None),
-                **extra,
-            }
-            self._outbox[task_id] = (header, body)
-            self._dones.append((header, body))
+    def _on_pool_event(self, event: Event) -> None:
+        self._ON_POOL_EVENT[type(event)](self, event)
+
+    def _report_started(self, event: Started) -> None:
+        self._started.append(event.task_id)
+
+    def _report_progress(self, event: Progress) -> None:
+        task_id = event.task_id
+        if task_id in self._deliveries:
+            delivery = self._deliveries[task_id]
+            self._send(p.PROGRESS, {"id": task_id, "delivery": delivery, "progress": event.info})
+
+    def _report_done(self, event: Done) -> None:
+        """Put a task's DONE in the outbox (until the broker acknowledges it) and in
+        the next DONE message."""
+        task_id, state, body, extras = event.task_id, event.state, event.body, event.extras
+        if extras.get("unknown"):
+            log.warning("handed task %s back: %s", task_id, p.decode(body)["message"])
+        if len(body) > self._max_message - p.ENVELOPE:
+            # Sent as is, it would make the broker drop this connection (again and
+            # again, from the outbox): fail the task with the reason instead.
+            state, extras = p.FAILURE, {}
+            body = p.failure(
+                "zq.ResultTooLarge",
+                f"the result is {len(body)} bytes; the broker accepts "
+                f"{self._max_message} per message",
+            )
+        header = {
+            "id": task_id,
+            "state": state,
+            "worker": self.id,
+            "runtime": event.runtime,
+            "delivery": self._deliveries.pop(task_id, None),
+            **extras,
+        }
+        self._outbox[task_id] = (header, body)
+        self._dones.append((header, body))
+
+    #: How each pool event is reported to the broker.
+    _ON_POOL_EVENT: dict[type[Event], Callable[[Any, Any], None]] = {
+        Started: _report_started,
+        Progress: _report_progress,
+        Done: _report_done,
+    }
 
     def _flush_dones(self, now: float) -> None:
         """Send the STARTEDs and DONEs since the last send: one STARTED message, and
