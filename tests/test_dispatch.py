@@ -250,7 +250,7 @@ class DispatchMachine(RuleBasedStateMachine):
         sticky = (
             nxt is not None
             and self.info[nxt].queue == queue
-            and not (ready and ready.has(self.info[nxt].name))
+            and not (ready and ready.any_of(self.workers[wid].names))  # nothing it takes
             and queue in self.workers[wid].queues
             and self.info[nxt].name in self.workers[wid].names
             and len(self.held[wid]) <= self.workers[wid].capacity  # a slot is free after done

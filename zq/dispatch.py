@@ -258,6 +258,10 @@ class ReadyQueue:
         """True if entries of task ``name`` wait here."""
         return name in self._names
 
+    def any_of(self, names: frozenset[str | None]) -> bool:
+        """True if entries of one of ``names`` wait here."""
+        return any(name in names for name in self._names)
+
     def names(self) -> Iterator[str | None]:
         """The task names that have entries waiting here."""
         return iter(self._names)
@@ -672,7 +676,10 @@ class Dispatcher:
         # By the invariant, a backlog of its name means no worker that takes it is free.
         if ready is None or not ready.has(head.name):
             worker = self._pick_worker(head.queue, head.name, preferred)
-            if worker is not None:
+            # A worker freed by the call in progress (done, retry) may find work of its
+            # other names waiting in this queue, maybe of a higher priority: then the
+            # entry queues up and the caller's pump takes the best of them.
+            if worker is not None and (ready is None or not ready.any_of(worker.names)):
                 out.append(self._assign(worker, entry))
                 return
         self._push_ready(entry, front)
